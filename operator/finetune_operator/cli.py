@@ -1,0 +1,117 @@
+"""The ``finetune`` command (also installed as ``kubectl-finetune``, so ``kubectl finetune`` works).
+
+Thin: it reads files, calls the pure modules and prints. Exit codes: 0 fine, 1 the input is
+invalid, 2 the command could not run (unreadable file, bad arguments).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from finetune_operator import __version__, api, crd
+
+app = typer.Typer(
+    name="finetune",
+    help="Fine-tune LLMs on Kubernetes from one FineTuneJob.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document from a file: where it came from, and its content."""
+
+    label: str
+    content: Any
+
+
+class Unreadable(Exception):
+    """A file that cannot be read or is not YAML."""
+
+
+def load_documents(path: str) -> list[Document]:
+    """Every YAML document in ``path`` (``-`` reads standard input)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise Unreadable(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise Unreadable(f"{path}{where}: not valid YAML: {problem}") from None
+    if len(docs) == 1:
+        return [Document(path, docs[0])]
+    return [Document(f"{path}#{i + 1}", d) for i, d in enumerate(docs)]
+
+
+def _is_other_kind(content: Any) -> bool:
+    return isinstance(content, dict) and content.get("kind") not in (None, api.KIND)
+
+
+@app.command()
+def validate(
+    files: Annotated[list[str], typer.Argument(help="FineTuneJob YAML files ('-' for stdin).")],
+) -> None:
+    """Check FineTuneJobs against the rules the API server enforces (schema and CEL).
+
+    Prints one line per problem with its field path; exits 1 if any document is invalid.
+    """
+    invalid = unreadable = 0
+    for path in files:
+        try:
+            documents = load_documents(path)
+        except Unreadable as exc:
+            err.print(f"[red]error[/]: {escape(str(exc))}")
+            unreadable += 1
+            continue
+        for doc in documents:
+            if _is_other_kind(doc.content):
+                out.print(f"[dim]{escape(doc.label)}: skipped ({escape(str(doc.content.get('kind')))})[/]")
+                continue
+            problems = api.validate_document(doc.content)
+            if problems:
+                invalid += 1
+                for problem in problems:
+                    out.print(f"[red]✗[/] {escape(doc.label)}: {escape(str(problem))}")
+            else:
+                name = doc.content.get("metadata", {}).get("name", "")
+                out.print(f"[green]✓[/] {escape(doc.label)}: valid FineTuneJob {escape(str(name))}")
+    if unreadable:
+        raise typer.Exit(2)
+    if invalid:
+        raise typer.Exit(1)
+
+
+@app.command("crd")
+def print_crd() -> None:
+    """Print the FineTuneJob CustomResourceDefinition (pipe it to kubectl apply -f -)."""
+    sys.stdout.write(crd.crd_yaml())
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"finetune {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the typed model.
+
+Pydantic's JSON Schema is turned into a structural OpenAPI v3 schema: references inlined,
+``anyOf [X, null]`` collapsed to X (absent means unset), titles dropped, descriptions kept on every
+node, the CEL rules of each model attached as ``x-kubernetes-validations``. ``crds/finetunejob.yaml``
+is this module's output (``make crds``); a test fails when the two differ. Pure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from finetune_operator import api
+from finetune_operator.spec import ApiModel, FineTuneJobSpec
+from finetune_operator.status import FineTuneJobStatus
+
+_DROP = {"title", "$defs", "discriminator"}
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
+     "description": "Pending, Planned, Running, Succeeded, Failed or Suspended."},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.source",
+     "description": "The base model."},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.world",
+     "description": "Training processes (GPUs) in the plan."},
+    {"name": "Plan", "type": "string", "jsonPath": ".status.plan.summary",
+     "description": "The parallelism plan."},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary",
+     "description": "Steps done of the total."},
+    {"name": "Loss", "type": "string", "jsonPath": ".status.progress.loss",
+     "description": "Latest training loss."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]  # fmt: skip
+
+
+def _rules_by_title() -> dict[str, list[dict[str, str]]]:
+    """CEL rules of every API model, keyed by the model's JSON-Schema title (its class name)."""
+    seen: dict[str, list[dict[str, str]]] = {}
+    stack: list[type[BaseModel]] = [FineTuneJobSpec]
+    while stack:
+        model = stack.pop()
+        if model.__name__ in seen:
+            continue
+        seen[model.__name__] = [r.to_crd() for r in getattr(model, "cel_rules", ())]
+        for field in model.model_fields.values():
+            inner = api._model_of(field.annotation)
+            if inner is not None and issubclass(inner, ApiModel):
+                stack.append(inner)
+    return seen
+
+
+def _structural(node: Any, defs: dict[str, Any], rules: dict[str, list[dict[str, str]]]) -> Any:
+    """Rewrite one JSON-Schema node as structural OpenAPI v3."""
+    if isinstance(node, list):
+        return [_structural(n, defs, rules) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        # The field's own description wins over the model's; the model's title names its rules.
+        merged = {**target, **{k: v for k, v in node.items() if k != "title"}}
+        return _structural(merged, defs, rules)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express a union of {options} structurally")
+        if node.get("default", 0) is None:
+            del node["default"]
+        return _structural({**options[0], **node}, defs, rules)
+    title = node.get("title")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "const":
+            out["enum"] = [value]
+        elif key == "properties":
+            out[key] = {k: _structural(v, defs, rules) for k, v in value.items()}
+        elif key in {"items", "additionalProperties"} and isinstance(value, dict):
+            out[key] = _structural(value, defs, rules)
+        elif key == "default" and value is None:
+            continue
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "properties" in out and title in rules and rules[title]:
+        out["x-kubernetes-validations"] = rules[title]
+    if out.get("type") == "object" and "properties" in out:
+        out.pop("additionalProperties", None)  # structural schemas prune unknown fields
+    return out
+
+
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return dict(_structural(raw, defs, _rules_by_title()))
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The ``openAPIV3Schema`` of the FineTuneJob CRD."""
+    spec = _schema_of(FineTuneJobSpec)
+    spec["description"] = (FineTuneJobSpec.__doc__ or "").strip()
+    status = _schema_of(FineTuneJobStatus)
+    status["description"] = (FineTuneJobStatus.__doc__ or "").strip()
+    return {
+        "type": "object",
+        "description": " ".join((api.FineTuneJob.__doc__ or "").split()),
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion: finetune.dev/v1alpha1."},
+            "kind": {"type": "string", "description": "Kind: FineTuneJob."},
+            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [r.to_crd() for r in api.FineTuneJob.cel_rules],
+    }
+
+
+def crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "finetune-operator"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": list(api.CATEGORIES),
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as the YAML committed in ``crds/finetunejob.yaml``."""
+    header = "# Generated from finetune_operator.spec by `make crds`. Do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
