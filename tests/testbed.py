@@ -1,0 +1,182 @@
+"""pytest plugin: a session-scoped Kubernetes test bed on top of ``hack/cluster``.
+
+Register it with ``pytest_plugins = ["testbed"]`` (tests/ is on sys.path). Fixtures:
+
+``testbed`` (session)
+    A :class:`Testbed`. Without ``KUBECONFIG`` it runs ``hack/cluster up`` (a real
+    kube-apiserver, controller-manager, scheduler, kwok GPU nodes, Kubeflow
+    training-operator; see hack/README.md) and ``hack/cluster down`` at session end —
+    unless a test bed was already up, which it reuses and leaves running. With
+    ``KUBECONFIG`` set it uses that cluster and starts nothing.
+
+``namespace`` (function)
+    A fresh namespace name, created before and deleted (without waiting) after the test.
+
+``gpu_testbed`` (session)
+    ``testbed``, but the test is skipped unless the cluster has schedulable
+    ``nvidia.com/gpu`` nodes and the PyTorchJob CRD (always true for our own test bed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "hack" / "cluster"
+
+
+@dataclass
+class Testbed:
+    """What tests get: a kubeconfig, binaries and small helpers around kubectl."""
+
+    kubeconfig: str
+    kubectl_bin: str
+    helm: str | None = None
+    kubeconform: str | None = None
+    external: bool = False
+    state_dir: Path | None = None
+    binaries: dict[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ processes
+    def env(self, **extra: str) -> dict[str, str]:
+        """os.environ with KUBECONFIG and the test bed's binaries first on PATH."""
+        env = dict(os.environ)
+        env["KUBECONFIG"] = self.kubeconfig
+        dirs = []
+        for b in (self.kubectl_bin, self.helm, self.kubeconform):
+            if b and os.path.dirname(b) not in dirs:
+                dirs.append(os.path.dirname(b))
+        env["PATH"] = os.pathsep.join(dirs + [env.get("PATH", "")])
+        env.update(extra)
+        return env
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = False,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run kubectl against the test bed; text stdout/stderr are captured."""
+        return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args], input=input,
+                              capture_output=True, text=True, check=check, timeout=timeout, env=self.env())
+
+    def kubectl_json(self, *args: str) -> Any:
+        """``kubectl <args> -o json``, parsed; raises on failure."""
+        p = self.kubectl(*args, "-o", "json")
+        if p.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {p.stderr}")
+        return json.loads(p.stdout)
+
+    def apply(self, obj: dict | list | str, *extra: str) -> subprocess.CompletedProcess:
+        """``kubectl apply -f -`` of a dict, a list of dicts or YAML/JSON text (check=False)."""
+        if isinstance(obj, list):
+            obj = {"apiVersion": "v1", "kind": "List", "items": obj}
+        text = obj if isinstance(obj, str) else json.dumps(obj)
+        return self.kubectl("apply", "-f", "-", *extra, input=text)
+
+    def helm_run(self, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        if not self.helm:
+            raise RuntimeError("helm is not available")
+        return subprocess.run([self.helm, f"--kubeconfig={self.kubeconfig}", *args], capture_output=True, text=True,
+                              check=check, timeout=timeout, env=self.env())
+
+    # ------------------------------------------------------------------ waiting
+    @staticmethod
+    def wait_for(predicate: Callable[[], Any], timeout: float = 120, interval: float = 1.0,
+                 desc: str = "condition") -> Any:
+        """Poll ``predicate`` until it returns something truthy; return it. Fails the test on timeout."""
+        deadline = time.monotonic() + timeout
+        last_exc: Exception | None = None
+        while True:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except Exception as e:  # noqa: BLE001 - keep polling, report the last error
+                last_exc = e
+            if time.monotonic() > deadline:
+                msg = f"timed out after {timeout:.0f}s waiting for {desc}"
+                if last_exc is not None:
+                    msg += f" (last error: {last_exc!r})"
+                pytest.fail(msg)
+            time.sleep(interval)
+
+    def has_gpu_nodes(self) -> bool:
+        nodes = self.kubectl_json("get", "nodes")["items"]
+        return any(int(n.get("status", {}).get("allocatable", {}).get("nvidia.com/gpu", "0")) > 0 for n in nodes)
+
+    def has_crd(self, name: str) -> bool:
+        return self.kubectl("get", "crd", name).returncode == 0
+
+    def logs_dir(self) -> Path | None:
+        return self.state_dir / "logs" if self.state_dir else None
+
+
+def _cluster(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _load_testbed() -> Testbed:
+    p = _cluster("env", "--json")
+    if p.returncode != 0:
+        raise RuntimeError(f"hack/cluster env failed: {p.stderr}")
+    info = json.loads(p.stdout)
+    b = info.get("binaries", {})
+    kubectl = b.get("kubectl") or shutil.which("kubectl")
+    if not kubectl:
+        raise RuntimeError("no kubectl: `hack/cluster build --tools`")
+    return Testbed(kubeconfig=info["kubeconfig"], kubectl_bin=kubectl, helm=b.get("helm"),
+                   kubeconform=b.get("kubeconform"), external=bool(info.get("external")),
+                   state_dir=Path(info["state_dir"]) if info.get("state_dir") else None, binaries=b)
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    started = False
+    if not os.environ.get("KUBECONFIG"):
+        already = _cluster("status").returncode == 0
+        if not already:
+            t0 = time.monotonic()
+            p = _cluster("up")
+            if p.returncode != 0:
+                pytest.fail(f"hack/cluster up failed (rc={p.returncode}):\n{p.stderr[-8000:]}", pytrace=False)
+            started = True
+            print(f"\n[testbed] up in {time.monotonic() - t0:.1f}s")
+    else:
+        p = _cluster("up")  # builds kubectl/helm/kubeconform only; starts nothing
+        if p.returncode != 0:
+            pytest.fail(f"hack/cluster up (tools for KUBECONFIG) failed:\n{p.stderr[-8000:]}", pytrace=False)
+    tb = _load_testbed()
+    try:
+        yield tb
+    finally:
+        if started:
+            p = _cluster("down", timeout=300)
+            if p.returncode != 0:
+                print(f"[testbed] hack/cluster down failed: {p.stderr}")
+
+
+@pytest.fixture(scope="session")
+def gpu_testbed(testbed: Testbed):
+    if not testbed.has_crd("pytorchjobs.kubeflow.org"):
+        pytest.skip("cluster has no PyTorchJob CRD (Kubeflow training-operator)")
+    if not testbed.has_gpu_nodes():
+        pytest.skip("cluster has no nvidia.com/gpu nodes")
+    return testbed
+
+
+@pytest.fixture
+def namespace(testbed: Testbed):
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    testbed.kubectl("create", "namespace", name, check=True)
+    # Pods need the namespace's default ServiceAccount (made by the controller-manager).
+    testbed.wait_for(lambda: testbed.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
+                     timeout=60, interval=0.5, desc=f"default ServiceAccount in {name}")
+    yield name
+    testbed.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
