@@ -45,9 +45,7 @@ def _cel(schema: dict[str, Any], value: Any, path: str, failures: list[str]) -> 
             continue  # transition rules run only on update
         env = celpy.Environment()
         try:
-            ok = env.program(env.compile(rule["rule"])).evaluate(
-                {"self": celpy.json_to_cel(value)}
-            )
+            ok = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
         except celpy.CELEvalError:
             ok = False
         if not ok:

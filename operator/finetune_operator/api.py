@@ -138,16 +138,28 @@ def cel_problems(
 
 def parse(document: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> FineTuneJob:
     """Parse and fully validate a FineTuneJob document; ``old`` is the stored one on update."""
+    if old is not None:
+        old = _stored_form(old)
     try:
         return FineTuneJob.model_validate(document, context={"old": old})
     except ValidationError as exc:
         raise SpecError(_problems(exc, document)) from None
 
 
+def _stored_form(document: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``document`` with defaults filled, as the API server stores it (and CEL sees oldSelf)."""
+    try:
+        return FineTuneJob.model_validate(document).to_document()
+    except ValidationError:
+        return document  # stored before today's rules; compare it as it is
+
+
 def validate_document(document: Any, old: Mapping[str, Any] | None = None) -> list[Problem]:
     """Every problem with ``document`` as a FineTuneJob (empty when it is valid)."""
     if not isinstance(document, Mapping):
-        return [Problem("", "a FineTuneJob must be a mapping with apiVersion, kind, metadata, spec")]
+        return [
+            Problem("", "a FineTuneJob must be a mapping with apiVersion, kind, metadata, spec")
+        ]
     try:
         parse(document, old)
     except SpecError as exc:
@@ -181,7 +193,9 @@ def _problems(exc: ValidationError, document: Mapping[str, Any]) -> list[Problem
     for error in exc.errors():
         if error["type"] == "cel_rule":
             for problem in error.get("ctx", {}).get("problems", []):
-                problems.append(Problem(_join(_dotted(error["loc"]), problem.path), problem.message))
+                problems.append(
+                    Problem(_join(_dotted(error["loc"]), problem.path), problem.message)
+                )
             continue
         problems.append(Problem(_dotted(error["loc"]), _message(error, document)))
     return problems
@@ -216,9 +230,7 @@ def _did_you_mean(loc: Sequence[int | str], document: Mapping[str, Any]) -> str 
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = next(
-            (f for n, f in model.model_fields.items() if (f.alias or n) == part), None
-        )
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
         inner = _model_of(field.annotation) if field else None
         if inner is None:
             return None

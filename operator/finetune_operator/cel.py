@@ -15,6 +15,8 @@ from functools import cache
 from typing import Any
 
 import celpy
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,11 @@ def holds(rule: Rule, node: Mapping[str, Any], old: Mapping[str, Any] | None = N
     """
     if rule.is_transition and old is None:
         return True
-    activation: dict[str, Any] = {"self": celpy.json_to_cel(dict(node))}
+    activation: dict[str, Any] = {"self": json_to_cel(dict(node))}
     if old is not None:
-        activation["oldSelf"] = celpy.json_to_cel(dict(old))
+        activation["oldSelf"] = json_to_cel(dict(old))
     try:
         result = _program(rule.rule).evaluate(activation)
-    except celpy.CELEvalError:
+    except CELEvalError:
         return False
     return bool(result)

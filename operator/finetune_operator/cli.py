@@ -37,7 +37,7 @@ class Document:
     content: Any
 
 
-class Unreadable(Exception):
+class UnreadableError(Exception):
     """A file that cannot be read or is not YAML."""
 
 
@@ -46,14 +46,14 @@ def load_documents(path: str) -> list[Document]:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise Unreadable(f"{path}: cannot read: {exc.strerror}") from None
+        raise UnreadableError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise Unreadable(f"{path}{where}: not valid YAML: {problem}") from None
+        raise UnreadableError(f"{path}{where}: not valid YAML: {problem}") from None
     if len(docs) == 1:
         return [Document(path, docs[0])]
     return [Document(f"{path}#{i + 1}", d) for i, d in enumerate(docs)]
@@ -75,13 +75,15 @@ def validate(
     for path in files:
         try:
             documents = load_documents(path)
-        except Unreadable as exc:
+        except UnreadableError as exc:
             err.print(f"[red]error[/]: {escape(str(exc))}")
             unreadable += 1
             continue
         for doc in documents:
             if _is_other_kind(doc.content):
-                out.print(f"[dim]{escape(doc.label)}: skipped ({escape(str(doc.content.get('kind')))})[/]")
+                out.print(
+                    f"[dim]{escape(doc.label)}: skipped ({escape(str(doc.content.get('kind')))})[/]"
+                )
                 continue
             problems = api.validate_document(doc.content)
             if problems:

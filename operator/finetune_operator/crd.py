@@ -2,8 +2,9 @@
 
 Pydantic's JSON Schema is turned into a structural OpenAPI v3 schema: references inlined,
 ``anyOf [X, null]`` collapsed to X (absent means unset), titles dropped, descriptions kept on every
-node, the CEL rules of each model attached as ``x-kubernetes-validations``. ``crds/finetunejob.yaml``
-is this module's output (``make crds``); a test fails when the two differ. Pure.
+node, the CEL rules of each model attached as ``x-kubernetes-validations``.
+``crds/finetunejob.yaml`` is this module's output (``make crds``); a test fails when the two
+differ. Pure.
 """
 
 from __future__ import annotations

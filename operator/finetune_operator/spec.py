@@ -47,7 +47,8 @@ _IMAGE = r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$"
 #: What a user is told when a string does not match one of the patterns above.
 PATTERN_HINTS: dict[str, str] = {
     MODEL_SOURCE_PATTERN: (
-        "must be hf://ORG/NAME, pvc://CLAIM/PATH, file:///ABSOLUTE/PATH or builtin://NAME with NAME "
+        "must be hf://ORG/NAME, pvc://CLAIM/PATH, file:///ABSOLUTE/PATH or builtin://NAME with "
+        "NAME "
         f"one of {', '.join(BUILTIN_MODELS)}"
     ),
     DATASET_SOURCE_PATTERN: (
@@ -68,7 +69,8 @@ def decimal(description: str) -> Any:
     return Field(description=description, pattern=DECIMAL_PATTERN, max_length=32)
 
 
-#: Object fields default to {} in the CRD so the API server fills their inner defaults, as the model does.
+#: Object fields default to {} in the CRD so the API server fills their inner defaults, as the
+#: model does.
 _EMPTY: dict[str, Any] = {"default": {}}
 
 
@@ -128,7 +130,8 @@ class ModelSpec(ApiModel):
             description=(
                 "Where the weights come from: hf://ORG/NAME (Hugging Face Hub, optionally "
                 "hf://ORG/NAME@REVISION), pvc://CLAIM/PATH (a folder in save_pretrained layout on "
-                "a PersistentVolumeClaim), file:///ABSOLUTE/PATH (a local folder), or builtin://NAME "
+                "a PersistentVolumeClaim), file:///ABSOLUTE/PATH (a local folder), or "
+                "builtin://NAME "
                 "for an offline architecture with random weights (tiny-llama, tiny-mistral, "
                 "tiny-qwen2)."
             ),
@@ -148,7 +151,8 @@ class ModelSpec(ApiModel):
         SecretKeyRef | None,
         Field(
             description=(
-                "Secret holding a Hugging Face access token for gated or private models. It reaches "
+                "Secret holding a Hugging Face access token for gated or private models. It "
+                "reaches "
                 "the trainer only as an environment variable from the Secret, never in plain text."
             )
         ),
@@ -227,7 +231,8 @@ class DatasetSpec(ApiModel):
                 "Where the data comes from: hf://ORG/NAME (a Hugging Face Hub dataset), "
                 "pvc://CLAIM/PATH or file:///ABSOLUTE/PATH (a .jsonl, .json or .parquet file or a "
                 "folder of them), or builtin://python-stdlib-alpaca (an offline instruction set "
-                "built from the Python standard library: docstring -> instruction, source -> output)."
+                "built from the Python standard library: docstring -> instruction, source -> "
+                "output)."
             ),
             pattern=DATASET_SOURCE_PATTERN,
             max_length=512,
@@ -242,7 +247,9 @@ class DatasetSpec(ApiModel):
     ] = None
     split: Annotated[
         str,
-        Field(description="Split to train on.", max_length=128, pattern=r"^[A-Za-z0-9_.\[\]:%+-]+$"),
+        Field(
+            description="Split to train on.", max_length=128, pattern=r"^[A-Za-z0-9_.\[\]:%+-]+$"
+        ),
     ] = "train"
     eval_split: Annotated[
         str | None,
@@ -254,8 +261,10 @@ class DatasetSpec(ApiModel):
     ] = None
     eval_fraction: Annotated[
         str,
-        decimal('Share of training documents held out for eval loss when no evalSplit is given ("0" '
-            'turns eval off), e.g. "0.02".'),
+        decimal(
+            'Share of training documents held out for eval loss when no evalSplit is given ("0" '
+            'turns eval off), e.g. "0.02".'
+        ),
     ] = "0"
     format: Annotated[
         Literal["alpaca", "text", "summarization", "chat"],
@@ -309,9 +318,7 @@ class LoraSpec(ApiModel):
 
     r: Annotated[int, Field(description="Adapter rank.", ge=1, le=1024)] = 16
     alpha: Annotated[int, Field(description="Scaling numerator (scale = alpha / r).", ge=1)] = 32
-    dropout: Annotated[str, decimal("Dropout on the adapter input, e.g. \"0.05\".")] = (
-        "0.05"
-    )
+    dropout: Annotated[str, decimal('Dropout on the adapter input, e.g. "0.05".')] = "0.05"
     target_modules: Annotated[
         list[Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]],
         Field(
@@ -332,7 +339,9 @@ class MethodSpec(ApiModel):
 
     cel_rules = (
         Rule("self == oldSelf", "method is immutable: create a new FineTuneJob to change it"),
-        Rule("!has(self.lora) || self.type == 'lora'", "lora is only allowed with type lora", "lora"),
+        Rule(
+            "!has(self.lora) || self.type == 'lora'", "lora is only allowed with type lora", "lora"
+        ),
     )
 
     type: Annotated[
@@ -394,7 +403,7 @@ class Hyperparameters(ApiModel):
             le=1_048_576,
         ),
     ] = 64
-    learning_rate: Annotated[str, decimal("Peak learning rate, e.g. \"2e-5\".")] = "2e-5"
+    learning_rate: Annotated[str, decimal('Peak learning rate, e.g. "2e-5".')] = "2e-5"
     lr_scheduler: Annotated[
         Literal["cosine", "linear", "constant"],
         Field(description="Learning-rate decay after warmup."),
@@ -402,16 +411,16 @@ class Hyperparameters(ApiModel):
     warmup_steps: Annotated[
         int, Field(description="Steps of linear warmup from 0 to learningRate.", ge=0)
     ] = 0
-    weight_decay: Annotated[str, decimal("AdamW weight decay, e.g. \"0.1\".")] = "0.0"
-    max_grad_norm: Annotated[
-        str, decimal("Clip the global gradient norm to this value.")
-    ] = "1.0"
+    weight_decay: Annotated[str, decimal('AdamW weight decay, e.g. "0.1".')] = "0.0"
+    max_grad_norm: Annotated[str, decimal("Clip the global gradient norm to this value.")] = "1.0"
     seed: Annotated[
         int, Field(description="Seed for initialisation, shuffling and dropout.", ge=0)
     ] = 42
     eval_every_steps: Annotated[
         int | None,
-        Field(description="Compute eval loss every N steps (and at the end). Unset: at the end.", ge=1),
+        Field(
+            description="Compute eval loss every N steps (and at the end). Unset: at the end.", ge=1
+        ),
     ] = None
 
 
@@ -429,18 +438,25 @@ class Parallelism(ApiModel):
 
     mode: Annotated[
         Literal["auto", "manual"],
-        Field(description="auto: the planner chooses; manual: the degrees below are used as given."),
+        Field(
+            description="auto: the planner chooses; manual: the degrees below are used as given."
+        ),
     ] = "auto"
     data_parallel: Annotated[
         int | None,
-        Field(description="Replicated data-parallel groups (the replicate dimension of HSDP).", ge=1),
+        Field(
+            description="Replicated data-parallel groups (the replicate dimension of HSDP).", ge=1
+        ),
     ] = None
     fsdp: Annotated[
-        int | None, Field(description="Ranks that shard parameters, gradients and optimizer state.", ge=1)
+        int | None,
+        Field(description="Ranks that shard parameters, gradients and optimizer state.", ge=1),
     ] = None
     tensor_parallel: Annotated[
         int | None,
-        Field(description="Tensor-parallel degree; stays inside a node and divides the heads.", ge=1),
+        Field(
+            description="Tensor-parallel degree; stays inside a node and divides the heads.", ge=1
+        ),
     ] = None
     pipeline_parallel: Annotated[
         int | None, Field(description="Pipeline stages, split at decoder layers.", ge=1)
@@ -467,10 +483,10 @@ class Toleration(ApiModel):
     """A Kubernetes toleration for the training pods."""
 
     key: Annotated[str | None, Field(description="Taint key to tolerate.", max_length=316)] = None
-    operator: Annotated[
-        Literal["Exists", "Equal"], Field(description="Exists or Equal.")
-    ] = "Equal"
-    value: Annotated[str | None, Field(description="Taint value (with Equal).", max_length=63)] = None
+    operator: Annotated[Literal["Exists", "Equal"], Field(description="Exists or Equal.")] = "Equal"
+    value: Annotated[str | None, Field(description="Taint value (with Equal).", max_length=63)] = (
+        None
+    )
     effect: Annotated[
         Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
         Field(description="Taint effect to tolerate. Unset: all effects."),
@@ -488,7 +504,9 @@ class Toleration(ApiModel):
     )
 
 
-GpuType = Literal["H100-80GB", "H200-141GB", "A100-40GB", "A100-80GB", "L40S-48GB", "B200-180GB", "CPU"]
+GpuType = Literal[
+    "H100-80GB", "H200-141GB", "A100-40GB", "A100-80GB", "L40S-48GB", "B200-180GB", "CPU"
+]
 GPU_TYPES: tuple[str, ...] = get_args(GpuType)
 
 
@@ -515,12 +533,16 @@ class Resources(ApiModel):
     ] = "H100-80GB"
     cpu: Annotated[
         str | None,
-        Field(description="CPU request and limit per pod, e.g. \"32\".", pattern=QUANTITY_PATTERN, max_length=32),
+        Field(
+            description='CPU request and limit per pod, e.g. "32".',
+            pattern=QUANTITY_PATTERN,
+            max_length=32,
+        ),
     ] = None
     memory: Annotated[
         str | None,
         Field(
-            description="Memory request and limit per pod, e.g. \"512Gi\".",
+            description='Memory request and limit per pod, e.g. "512Gi".',
             pattern=QUANTITY_PATTERN,
             max_length=32,
         ),
@@ -531,7 +553,9 @@ class Resources(ApiModel):
     ] = None
     tolerations: Annotated[
         list[Toleration] | None,
-        Field(description="Tolerations for the pods (GPU pools are usually tainted).", max_length=32),
+        Field(
+            description="Tolerations for the pods (GPU pools are usually tainted).", max_length=32
+        ),
     ] = None
 
 
@@ -554,7 +578,9 @@ class CheckpointSpec(ApiModel):
     storage: Annotated[
         str | None,
         Field(
-            description="Where checkpoints go (pvc://CLAIM/PATH or file:///PATH). Unset: none are kept.",
+            description=(
+                "Where checkpoints go (pvc://CLAIM/PATH or file:///PATH). Unset: none are kept."
+            ),
             pattern=STORAGE_PATTERN,
             max_length=512,
         ),
@@ -563,7 +589,8 @@ class CheckpointSpec(ApiModel):
         int, Field(description="Save every N optimizer steps (and on SIGTERM).", ge=1)
     ] = 500
     keep_last: Annotated[
-        int, Field(description="Complete checkpoints to keep; older ones are deleted.", ge=1, le=1000)
+        int,
+        Field(description="Complete checkpoints to keep; older ones are deleted.", ge=1, le=1000),
     ] = 3
     resume: Annotated[
         Literal["auto", "never"],
@@ -679,22 +706,40 @@ class FineTuneJobSpec(ApiModel):
     model: Annotated[ModelSpec, Field(description="The base model.")]
     dataset: Annotated[DatasetSpec, Field(description="The training data.")]
     method: Annotated[
-        MethodSpec, Field(description="Full fine-tune or LoRA.", default_factory=MethodSpec, json_schema_extra=_EMPTY)
+        MethodSpec,
+        Field(
+            description="Full fine-tune or LoRA.",
+            default_factory=MethodSpec,
+            json_schema_extra=_EMPTY,
+        ),
     ]
     hyperparameters: Annotated[
         Hyperparameters,
-        Field(description="Optimisation settings.", default_factory=Hyperparameters, json_schema_extra=_EMPTY),
+        Field(
+            description="Optimisation settings.",
+            default_factory=Hyperparameters,
+            json_schema_extra=_EMPTY,
+        ),
     ]
     parallelism: Annotated[
         Parallelism,
-        Field(description="Parallelism (the planner decides by default).", default_factory=Parallelism, json_schema_extra=_EMPTY),
+        Field(
+            description="Parallelism (the planner decides by default).",
+            default_factory=Parallelism,
+            json_schema_extra=_EMPTY,
+        ),
     ]
     resources: Annotated[
-        Resources, Field(description="Nodes and GPUs.", default_factory=Resources, json_schema_extra=_EMPTY)
+        Resources,
+        Field(description="Nodes and GPUs.", default_factory=Resources, json_schema_extra=_EMPTY),
     ]
     checkpoint: Annotated[
         CheckpointSpec,
-        Field(description="Checkpointing and resume.", default_factory=CheckpointSpec, json_schema_extra=_EMPTY),
+        Field(
+            description="Checkpointing and resume.",
+            default_factory=CheckpointSpec,
+            json_schema_extra=_EMPTY,
+        ),
     ]
     output: Annotated[
         OutputSpec | None,
@@ -705,11 +750,16 @@ class FineTuneJobSpec(ApiModel):
             )
         ),
     ] = None
-    scheduling: Annotated[
-        Scheduling | None, Field(description="Kueue queue and pod priority.")
-    ] = None
+    scheduling: Annotated[Scheduling | None, Field(description="Kueue queue and pod priority.")] = (
+        None
+    )
     run_policy: Annotated[
-        RunPolicy, Field(description="Suspend, deadlines and retries.", default_factory=RunPolicy, json_schema_extra=_EMPTY)
+        RunPolicy,
+        Field(
+            description="Suspend, deadlines and retries.",
+            default_factory=RunPolicy,
+            json_schema_extra=_EMPTY,
+        ),
     ]
     image: Annotated[
         str | None,

@@ -28,7 +28,9 @@ class Condition(StatusModel):
     """A metav1.Condition: one aspect of the job's state and when it last changed."""
 
     type: Annotated[ConditionType, Field(description="Which aspect this condition is about.")]
-    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
+    status: Annotated[
+        Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")
+    ]
     reason: Annotated[
         str,
         Field(
@@ -39,7 +41,11 @@ class Condition(StatusModel):
     ]
     message: Annotated[str, Field(description="Human-readable details.", max_length=32768)] = ""
     last_transition_time: Annotated[
-        str, Field(description=f"When status last changed ({_TIME}).", json_schema_extra={"format": "date-time"})
+        str,
+        Field(
+            description=f"When status last changed ({_TIME}).",
+            json_schema_extra={"format": "date-time"},
+        ),
     ]
     observed_generation: Annotated[
         int | None, Field(description="The spec generation this condition was computed from.", ge=0)
@@ -62,8 +68,12 @@ class PlanStatus(StatusModel):
     activation_checkpointing: Annotated[
         Literal["none", "selective", "full"], Field(description="Activation recompute policy.")
     ]
-    cpu_offload: Annotated[bool, Field(description="Whether state is offloaded to host memory.")] = False
-    method: Annotated[Literal["full", "lora"], Field(description="Training method planned for.")] = "full"
+    cpu_offload: Annotated[
+        bool, Field(description="Whether state is offloaded to host memory.")
+    ] = False
+    method: Annotated[
+        Literal["full", "lora"], Field(description="Training method planned for.")
+    ] = "full"
     est_peak_memory_bytes_per_gpu: Annotated[
         int, Field(description="Estimated peak memory per GPU, in bytes.", ge=0)
     ]
@@ -90,14 +100,24 @@ class Progress(StatusModel):
     step: Annotated[int, Field(description="Optimizer steps done.", ge=0)] = 0
     total_steps: Annotated[int | None, Field(description="Optimizer steps planned.", ge=0)] = None
     epoch: Annotated[int | None, Field(description="Current epoch (0-based).", ge=0)] = None
-    loss: Annotated[str | None, Field(description="Latest training loss, as a decimal string.")] = None
+    loss: Annotated[str | None, Field(description="Latest training loss, as a decimal string.")] = (
+        None
+    )
     tokens_per_second: Annotated[
         int | None, Field(description="Recent training throughput over all GPUs.", ge=0)
     ] = None
-    percent: Annotated[int | None, Field(description="Share of steps done, 0-100.", ge=0, le=100)] = None
-    eta_seconds: Annotated[int | None, Field(description="Estimated seconds to the end.", ge=0)] = None
+    percent: Annotated[
+        int | None, Field(description="Share of steps done, 0-100.", ge=0, le=100)
+    ] = None
+    eta_seconds: Annotated[int | None, Field(description="Estimated seconds to the end.", ge=0)] = (
+        None
+    )
     updated_at: Annotated[
-        str | None, Field(description=f"When progress was read ({_TIME}).", json_schema_extra={"format": "date-time"})
+        str | None,
+        Field(
+            description=f"When progress was read ({_TIME}).",
+            json_schema_extra={"format": "date-time"},
+        ),
     ] = None
     summary: Annotated[str | None, Field(description='Printed form, e.g. "450/1000 (45%)".')] = None
 
@@ -105,10 +125,15 @@ class Progress(StatusModel):
 class CheckpointStatus(StatusModel):
     """The latest complete checkpoint."""
 
-    latest: Annotated[str | None, Field(description="Location of the latest complete checkpoint.")] = None
+    latest: Annotated[
+        str | None, Field(description="Location of the latest complete checkpoint.")
+    ] = None
     step: Annotated[int | None, Field(description="Step it was taken at.", ge=0)] = None
     time: Annotated[
-        str | None, Field(description=f"When it completed ({_TIME}).", json_schema_extra={"format": "date-time"})
+        str | None,
+        Field(
+            description=f"When it completed ({_TIME}).", json_schema_extra={"format": "date-time"}
+        ),
     ] = None
 
 
@@ -143,17 +168,29 @@ class FineTuneJobStatus(StatusModel):
         list[Condition] | None,
         Field(
             description="Validated, Planned, Running, Succeeded, Failed and Suspended conditions.",
-            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
         ),
     ] = None
     plan: Annotated[PlanStatus | None, Field(description="The chosen parallelism plan.")] = None
     pytorch_job: Annotated[PyTorchJobRef | None, Field(description="The child PyTorchJob.")] = None
     progress: Annotated[Progress | None, Field(description="Training progress.")] = None
-    checkpoint: Annotated[CheckpointStatus | None, Field(description="The latest checkpoint.")] = None
+    checkpoint: Annotated[CheckpointStatus | None, Field(description="The latest checkpoint.")] = (
+        None
+    )
     failure: Annotated[Failure | None, Field(description="Why the job failed.")] = None
     start_time: Annotated[
-        str | None, Field(description=f"When training started ({_TIME}).", json_schema_extra={"format": "date-time"})
+        str | None,
+        Field(
+            description=f"When training started ({_TIME}).",
+            json_schema_extra={"format": "date-time"},
+        ),
     ] = None
     completion_time: Annotated[
-        str | None, Field(description=f"When the job ended ({_TIME}).", json_schema_extra={"format": "date-time"})
+        str | None,
+        Field(
+            description=f"When the job ended ({_TIME}).", json_schema_extra={"format": "date-time"}
+        ),
     ] = None

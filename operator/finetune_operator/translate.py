@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finetune_operator.spec import FineTuneJobSpec, LoraSpec
 from finetune_trainer.config import (
     DEFAULT_COLUMNS,
     CheckpointConfig,
@@ -26,8 +27,6 @@ from finetune_trainer.config import (
     SourceKind,
     TrainerConfig,
 )
-
-from finetune_operator.spec import FineTuneJobSpec, LoraSpec
 
 #: Every PersistentVolumeClaim a job names is mounted at PVC_ROOT/<claim>.
 PVC_ROOT = "/mnt/pvc"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import EXAMPLES, load_yaml
 from crdcheck import crd_failures
-
 from finetune_operator.api import FineTuneJob, parse
 
 

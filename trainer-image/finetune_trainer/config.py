@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SourceKind = Literal["hf", "local", "builtin"]
 Format = Literal["alpaca", "text", "summarization", "chat"]
-CONFIG_VERSION = 1
+CONFIG_VERSION: Literal[1] = 1
 
 #: The column each format reads for each role, unless the dataset says otherwise.
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {

@@ -1,0 +1,98 @@
+"""The committed CRD is the generated one, and it follows the Kubernetes API conventions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+
+from conftest import ROOT
+from finetune_operator import crd
+
+
+def _schema(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for key, sub in node.get("properties", {}).items():
+        yield from _nodes(sub, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_committed_crd_is_the_generated_one() -> None:
+    committed = (ROOT / "crds" / "finetunejob.yaml").read_text(encoding="utf-8")
+    assert committed == crd.crd_yaml(), "crds/finetunejob.yaml is stale: run `make crds`"
+
+
+def test_every_field_has_a_description(committed_crd: dict[str, Any]) -> None:
+    undocumented = [
+        path
+        for path, node in _nodes(_schema(committed_crd))
+        if not path.endswith(("[]", "{}")) and not node.get("description", "").strip()
+    ]
+    assert undocumented == []
+
+
+def test_schema_is_structural(committed_crd: dict[str, Any]) -> None:
+    for path, node in _nodes(_schema(committed_crd)):
+        assert "type" in node, f"{path} has no type"
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "title"} & node.keys(), path
+        if node["type"] == "object" and "properties" in node:
+            assert "additionalProperties" not in node, path
+
+
+def test_no_floats_in_spec(committed_crd: dict[str, Any]) -> None:
+    spec = _schema(committed_crd)["properties"]["spec"]
+    assert [p for p, n in _nodes(spec, ".spec") if n["type"] == "number"] == []
+
+
+def test_strings_used_by_cel_are_bounded(committed_crd: dict[str, Any]) -> None:
+    """The API server refuses CEL whose cost it cannot bound: strings need maxLength."""
+    spec = _schema(committed_crd)["properties"]["spec"]
+    unbounded = [
+        p
+        for p, n in _nodes(spec, ".spec")
+        if n["type"] == "string" and "enum" not in n and "maxLength" not in n
+    ]
+    assert unbounded == []
+
+
+def test_names_printer_columns_and_subresources(committed_crd: dict[str, Any]) -> None:
+    spec = committed_crd["spec"]
+    assert committed_crd["metadata"]["name"] == "finetunejobs.finetune.dev"
+    assert spec["names"]["shortNames"] == ["ftj"]
+    assert spec["names"]["categories"] == ["finetune"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1"
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Model", "GPUs", "Plan", "Progress", "Loss", "Age"]
+
+
+def test_cross_field_and_immutability_rules_are_in_the_crd(committed_crd: dict[str, Any]) -> None:
+    rules = [
+        r["rule"]
+        for _, node in _nodes(_schema(committed_crd))
+        for r in node.get("x-kubernetes-validations", [])
+    ]
+    text = "\n".join(rules)
+    assert "has(self.epochs) != has(self.maxSteps)" in text
+    assert "tensorParallel <= self.resources.gpusPerNode" in text
+    assert "self.type == 'lora'" in text
+    assert sum("oldSelf" in r for r in rules) >= 4  # model, dataset, method, seed, checkpoint
+
+
+def test_conditions_are_a_map_list(committed_crd: dict[str, Any]) -> None:
+    conditions = _schema(committed_crd)["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_crd_yaml_round_trips() -> None:
+    assert yaml.safe_load(crd.crd_yaml()) == crd.crd()
