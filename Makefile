@@ -12,7 +12,7 @@ VENV ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint fmt typecheck crds crds-check test test-unit cluster-up cluster-down
+.PHONY: help run venv lint fmt typecheck crds crds-check test test-unit cluster-up cluster-down
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +28,9 @@ venv: $(VENV)/.deps ## Create the cached virtual environment and install this ch
 	@# Point the cached environment's editable install at this checkout (cheap, no dependencies).
 	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null
 	@echo "venv: $(VENV)"
+
+run: venv ## The main job: fine-tune the tiny offline example on this machine (CPU or GPU)
+	$(BIN)/finetune run examples/tiny-local.yaml $(RUN_ARGS)
 
 lint: venv ## ruff lint + format check, import-linter contracts
 	$(BIN)/ruff check .

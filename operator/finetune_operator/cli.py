@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune_operator import __version__, api, crd
+from finetune_operator.translate import to_trainer_config
 
 app = typer.Typer(
     name="finetune",
@@ -97,6 +98,57 @@ def validate(
         raise typer.Exit(2)
     if invalid:
         raise typer.Exit(1)
+
+
+def load_job(path: str) -> api.FineTuneJob:
+    """The one FineTuneJob in ``path``, or exit with every problem printed."""
+    try:
+        documents = [d for d in load_documents(path) if not _is_other_kind(d.content)]
+    except UnreadableError as exc:
+        err.print(f"[red]error[/]: {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if len(documents) != 1:
+        err.print(f"[red]error[/]: {escape(path)} holds {len(documents)} FineTuneJobs; give one")
+        raise typer.Exit(2)
+    try:
+        return api.parse(documents[0].content)
+    except api.SpecError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]✗[/] {escape(documents[0].label)}: {escape(str(problem))}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def run(
+    file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")],
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Training processes on this machine. Default: one per GPU, or 1 on CPU."),
+    ] = None,
+    runs_dir: Annotated[
+        Path, typer.Option(help="Where the run folder (config, default output) goes.")
+    ] = Path("finetune-runs"),
+) -> None:
+    """Fine-tune on this machine from a FineTuneJob, as its pods would in the cluster.
+
+    Launches torchrun over the local devices; the model ends in the job's output.storage (or
+    RUNS_DIR/NAME/model) in Hugging Face format.
+    """
+    job = load_job(file)
+    run_dir = runs_dir / job.name
+    config = to_trainer_config(job.spec, name=job.name, default_output_dir=str(run_dir / "model"))
+    try:
+        from finetune_trainer.launch import run_local  # noqa: PLC0415 - needs the trainer extra
+    except ImportError as exc:
+        err.print(
+            f"[red]error[/]: the trainer is not installed here ({escape(str(exc))}); "
+            "install it with: pip install 'finetune-operator[trainer]'"
+        )
+        raise typer.Exit(2) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json(), encoding="utf-8")
+    out.print(f"[bold]{escape(job.name)}[/]: config in {escape(str(run_dir / 'config.json'))}")
+    raise typer.Exit(run_local(config, nproc))
 
 
 @app.command("crd")
