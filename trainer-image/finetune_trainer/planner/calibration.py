@@ -1,0 +1,39 @@
+"""Efficiency factors of the time model: which are fitted, which are assumed.
+
+FITTED (by `python bench/planner/run.py --fit`, least squares on log tokens/s/GPU of the
+published configurations T1, T2, T8, T9, M1-M5 in planner-calibration.md, each evaluated at its
+published plan; grid search, see bench/planner/fit.py):
+- GEMM_EFFICIENCY_MAX: achievable fraction of the sustained bf16 peak for large GEMMs, per GPU
+  architecture (hopper fitted on T1, T2, M1-M5; ampere fitted on T8, T9).
+- GEMM_HALF_TOKENS: micro-batch size (tokens x hidden/4096 per GPU) at which GEMM efficiency is
+  half its maximum; efficiency(x) = max * x / (x + half). A saturating curve of the kind GEMM
+  roofline measurements show; it is what makes larger micro-batches faster per token.
+- ATTENTION_EFFICIENCY_RATIO: FlashAttention's efficiency relative to GEMMs.
+
+ASSUMED (not fitted; the rows carry no information about them):
+- ada/blackwell/cpu efficiency: copied from hopper.
+- COMM_EFFICIENCY: NCCL ring bus bandwidth as a fraction of the link bandwidth (NCCL tests on
+  DGX H100 reach ~360-400 GB/s of 450 -> 0.8).
+- latencies, CPU Adam bandwidth, memory overheads (planner-calibration.md: 2-4 GB, <= 0.9 HBM).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GEMM_EFFICIENCY_MAX: Final[dict[str, float]] = {
+    "hopper": 0.60,
+    "ampere": 0.75,
+    "ada": 0.60,  # assumed = hopper
+    "blackwell": 0.60,  # assumed = hopper
+    "cpu": 0.60,  # assumed
+}
+GEMM_HALF_TOKENS: Final[float] = 1500.0
+ATTENTION_EFFICIENCY_RATIO: Final[float] = 0.7
+
+COMM_EFFICIENCY: Final[float] = 0.8
+LATENCY_INTRA_NODE_S: Final[float] = 10e-6  # per ring step (alpha of the alpha-beta model)
+LATENCY_INTER_NODE_S: Final[float] = 20e-6
+CPU_ADAM_BYTES_PER_S: Final[float] = 5e9  # torch CPU AdamW per rank, assumed
+MEMORY_OVERHEAD_BYTES: Final[int] = 3 * 1024**3  # CUDA context, NCCL buffers, allocator (2-4 GB)
+USABLE_MEMORY_FRACTION: Final[float] = 0.9

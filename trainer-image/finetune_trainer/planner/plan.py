@@ -1,0 +1,223 @@
+"""The validated, frozen plan and the planner's result objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .hardware import GiB, Cluster
+from .layout import Layout
+from .model import ModelFacts
+from .workload import Recompute, Schedule, Workload
+
+# peft adapters are plain nn.Linear modules; parallelize applies LoRA with FSDP only.
+LORA_SUPPORTS_TP_PP = False
+
+
+class Plan(BaseModel):
+    """A parallelization strategy for one model, cluster and workload.
+
+    Invariants (checked on construction, so an impossible plan cannot exist):
+    dp * fsdp * tp * pp == world; TP stays inside a node and divides heads, kv heads and the FFN
+    width; PP divides the layers (times the interleave factor); the global batch equals
+    dp * fsdp * micro_batch_size * gradient_accumulation; pipeline schedules have enough
+    micro-batches. Rank order, outer to inner: pp, dp (replicate), fsdp (shard), tp.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelFacts
+    cluster: Cluster
+    workload: Workload
+    data_parallel: int = Field(ge=1, description="replicas (HSDP replicate degree)")
+    fsdp: int = Field(ge=1, description="FSDP shard degree")
+    tensor_parallel: int = Field(default=1, ge=1)
+    pipeline_parallel: int = Field(default=1, ge=1)
+    pipeline_schedule: Schedule = "none"
+    virtual_stages: int = Field(default=1, ge=1, description="model chunks per pipeline rank")
+    micro_batch_size: int = Field(ge=1)
+    gradient_accumulation: int = Field(ge=1)
+    activation_checkpointing: Recompute = "none"
+    cpu_offload: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        m, c, w = self.model, self.cluster, self.workload
+        dp, fs, tp, pp = self.data_parallel, self.fsdp, self.tensor_parallel, self.pipeline_parallel
+        errors: list[str] = []
+        if dp * fs * tp * pp != c.world:
+            errors.append(f"dp*fsdp*tp*pp = {dp * fs * tp * pp} != world size {c.world}")
+        if tp > c.gpus_per_node or c.gpus_per_node % tp:
+            errors.append(f"tensorParallel {tp} must divide GPUs per node {c.gpus_per_node}")
+        for what, n in (
+            ("attention heads", m.num_heads),
+            ("kv heads", m.num_kv_heads),
+            ("FFN width", m.intermediate_size),
+        ):
+            if n % tp:
+                errors.append(f"tensorParallel {tp} does not divide {what} ({n})")
+        if m.num_layers % (pp * self.virtual_stages):
+            errors.append(
+                f"pipelineParallel {pp} x virtual stages {self.virtual_stages} "
+                f"does not divide {m.num_layers} layers"
+            )
+        if (pp == 1) != (self.pipeline_schedule == "none"):
+            errors.append(f"schedule {self.pipeline_schedule!r} with pipelineParallel {pp}")
+        if (self.pipeline_schedule == "interleaved-1f1b") != (self.virtual_stages > 1):
+            errors.append("virtual stages > 1 exactly when the schedule is interleaved-1f1b")
+        if pp > 1 and self.gradient_accumulation < pp:
+            errors.append(f"{self.gradient_accumulation} micro-batches < {pp} pipeline stages")
+        if self.pipeline_schedule == "interleaved-1f1b" and self.gradient_accumulation % pp:
+            errors.append("interleaved-1f1b needs micro-batches to be a multiple of stages")
+        gbs = dp * fs * self.micro_batch_size * self.gradient_accumulation
+        if gbs != w.global_batch_size:
+            errors.append(
+                f"dp*fsdp*microBatch*gradAccum = {gbs} != globalBatchSize {w.global_batch_size}"
+            )
+        if self.cpu_offload and pp > 1:
+            errors.append("cpuOffload is not supported with pipeline parallelism")
+        if w.method == "lora" and not LORA_SUPPORTS_TP_PP and (tp > 1 or pp > 1):
+            errors.append("LoRA is planned with FSDP/data parallelism only (no TP/PP)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @classmethod
+    def from_layout(
+        cls, model: ModelFacts, cluster: Cluster, workload: Workload, lay: Layout
+    ) -> Plan:
+        return cls(
+            model=model,
+            cluster=cluster,
+            workload=workload,
+            data_parallel=lay.dp,
+            fsdp=lay.fsdp,
+            tensor_parallel=lay.tp,
+            pipeline_parallel=lay.pp,
+            pipeline_schedule=lay.schedule,
+            virtual_stages=lay.v,
+            micro_batch_size=lay.mbs,
+            gradient_accumulation=lay.ga,
+            activation_checkpointing=lay.ac,
+            cpu_offload=lay.offload,
+        )
+
+    def layout(self) -> Layout:
+        return Layout(
+            dp=self.data_parallel,
+            fsdp=self.fsdp,
+            tp=self.tensor_parallel,
+            pp=self.pipeline_parallel,
+            schedule=self.pipeline_schedule,
+            v=self.virtual_stages,
+            mbs=self.micro_batch_size,
+            ga=self.gradient_accumulation,
+            ac=self.activation_checkpointing,
+            offload=self.cpu_offload,
+        )
+
+    @property
+    def world(self) -> int:
+        return self.cluster.world
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Sequence parallelism is always on with TP (Korthikanti et al. 2022)."""
+        return self.tensor_parallel > 1
+
+    @property
+    def summary(self) -> str:
+        """One line, e.g. 'fsdp8 mbs2 ga4 ac=selective'."""
+        return self.layout().summary(lora=self.workload.method == "lora")
+
+
+class Estimate(BaseModel):
+    """What the cost model predicts for one plan."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    peak_memory_bytes: int
+    usable_memory_bytes: int
+    memory_capacity_bytes: int
+    memory_breakdown: dict[str, int]
+    fits: bool
+    step_time_s: float
+    time_breakdown: dict[str, float]
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float
+
+    @property
+    def peak_memory_gib(self) -> float:
+        return self.peak_memory_bytes / GiB
+
+
+class RankedPlan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan: Plan
+    estimate: Estimate
+
+    @property
+    def summary(self) -> str:
+        return self.plan.summary
+
+
+class PlanResult(BaseModel):
+    """The planner's answer: the chosen plan, its estimates, the runners-up and why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan: Plan
+    estimate: Estimate
+    alternatives: tuple[RankedPlan, ...] = ()
+    reason: str
+    notes: tuple[str, ...] = ()
+    mode: str = "auto"
+    candidates_evaluated: int = 0
+    planning_seconds: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        return self.plan.summary
+
+    def to_status(self) -> dict[str, Any]:
+        """status.plan of the FineTuneJob (camelCase; MFU as a decimal string, no floats)."""
+        p, e = self.plan, self.estimate
+        return {
+            "world": p.world,
+            "dataParallel": p.data_parallel,
+            "fsdp": p.fsdp,
+            "tensorParallel": p.tensor_parallel,
+            "pipelineParallel": p.pipeline_parallel,
+            "pipelineSchedule": p.pipeline_schedule,
+            "virtualStages": p.virtual_stages,
+            "microBatchSize": p.micro_batch_size,
+            "gradientAccumulation": p.gradient_accumulation,
+            "activationCheckpointing": p.activation_checkpointing,
+            "cpuOffload": p.cpu_offload,
+            "sequenceParallel": p.sequence_parallel,
+            "method": p.workload.method,
+            "estPeakMemoryBytesPerGPU": e.peak_memory_bytes,
+            "estTokensPerSecond": round(e.tokens_per_s),
+            "estMFU": f"{e.mfu:.3f}",
+            "summary": self.summary,
+            "reason": self.reason,
+        }
+
+
+class PlanInfeasible(Exception):
+    """No plan fits (or the manual plan is invalid / does not fit). The message says what would.
+
+    Attributes: suggestions (human strings such as 'needs 16 GPUs of 80 GB'), closest (the
+    candidate that came nearest, or None).
+    """
+
+    def __init__(
+        self, message: str, suggestions: tuple[str, ...] = (), closest: RankedPlan | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.suggestions = suggestions
+        self.closest = closest

@@ -1,0 +1,244 @@
+"""Enumerate candidate layouts, estimate them, and pick the fastest one that fits.
+
+The search is exact with respect to the cost model: it prunes only candidates that are provably
+no better than one it keeps (see `search`); `sweep` evaluates everything and the tests and the
+benchmark check that both choose the same plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+
+from .cost import TimeBreakdown, estimate_time, model_flops_per_token
+from .hardware import Cluster
+from .layout import Layout
+from .memory import MemoryBreakdown, estimate_memory, usable_memory
+from .model import ModelFacts
+from .plan import LORA_SUPPORTS_TP_PP, Estimate
+from .workload import Constraints, Recompute, Schedule, Workload
+
+AC_OPTIONS: tuple[Recompute, ...] = ("none", "selective", "full")
+INTERLEAVE_CHUNKS: tuple[int, ...] = (2, 4)
+
+
+@cache
+def divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryBreakdown
+    time: TimeBreakdown | None  # None when it does not fit (time is not estimated)
+    fits: bool
+
+    def key(self) -> tuple[float, tuple[int, ...], float, tuple[object, ...]]:
+        """Total order: step time, then fewer moving parts, then memory, then the layout."""
+        lay = self.layout
+        step = self.time.step if self.time is not None else float("inf")
+        return (
+            step,
+            lay.complexity(),
+            self.memory.peak,
+            (lay.dp, lay.fsdp, lay.tp, lay.pp, lay.schedule, lay.v, lay.mbs, lay.ga),
+        )
+
+
+@dataclass
+class SearchResult:
+    ranked: list[Candidate] = field(default_factory=list)  # fitting, best first
+    evaluated: int = 0
+    structures: int = 0  # layouts with valid degrees/batch split (before memory)
+    closest: Candidate | None = None  # smallest peak memory seen (for infeasible messages)
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def _structures(
+    model: ModelFacts, cluster: Cluster, workload: Workload, con: Constraints
+) -> Iterator[tuple[int, int, int, int, Schedule, int, tuple[int, ...]]]:
+    """(dp, fsdp, tp, pp, schedule, v, micro-batch sizes ascending) with valid degrees."""
+    world = cluster.world
+    gbs = workload.global_batch_size
+    lora = workload.method == "lora"
+    for tp in divisors(cluster.gpus_per_node):
+        if world % tp or model.num_heads % tp or model.num_kv_heads % tp:
+            continue
+        if model.intermediate_size % tp:
+            continue
+        if con.tensor_parallel is not None and tp != con.tensor_parallel:
+            continue
+        if lora and not LORA_SUPPORTS_TP_PP and tp > 1:
+            continue
+        for pp in divisors(world // tp):
+            if model.num_layers % pp:
+                continue
+            if con.pipeline_parallel is not None and pp != con.pipeline_parallel:
+                continue
+            if lora and not LORA_SUPPORTS_TP_PP and pp > 1:
+                continue
+            d = world // (tp * pp)
+            if gbs % d:
+                continue
+            per_rank = gbs // d
+            for fsdp in divisors(d):
+                dp = d // fsdp
+                if con.fsdp is not None and fsdp != con.fsdp:
+                    continue
+                if con.data_parallel is not None and dp != con.data_parallel:
+                    continue
+                mbs_all = divisors(per_rank)
+                if con.micro_batch_size is not None:
+                    mbs_all = tuple(m for m in mbs_all if m == con.micro_batch_size)
+                schedules: list[tuple[Schedule, int]] = [("none", 1)]
+                if pp > 1:
+                    schedules = [("gpipe", 1), ("1f1b", 1)] + [
+                        ("interleaved-1f1b", v)
+                        for v in INTERLEAVE_CHUNKS
+                        if model.num_layers % (pp * v) == 0
+                    ]
+                for sched, v in schedules:
+                    if con.pipeline_schedule is not None and sched != con.pipeline_schedule:
+                        continue
+                    if con.virtual_stages is not None and v != con.virtual_stages:
+                        continue
+                    ok = tuple(
+                        m
+                        for m in mbs_all
+                        if pp == 1
+                        or (
+                            per_rank // m >= pp
+                            and (sched != "interleaved-1f1b" or (per_rank // m) % pp == 0)
+                        )
+                    )
+                    if ok:
+                        yield dp, fsdp, tp, pp, sched, v, ok
+
+
+def _ac_options(con: Constraints) -> tuple[Recompute, ...]:
+    if con.activation_checkpointing is not None:
+        return (con.activation_checkpointing,)
+    return AC_OPTIONS
+
+
+def _offload_options(con: Constraints, pp: int) -> tuple[bool, ...]:
+    if pp > 1:
+        return () if con.cpu_offload else (False,)
+    if con.cpu_offload is None:
+        return (False, True)
+    return (con.cpu_offload,)
+
+
+def evaluate(model: ModelFacts, cluster: Cluster, workload: Workload, lay: Layout) -> Candidate:
+    mem = estimate_memory(model, cluster.gpu, workload, lay)
+    fits = mem.peak <= usable_memory(cluster.gpu)
+    t = estimate_time(model, cluster, workload, lay) if fits else None
+    return Candidate(lay, mem, t, fits)
+
+
+def _closer(a: Candidate | None, b: Candidate) -> Candidate:
+    return b if a is None or b.memory.peak < a.memory.peak else a
+
+
+def search(
+    model: ModelFacts,
+    cluster: Cluster,
+    workload: Workload,
+    con: Constraints | None = None,
+    keep: int = 8,
+) -> SearchResult:
+    """Best-first list of fitting candidates, pruned without losing the optimum:
+
+    - activation checkpointing only adds compute and offload only adds transfers, so for a given
+      layout and micro-batch the first fitting option in the order none < selective < full <
+      (offload) is at least as fast as the later ones (ties go to the simpler one anyway);
+    - peak memory does not decrease with the micro-batch, so once nothing fits at micro-batch b,
+      no larger micro-batch of that layout is tried.
+    """
+    con = con or Constraints()
+    res = SearchResult()
+    acs = _ac_options(con)
+    found: list[Candidate] = []
+    for dp, fsdp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
+        res.structures += 1
+        per_rank = workload.global_batch_size // (dp * fsdp)
+        offs = _offload_options(con, pp)
+        for mbs in mbs_list:
+            chosen: Candidate | None = None
+            for off in offs:
+                for ac in acs:
+                    lay = Layout(dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off)
+                    cand = evaluate(model, cluster, workload, lay)
+                    res.evaluated += 1
+                    res.closest = _closer(res.closest, cand)
+                    if cand.fits:
+                        chosen = cand
+                        break
+                if chosen is not None:
+                    break
+            if chosen is None:
+                break
+            found.append(chosen)
+    found.sort(key=Candidate.key)
+    res.ranked = found[:keep]
+    return res
+
+
+def sweep(
+    model: ModelFacts, cluster: Cluster, workload: Workload, con: Constraints | None = None
+) -> list[Candidate]:
+    """Every candidate, no pruning (for tests and the benchmark's optimality check)."""
+    con = con or Constraints()
+    out: list[Candidate] = []
+    for dp, fsdp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
+        per_rank = workload.global_batch_size // (dp * fsdp)
+        for mbs in mbs_list:
+            for off in _offload_options(con, pp):
+                for ac in _ac_options(con):
+                    lay = Layout(dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off)
+                    out.append(evaluate(model, cluster, workload, lay))
+    return out
+
+
+def sweep_best(
+    model: ModelFacts, cluster: Cluster, workload: Workload, con: Constraints | None = None
+) -> Candidate | None:
+    fitting = [c for c in sweep(model, cluster, workload, con) if c.fits]
+    return min(fitting, key=Candidate.key) if fitting else None
+
+
+def to_estimate(model: ModelFacts, cluster: Cluster, workload: Workload, c: Candidate) -> Estimate:
+    gpu = cluster.gpu
+    t = c.time if c.time is not None else estimate_time(model, cluster, workload, c.layout)
+    tokens_per_s = workload.tokens_per_step / t.step
+    per_gpu = tokens_per_s / cluster.world
+    flops = model_flops_per_token(model, workload.seq_len, workload.method)
+    m = c.memory
+    return Estimate(
+        peak_memory_bytes=int(m.peak),
+        usable_memory_bytes=int(usable_memory(gpu)),
+        memory_capacity_bytes=gpu.memory_bytes,
+        memory_breakdown={
+            "model_states": int(m.model_states),
+            "fsdp_buffers": int(m.fsdp_buffers),
+            "activations": int(m.activations),
+            "loss_head": int(m.loss_head),
+            "overhead": int(m.overhead),
+        },
+        fits=c.fits,
+        step_time_s=t.step,
+        time_breakdown={
+            "compute": t.compute,
+            "comm_exposed": t.comm_exposed,
+            "bubble": t.bubble,
+            "optimizer": t.optimizer,
+        },
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_gpu=per_gpu,
+        mfu=per_gpu * flops / gpu.bf16_flops,
+    )

@@ -1,0 +1,61 @@
+"""What is being trained (sequence length, batch, method) and what the user pinned."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["full", "lora"]
+Recompute = Literal["none", "selective", "full"]
+Schedule = Literal["none", "gpipe", "1f1b", "interleaved-1f1b"]
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+class Workload(BaseModel):
+    """One optimizer step consumes global_batch_size sequences of seq_len tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seq_len: int = Field(ge=1, description="maxSeqLength (packed or padded)")
+    global_batch_size: int = Field(ge=1, description="sequences per optimizer step")
+    method: Method = "full"
+    lora_rank: int = Field(default=16, ge=1)
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    fused_loss: bool = Field(
+        default=False,
+        description="the trainer computes cross-entropy fused/chunked (gradient written in place"
+        " in the bf16 logits) instead of upcasting all logits to fp32",
+    )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch_size
+
+
+class Constraints(BaseModel):
+    """Fields of spec.parallelism the user fixed (None = planner chooses)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_parallel: int | None = Field(default=None, ge=1)
+    fsdp: int | None = Field(default=None, ge=1)
+    tensor_parallel: int | None = Field(default=None, ge=1)
+    pipeline_parallel: int | None = Field(default=None, ge=1)
+    pipeline_schedule: Schedule | None = None
+    virtual_stages: int | None = Field(default=None, ge=1)
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    activation_checkpointing: Recompute | None = None
+    cpu_offload: bool | None = None
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self.model_dump().values())
