@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+pytest_plugins = ["testbed"]  # the session-scoped Kubernetes test bed (tests/testbed.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 

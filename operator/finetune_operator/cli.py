@@ -17,7 +17,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune_operator import __version__, api, crd
+from finetune_operator.plan import plan_config, plan_job
+from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import to_trainer_config
+from finetune_trainer.planner import PlanInfeasible, format_table
 
 app = typer.Typer(
     name="finetune",
@@ -119,6 +122,42 @@ def load_job(path: str) -> api.FineTuneJob:
 
 
 @app.command()
+def plan(file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")]) -> None:
+    """Show the parallelism plan the operator would choose, with the runners-up.
+
+    Exits 1 when no plan fits, with what would (more GPUs, LoRA, shorter sequences).
+    """
+    job = load_job(file)
+    res = job.spec.resources
+    out.print(
+        f"[bold]{escape(job.name)}[/]: {escape(job.spec.model.source)} {job.spec.method.type} "
+        f"fine-tune, seq {job.spec.dataset.max_seq_length}, global batch "
+        f"{job.spec.hyperparameters.global_batch_size}, on {res.num_nodes} x {res.gpus_per_node} "
+        f"{res.gpu_type}"
+    )
+    try:
+        result = plan_job(job.spec)
+    except PlanInfeasible as exc:
+        err.print(f"[red]✗ no plan fits[/]: {escape(exc.message)}")
+        raise typer.Exit(1) from None
+    if result is None:
+        out.print(
+            "The model's shape is not known offline: the trainer plans when it has read its "
+            "config.json."
+        )
+        return
+    out.print(escape(format_table(result)))
+
+
+def _with_local_processes(spec: FineTuneJobSpec, nproc: int | None) -> FineTuneJobSpec:
+    """The spec as it runs on this machine: one node, ``nproc`` processes if given."""
+    if nproc is None:
+        return spec
+    resources = spec.resources.model_copy(update={"num_nodes": 1, "gpus_per_node": nproc})
+    return spec.model_copy(update={"resources": resources})
+
+
+@app.command()
 def run(
     file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")],
     nproc: Annotated[
@@ -135,8 +174,19 @@ def run(
     RUNS_DIR/NAME/model) in Hugging Face format.
     """
     job = load_job(file)
+    spec = _with_local_processes(job.spec, nproc)
+    try:
+        planned = plan_job(spec)
+    except PlanInfeasible as exc:
+        err.print(f"[red]✗ no plan fits[/]: {escape(exc.message)}")
+        raise typer.Exit(1) from None
     run_dir = runs_dir / job.name
-    config = to_trainer_config(job.spec, name=job.name, default_output_dir=str(run_dir / "model"))
+    config = to_trainer_config(
+        spec,
+        name=job.name,
+        default_output_dir=str(run_dir / "model"),
+        plan=plan_config(planned) if planned else None,
+    )
     try:
         from finetune_trainer.launch import run_local  # noqa: PLC0415 - needs the trainer extra
     except ImportError as exc:
@@ -147,7 +197,11 @@ def run(
         raise typer.Exit(2) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.to_json(), encoding="utf-8")
-    out.print(f"[bold]{escape(job.name)}[/]: config in {escape(str(run_dir / 'config.json'))}")
+    summary = planned.summary if planned else "planned by the trainer"
+    out.print(
+        f"[bold]{escape(job.name)}[/]: plan {escape(summary)}; "
+        f"config in {escape(str(run_dir / 'config.json'))}"
+    )
     raise typer.Exit(run_local(config, nproc))
 
 

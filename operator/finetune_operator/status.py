@@ -63,6 +63,12 @@ class PlanStatus(StatusModel):
     pipeline_schedule: Annotated[
         str | None, Field(description="Pipeline schedule (gpipe, 1f1b, interleaved-1f1b).")
     ] = None
+    virtual_stages: Annotated[
+        int, Field(description="Model chunks per pipeline rank (interleaved schedules).", ge=1)
+    ] = 1
+    sequence_parallel: Annotated[
+        bool, Field(description="Whether activations are sharded along the sequence with TP.")
+    ] = False
     micro_batch_size: Annotated[int, Field(description="Sequences per forward pass per GPU.", ge=1)]
     gradient_accumulation: Annotated[int, Field(description="Micro-batches per step.", ge=1)]
     activation_checkpointing: Annotated[
@@ -75,13 +81,22 @@ class PlanStatus(StatusModel):
         Literal["full", "lora"], Field(description="Training method planned for.")
     ] = "full"
     est_peak_memory_bytes_per_gpu: Annotated[
-        int, Field(description="Estimated peak memory per GPU, in bytes.", ge=0)
+        int,
+        Field(
+            description="Estimated peak memory per GPU, in bytes.",
+            ge=0,
+            alias="estPeakMemoryBytesPerGPU",
+        ),
     ]
     est_tokens_per_second: Annotated[
         int, Field(description="Estimated training throughput over all GPUs, tokens/s.", ge=0)
     ]
     est_mfu: Annotated[
-        str, Field(description="Estimated model FLOPs utilisation (0-1), as a decimal string.")
+        str,
+        Field(
+            description="Estimated model FLOPs utilisation (0-1), as a decimal string.",
+            alias="estMFU",
+        ),
     ]
     summary: Annotated[str, Field(description='Short form, e.g. "fsdp8 mbs2 ga4 ac=selective".')]
     reason: Annotated[str, Field(description="Why the planner chose this plan.")] = ""

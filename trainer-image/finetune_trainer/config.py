@@ -128,6 +128,7 @@ class PlanConfig(_Config):
     tensor_parallel: int = Field(ge=1)
     pipeline_parallel: int = Field(ge=1)
     pipeline_schedule: str | None = None
+    virtual_stages: int = Field(default=1, ge=1)
     micro_batch_size: int = Field(ge=1)
     gradient_accumulation: int = Field(ge=1)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"

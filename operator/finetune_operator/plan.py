@@ -1,0 +1,93 @@
+"""Plan a FineTuneJob: its spec becomes the planner's inputs, the planner's answer becomes
+``status.plan`` and the trainer's :class:`PlanConfig`. Pure: no Kubernetes client, kopf or torch.
+
+A model the planner knows offline (the catalog of public configurations and the builtin tiny
+architectures) is planned here, before any pod exists. Any other model (a private Hub repo, a
+folder on a PVC) is planned by the trainer when it has read the model's config.json.
+"""
+
+from __future__ import annotations
+
+from finetune_operator.spec import FineTuneJobSpec, LoraSpec
+from finetune_operator.status import PlanStatus
+from finetune_operator.translate import parse_source
+from finetune_trainer.config import PlanConfig
+from finetune_trainer.planner import (
+    Cluster,
+    Constraints,
+    ModelFacts,
+    PlanInfeasible,
+    PlanResult,
+    Workload,
+    is_known_model,
+    known_model,
+    plan_parallelism,
+)
+
+__all__ = ["PlanInfeasible", "model_facts", "plan_config", "plan_job", "plan_status"]
+
+
+def model_facts(spec: FineTuneJobSpec) -> ModelFacts | None:
+    """The model's shape when the planner knows it offline, else None (the trainer plans)."""
+    source = parse_source(spec.model.source)
+    if source.scheme not in {"hf", "builtin"} or not is_known_model(source.location):
+        return None
+    return known_model(source.location)
+
+
+def workload(spec: FineTuneJobSpec) -> Workload:
+    lora = spec.method.lora or LoraSpec()
+    return Workload(
+        seq_len=spec.dataset.max_seq_length,
+        global_batch_size=spec.hyperparameters.global_batch_size,
+        method=spec.method.type,
+        lora_rank=lora.r,
+        lora_targets=tuple(lora.target_modules),
+    )
+
+
+def constraints(spec: FineTuneJobSpec) -> Constraints:
+    par = spec.parallelism
+    return Constraints(
+        data_parallel=par.data_parallel,
+        fsdp=par.fsdp,
+        tensor_parallel=par.tensor_parallel,
+        pipeline_parallel=par.pipeline_parallel,
+        micro_batch_size=par.micro_batch_size,
+        activation_checkpointing=par.activation_checkpointing,
+        cpu_offload=par.cpu_offload,
+    )
+
+
+def plan_job(spec: FineTuneJobSpec) -> PlanResult | None:
+    """The plan for ``spec``; None when the model is unknown offline. Raises PlanInfeasible."""
+    facts = model_facts(spec)
+    if facts is None:
+        return None
+    res = spec.resources
+    cluster = Cluster.of(res.gpu_type, nodes=res.num_nodes, gpus_per_node=res.gpus_per_node)
+    return plan_parallelism(
+        facts, cluster, workload(spec), constraints(spec), mode=spec.parallelism.mode
+    )
+
+
+def plan_status(result: PlanResult) -> PlanStatus:
+    """``status.plan`` for a planner result."""
+    return PlanStatus.model_validate(result.to_status())
+
+
+def plan_config(result: PlanResult) -> PlanConfig:
+    """What the trainer needs to apply the plan."""
+    p = result.plan
+    return PlanConfig(
+        data_parallel=p.data_parallel,
+        fsdp=p.fsdp,
+        tensor_parallel=p.tensor_parallel,
+        pipeline_parallel=p.pipeline_parallel,
+        pipeline_schedule=p.pipeline_schedule,
+        virtual_stages=p.virtual_stages,
+        micro_batch_size=p.micro_batch_size,
+        gradient_accumulation=p.gradient_accumulation,
+        activation_checkpointing=p.activation_checkpointing,
+        cpu_offload=p.cpu_offload,
+    )

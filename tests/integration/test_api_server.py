@@ -1,0 +1,95 @@
+"""The generated CRD in a real API server: it installs, accepts the examples, refuses every bad
+spec of the unit table with the field's name, enforces immutability, and explains itself."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import EXAMPLES, ROOT, load_yaml
+from test_bad_specs import BAD, Bad, apply
+
+pytestmark = pytest.mark.integration
+CRD = "finetunejobs.finetune.dev"
+
+
+@pytest.fixture(scope="module")
+def api(testbed: Any) -> Iterator[tuple[Any, str]]:
+    """The test bed with our CRD installed, and a fresh namespace."""
+    applied = testbed.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "finetunejob.yaml")
+    )
+    assert applied.returncode == 0, applied.stderr
+    testbed.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s", check=True)
+    namespace = f"ftj-api-{uuid.uuid4().hex[:6]}"
+    testbed.kubectl("create", "namespace", namespace, check=True)
+    # Discovery can lag behind Established for a moment.
+    testbed.wait_for(lambda: testbed.kubectl("get", "ftj", "-n", namespace).returncode == 0,
+                     timeout=60, desc="ftj to be served")  # fmt: skip
+    yield testbed, namespace
+    testbed.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def _dry_run(api: tuple[Any, str], document: dict[str, Any]) -> Any:
+    testbed, namespace = api
+    return testbed.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(document)
+    )
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_api_server_accepts_example(api: tuple[Any, str], path: Path) -> None:
+    result = _dry_run(api, load_yaml(path))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("bad", BAD, ids=lambda b: b.id)
+def test_api_server_refuses_bad_spec_naming_the_field(
+    api: tuple[Any, str], bad: Bad, tiny_job: dict[str, Any]
+) -> None:
+    result = _dry_run(api, apply(tiny_job, bad.changes))
+    assert result.returncode != 0, "the API server accepted it"
+    assert bad.path in result.stderr, result.stderr
+
+
+def test_immutable_fields_are_refused_on_a_stored_job(
+    api: tuple[Any, str], tiny_job: dict[str, Any]
+) -> None:
+    testbed, namespace = api
+    tiny_job["metadata"]["name"] = "immutable-check"
+    created = testbed.apply(tiny_job, "-n", namespace)
+    assert created.returncode == 0, created.stderr
+
+    changed_model = apply(tiny_job, {"spec.model.source": "builtin://tiny-llama"})
+    refused = testbed.apply(changed_model, "-n", namespace)
+    assert refused.returncode != 0
+    assert "model is immutable" in refused.stderr
+
+    longer = apply(tiny_job, {"spec.hyperparameters.maxSteps": 200})
+    accepted = testbed.apply(longer, "-n", namespace)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_kubectl_explain_prints_the_field_docs(api: tuple[Any, str]) -> None:
+    testbed, _ = api
+    result = testbed.kubectl("explain", "finetunejob.spec.dataset.packing")
+    assert result.returncode == 0, result.stderr
+    assert "per-document position ids" in result.stdout
+    top = testbed.kubectl("explain", "ftj.spec.hyperparameters")
+    assert "learningRate" in top.stdout and "Decimals are strings" in top.stdout
+
+
+def test_kubectl_get_ftj_shows_the_story_columns(
+    api: tuple[Any, str], tiny_job: dict[str, Any]
+) -> None:
+    testbed, namespace = api
+    tiny_job["metadata"]["name"] = "columns-check"
+    assert testbed.apply(tiny_job, "-n", namespace).returncode == 0
+    header = testbed.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "MODEL", "GPUS", "PLAN", "PROGRESS", "LOSS", "AGE"]
+    listed = testbed.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout
+    assert "finetunejob.finetune.dev/columns-check" in listed

@@ -1,0 +1,93 @@
+"""Planning a FineTuneJob: spec → planner → status.plan and the trainer's plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_bad_specs import DELETE, apply
+from test_cli import run
+
+from conftest import EXAMPLES, load_yaml
+from finetune_operator.api import parse
+from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
+
+#: A full fine-tune of Mistral-7B on one 40 GB GPU without offload cannot fit.
+TOO_BIG = {
+    "spec.resources.gpuType": "A100-40GB",
+    "spec.resources.gpusPerNode": 1,
+    "spec.parallelism": {"cpuOffload": False},
+}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_is_planned_before_any_pod(path: Path) -> None:
+    spec = parse(load_yaml(path)).spec
+    result = plan_job(spec)
+    assert result is not None
+    status = plan_status(result)
+    world = spec.resources.num_nodes * spec.resources.gpus_per_node
+    assert status.world == world
+    degrees = status.data_parallel * status.fsdp * status.tensor_parallel
+    assert degrees * status.pipeline_parallel == world
+    assert status.est_peak_memory_bytes_per_gpu > 0
+    assert 0 < float(status.est_mfu) < 1
+    config = plan_config(result)
+    per_step = status.data_parallel * status.fsdp * config.micro_batch_size
+    assert per_step * config.gradient_accumulation == spec.hyperparameters.global_batch_size
+
+
+def test_status_plan_uses_the_documented_names() -> None:
+    spec = parse(load_yaml(EXAMPLES[0])).spec
+    result = plan_job(spec)
+    assert result is not None
+    wire = plan_status(result).model_dump(by_alias=True)
+    assert {"estPeakMemoryBytesPerGPU", "estTokensPerSecond", "estMFU", "summary"} <= wire.keys()
+
+
+def test_pinned_degrees_are_kept(tiny_job: dict[str, Any]) -> None:
+    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = apply(job, {"spec.parallelism": {"tensorParallel": 2}})
+    result = plan_job(parse(job).spec)
+    assert result is not None
+    assert result.plan.tensor_parallel == 2
+
+
+def test_a_job_that_cannot_fit_says_what_would() -> None:
+    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = apply(job, TOO_BIG)
+    with pytest.raises(PlanInfeasible) as info:
+        plan_job(parse(job).spec)
+    message = info.value.message
+    assert "Would fit" in message
+    assert "lora" in message.lower() or "GPUs" in message
+
+
+def test_models_unknown_offline_are_left_to_the_trainer() -> None:
+    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = apply(
+        job, {"spec.model.source": "pvc://models/my-7b", "spec.model.tokenSecretRef": DELETE}
+    )
+    assert plan_job(parse(job).spec) is None
+
+
+def test_finetune_plan_prints_the_choice_and_alternatives() -> None:
+    result = run("plan", "examples/mistral-7b-python-code.yaml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("*  fsdp") for line in lines)
+    assert sum(line[:1].isdigit() for line in lines) >= 2  # runners-up
+    assert "tok/s/GPU" in result.stdout
+
+
+def test_finetune_plan_exits_1_with_the_fix_when_nothing_fits(tmp_path: Path) -> None:
+    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = apply(job, TOO_BIG)
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = run("plan", str(path))
+    assert result.returncode == 1
+    assert "no plan fits" in result.stderr
+    assert "Would fit" in result.stderr
