@@ -103,11 +103,19 @@ def predict_published(row: dict[str, Any]) -> dict[str, Any]:
 
 # ---- fitting --------------------------------------------------------------------------------
 @contextlib.contextmanager
-def factors(eta: dict[str, float], half: float, attn: float) -> Iterator[None]:
-    saved = (dict(cal.GEMM_EFFICIENCY_MAX), cal.GEMM_HALF_TOKENS, cal.ATTENTION_EFFICIENCY_RATIO)
+def factors(
+    eta: dict[str, float], half: float, attn: float, comm: float | None = None
+) -> Iterator[None]:
+    saved = (
+        dict(cal.GEMM_EFFICIENCY_MAX),
+        cal.GEMM_HALF_TOKENS,
+        cal.ATTENTION_EFFICIENCY_RATIO,
+        cal.COMM_EFFICIENCY_INTER,
+    )
     cal.GEMM_EFFICIENCY_MAX.update(eta)  # type: ignore[attr-defined]
     cal.GEMM_HALF_TOKENS = half  # type: ignore[misc]
     cal.ATTENTION_EFFICIENCY_RATIO = attn  # type: ignore[misc]
+    cal.COMM_EFFICIENCY_INTER = saved[3] if comm is None else comm  # type: ignore[misc]
     try:
         yield
     finally:
@@ -115,19 +123,23 @@ def factors(eta: dict[str, float], half: float, attn: float) -> Iterator[None]:
         cal.GEMM_EFFICIENCY_MAX.update(saved[0])  # type: ignore[attr-defined]
         cal.GEMM_HALF_TOKENS = saved[1]  # type: ignore[misc]
         cal.ATTENTION_EFFICIENCY_RATIO = saved[2]  # type: ignore[misc]
+        cal.COMM_EFFICIENCY_INTER = saved[3]  # type: ignore[misc]
 
 
 def _arch(row: dict[str, Any]) -> str:
     return Cluster.of(row["gpu"]).gpu.architecture
 
 
-def _sse(rows: list[dict[str, Any]], eta: dict[str, float], half: float, attn: float) -> float:
-    with factors(eta, half, attn):
+def _sse(
+    rows: list[dict[str, Any]], eta: dict[str, float], half: float, attn: float, comm: float
+) -> float:
+    with factors(eta, half, attn, comm):
         return sum(math.log(predict_published(r)["tok_s_gpu"] / r["tok"]) ** 2 for r in rows)
 
 
 HALVES = (0.0, 250.0, 500.0, 1000.0, 1500.0, 2000.0, 3000.0, 4000.0, 6000.0, 8000.0, 12000.0)
-ATTNS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ATTNS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+COMMS = (0.6, 0.7, 0.8, 0.9, 1.0)
 ETAS = tuple(round(0.30 + 0.01 * i, 2) for i in range(61))
 
 
@@ -138,8 +150,8 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
     so it is fitted by a 1-D search (golden-section on the grid) per architecture.
     """
     archs = sorted({_arch(r) for r in rows})
-    best: tuple[float, dict[str, float], float, float] | None = None
-    for half, attn in itertools.product(HALVES, ATTNS):
+    best: tuple[float, dict[str, float], float, float, float] | None = None
+    for half, attn, comm in itertools.product(HALVES, ATTNS, COMMS):
         eta_fit: dict[str, float] = {}
         total = 0.0
         for a in archs:
@@ -147,22 +159,25 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
             lo, hi = 0, len(ETAS) - 1
             while hi - lo > 2:  # error is unimodal in eta
                 m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
-                if _sse(sub, {a: ETAS[m1]}, half, attn) <= _sse(sub, {a: ETAS[m2]}, half, attn):
+                if _sse(sub, {a: ETAS[m1]}, half, attn, comm) <= _sse(
+                    sub, {a: ETAS[m2]}, half, attn, comm
+                ):
                     hi = m2
                 else:
                     lo = m1
-            errs = [(_sse(sub, {a: ETAS[i]}, half, attn), ETAS[i]) for i in range(lo, hi + 1)]
+            errs = [(_sse(sub, {a: ETAS[i]}, half, attn, comm), ETAS[i]) for i in range(lo, hi + 1)]
             err, eta = min(errs)
             eta_fit[a] = eta
             total += err
         if best is None or total < best[0]:
-            best = (total, eta_fit, half, attn)
+            best = (total, eta_fit, half, attn, comm)
     assert best is not None
-    total, eta_fit, half, attn = best
+    total, eta_fit, half, attn, comm = best
     return {
         "gemm_efficiency_max": eta_fit,
         "gemm_half_tokens": half,
         "attention_efficiency_ratio": attn,
+        "comm_efficiency_inter": comm,
         "rms_log_error": math.sqrt(total / len(rows)),
     }
 
@@ -291,8 +306,10 @@ def main() -> int:
             "gemm_half_tokens": cal.GEMM_HALF_TOKENS,
             "attention_efficiency_ratio": cal.ATTENTION_EFFICIENCY_RATIO,
             "fitted": ["gemm_efficiency_max[hopper]", "gemm_efficiency_max[ampere]",
-                       "gemm_half_tokens", "attention_efficiency_ratio"],
-            "assumed": ["gemm_efficiency_max[ada|blackwell|cpu] (= hopper)", "comm_efficiency 0.8",
+                       "gemm_half_tokens", "attention_efficiency_ratio", "comm_efficiency_inter"],
+            "comm_efficiency_inter": cal.COMM_EFFICIENCY_INTER,
+            "comm_efficiency_intra": cal.COMM_EFFICIENCY_INTRA,
+            "assumed": ["gemm_efficiency_max[ada|blackwell|cpu] (= hopper)", "comm_efficiency_intra 0.8",
                         "latencies", "H100-96GB clock factor 0.875", "memory overhead 3 GiB",
                         "usable memory 0.9"],
         },
@@ -304,7 +321,7 @@ def main() -> int:
         for r in ROWS:  # leave-one-out: fit without the row, predict it
             f = fit([x for x in ROWS if x is not r])
             with factors(f["gemm_efficiency_max"], f["gemm_half_tokens"],
-                         f["attention_efficiency_ratio"]):  # fmt: skip
+                         f["attention_efficiency_ratio"], f["comm_efficiency_inter"]):  # fmt: skip
                 pred = predict_published(r)["tok_s_gpu"]
             loo.append({"id": r["id"], "ratio": pred / r["tok"]})
         report["leave_one_out"] = loo

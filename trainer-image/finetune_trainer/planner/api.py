@@ -113,8 +113,19 @@ def _manual(
     mbs = con.micro_batch_size or 1
     sched = con.pipeline_schedule or ("1f1b" if pp > 1 else "none")
     v = con.virtual_stages or (2 if sched == "interleaved-1f1b" else 1)
-    denom = max(dp * fs * mbs, 1)
-    ga = workload.global_batch_size // denom if workload.global_batch_size % denom == 0 else 0
+    gbs = workload.global_batch_size
+    what = _what(model, cluster, workload)
+    if rest == 0 or dp * fs * tp * pp != world:
+        raise PlanInfeasible(
+            f"manual plan for {what} is invalid: dataParallel*fsdp*tensorParallel*"
+            f"pipelineParallel must equal the {world} GPUs"
+        )
+    if gbs % (dp * fs * mbs):
+        raise PlanInfeasible(
+            f"manual plan for {what} is invalid: globalBatchSize {gbs} is not a multiple of "
+            f"dataParallel*fsdp*microBatchSize = {dp * fs * mbs}"
+        )
+    ga = gbs // (dp * fs * mbs)
     try:
         plan = Plan(
             model=model,
@@ -133,9 +144,7 @@ def _manual(
         )
     except ValidationError as err:
         problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in err.errors())
-        raise PlanInfeasible(
-            f"manual plan for {_what(model, cluster, workload)} is invalid: {problems}"
-        ) from None
+        raise PlanInfeasible(f"manual plan for {what} is invalid: {problems}") from None
     est = estimate(plan)
     if not est.fits:
         hint = ""

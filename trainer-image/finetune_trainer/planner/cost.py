@@ -72,8 +72,8 @@ def _ring_time(n: int, nbytes: float, bw: float, latency: float, factor: float) 
 def _bw(cluster: Cluster, spans_nodes: bool) -> tuple[float, float]:
     gpu = cluster.gpu
     if spans_nodes:
-        return gpu.inter_node_bandwidth * cal.COMM_EFFICIENCY, cal.LATENCY_INTER_NODE_S
-    return gpu.intra_node_bandwidth * cal.COMM_EFFICIENCY, cal.LATENCY_INTRA_NODE_S
+        return gpu.inter_node_bandwidth * cal.COMM_EFFICIENCY_INTER, cal.LATENCY_INTER_NODE_S
+    return gpu.intra_node_bandwidth * cal.COMM_EFFICIENCY_INTRA, cal.LATENCY_INTRA_NODE_S
 
 
 def estimate_time(

@@ -21,6 +21,8 @@ Sources:
   10-15% below an 80 GB SXM part: modelled as a 0.875 sustained-clock factor (assumed, the
   midpoint of that range; not fitted).
 Bandwidths below are per GPU per direction (what one rank of a ring can push).
+Host memory per node (for CPU offload): DGX H100/H200 2 TB, DGX A100 320GB-system 1 TB,
+DGX A100 640GB-system 2 TB, DGX B200 2 TB (base), L40S servers ~1 TB (typical, assumed).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class GPUSpec(BaseModel):
         default=25 * GB, gt=0, description="bytes/s host<->GPU (PCIe) per GPU, for CPU offload"
     )
     max_gpus_per_node: int = Field(default=8, gt=0)
+    host_memory_bytes: int = Field(default=2 * 10**12, gt=0, description="host RAM per node")
     nominal_gb: int = Field(gt=0, description="marketing memory size in GB")
 
     @property
@@ -109,6 +112,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="A100-40GB",
+            host_memory_bytes=10**12,
             nominal_gb=40,
             architecture="ampere",
             memory_bytes=40_536 * MiB,
@@ -129,6 +133,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="L40S",
+            host_memory_bytes=10**12,
             nominal_gb=48,
             architecture="ada",
             memory_bytes=46_068 * MiB,
@@ -151,6 +156,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         # CPU "device" for tests and CPU torchrun runs: numbers are a modest server socket share.
         _gpu(
             name="CPU",
+            host_memory_bytes=64 * GiB,
             nominal_gb=16,
             architecture="cpu",
             memory_bytes=16 * GiB,

@@ -31,6 +31,8 @@ Formulas (bytes; P = parameters held by one pipeline stage, N = FSDP shard degre
 - Loss head (last stage): logits s*b*V*(2 bf16 + 4 fp32 upcast + 4 fp32 grad) bytes
   (planner-calibration.md, "Loss head"); with a fused cross-entropy (e.g. flash-attn's
   CrossEntropyLoss, llm-foundry's default `fused_crossentropy`) only the bf16 logits, 2 bytes.
+- CPU offload also needs the node's host RAM to hold every local rank's sharded states
+  (at most USABLE_HOST_MEMORY_FRACTION of it: pinned buffers, the OS and data loaders need the rest).
 - Overhead: CUDA context, NCCL buffers and allocator slack, a constant (calibration.py).
 Feasible when peak <= USABLE_MEMORY_FRACTION x capacity.
 """
@@ -63,6 +65,7 @@ class MemoryBreakdown:
     loss_head: float
     overhead: float
     stage: str  # "only", "first" or "last"
+    host: float = 0.0  # bytes of host memory this rank needs (CPU offload)
 
     @property
     def peak(self) -> float:
@@ -151,12 +154,13 @@ def estimate_memory(
     stages = ("only",) if lay.pp == 1 else ("first", "last")
     for stage in stages:
         params = first_p if stage != "last" else last_p
-        if lay.offload:
-            states = 0.0
-        elif lora:
+        if lora:
             states = (LORA_FROZEN_BYTES_PER_PARAM * params + 16.0 * lora_p) / shard
         else:
             states = ADAM_MIXED_BYTES_PER_PARAM * params / shard
+        host = 0.0
+        if lay.offload:
+            states, host = 0.0, states
         if stage == "only":
             unit = max(unit_layer, unit_emb, unit_head)
         elif stage == "first":
@@ -181,6 +185,7 @@ def estimate_memory(
             loss_head=loss,
             overhead=float(cal.MEMORY_OVERHEAD_BYTES),
             stage=stage,
+            host=host,
         )
         if best is None or mb.peak > best.peak:
             best = mb
@@ -190,3 +195,10 @@ def estimate_memory(
 
 def usable_memory(gpu: GPUSpec) -> float:
     return cal.USABLE_MEMORY_FRACTION * gpu.memory_bytes
+
+
+def fits(mem: MemoryBreakdown, gpu: GPUSpec, gpus_per_node: int) -> bool:
+    """GPU peak within the usable fraction; with offload, the node's ranks' states in host RAM."""
+    if mem.peak > usable_memory(gpu):
+        return False
+    return mem.host * gpus_per_node <= cal.USABLE_HOST_MEMORY_FRACTION * gpu.host_memory_bytes

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
+from . import calibration as cal
 from .cost import TimeBreakdown, estimate_time, model_flops_per_token
 from .hardware import Cluster
 from .layout import Layout
-from .memory import MemoryBreakdown, estimate_memory, usable_memory
+from .memory import MemoryBreakdown, estimate_memory, fits, usable_memory
 from .model import ModelFacts
 from .plan import LORA_SUPPORTS_TP_PP, Estimate
 from .workload import Constraints, Recompute, Schedule, Workload
@@ -35,12 +36,23 @@ class Candidate:
     time: TimeBreakdown | None  # None when it does not fit (time is not estimated)
     fits: bool
 
-    def key(self) -> tuple[float, tuple[int, ...], float, tuple[object, ...]]:
-        """Total order: step time, then fewer moving parts, then memory, then the layout."""
+    def score(self) -> float:
+        """Ranking objective: step time x (1 + pipelining premium, calibration.py)."""
+        if self.time is None:
+            return float("inf")
         lay = self.layout
-        step = self.time.step if self.time is not None else float("inf")
+        premium = 0.0
+        if lay.pp > 1:
+            premium += cal.PIPELINE_RANKING_PREMIUM
+        if lay.v > 1:
+            premium += cal.INTERLEAVED_RANKING_PREMIUM
+        return self.time.step * (1.0 + premium)
+
+    def key(self) -> tuple[float, tuple[int, ...], float, tuple[object, ...]]:
+        """Total order: score, then fewer moving parts, then memory, then the layout."""
+        lay = self.layout
         return (
-            step,
+            self.score(),
             lay.complexity(),
             self.memory.peak,
             (lay.dp, lay.fsdp, lay.tp, lay.pp, lay.schedule, lay.v, lay.mbs, lay.ga),
@@ -136,9 +148,9 @@ def _offload_options(con: Constraints, pp: int) -> tuple[bool, ...]:
 
 def evaluate(model: ModelFacts, cluster: Cluster, workload: Workload, lay: Layout) -> Candidate:
     mem = estimate_memory(model, cluster.gpu, workload, lay)
-    fits = mem.peak <= usable_memory(cluster.gpu)
-    t = estimate_time(model, cluster, workload, lay) if fits else None
-    return Candidate(lay, mem, t, fits)
+    ok = fits(mem, cluster.gpu, cluster.gpus_per_node)
+    t = estimate_time(model, cluster, workload, lay) if ok else None
+    return Candidate(lay, mem, t, ok)
 
 
 def _closer(a: Candidate | None, b: Candidate) -> Candidate:

@@ -1,0 +1,152 @@
+"""Search: valid degrees, never an unfit plan, and the optimum of an exhaustive sweep."""
+
+import time
+from typing import Any
+
+import pytest
+
+from finetune_trainer.planner import (
+    Cluster,
+    Constraints,
+    Plan,
+    PlanInfeasible,
+    Workload,
+    estimate,
+    known_model,
+    plan_parallelism,
+    search,
+    sweep,
+    sweep_best,
+)
+
+CASES: list[tuple[str, str, int, int, int, int, str]] = [
+    # model, gpu, nodes, gpus/node, seq, global batch, method
+    ("tiny-llama", "CPU", 1, 4, 256, 8, "full"),
+    ("tiny-qwen2", "CPU", 2, 4, 512, 16, "full"),
+    ("tiny-mistral", "CPU", 1, 8, 1024, 8, "lora"),
+    ("mistralai/Mistral-7B-v0.3", "H100-80GB", 1, 8, 2048, 64, "full"),
+    ("meta-llama/Meta-Llama-3-8B", "H100-80GB", 2, 8, 4096, 64, "full"),
+    ("meta-llama/Meta-Llama-3-70B", "H100-80GB", 4, 8, 2048, 64, "full"),
+    ("meta-llama/Meta-Llama-3-70B", "A100-40GB", 4, 8, 4096, 32, "full"),
+    ("Qwen/Qwen2-7B", "L40S", 2, 4, 4096, 32, "full"),
+    ("meta-llama/Meta-Llama-3-8B", "H100-80GB", 1, 8, 8192, 16, "lora"),
+    ("mosaicml/mpt-13b", "H100-80GB", 1, 8, 4096, 240, "full"),
+]
+IDS = [f"{c[0]}-{c[2]}x{c[3]}{c[1]}-{c[6]}" for c in CASES]
+
+
+def inputs(case: tuple[str, str, int, int, int, int, str]) -> tuple[Any, Cluster, Workload]:
+    mid, gpu, nodes, gpn, seq, gbs, method = case
+    return (
+        known_model(mid),
+        Cluster.of(gpu, nodes=nodes, gpus_per_node=gpn),
+        Workload(seq_len=seq, global_batch_size=gbs, method=method),  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_chosen_plan_is_the_exhaustive_optimum(case: Any) -> None:
+    model, cluster, wl = inputs(case)
+    best = search(model, cluster, wl).best
+    exhaustive = sweep_best(model, cluster, wl)
+    assert best is not None and exhaustive is not None
+    assert best.layout == exhaustive.layout
+
+
+@pytest.mark.parametrize("case", CASES[:8], ids=IDS[:8])
+def test_every_candidate_is_a_valid_plan(case: Any) -> None:
+    model, cluster, wl = inputs(case)
+    for c in sweep(model, cluster, wl):
+        lay = c.layout
+        assert lay.tp <= cluster.gpus_per_node and cluster.gpus_per_node % lay.tp == 0
+        assert model.num_heads % lay.tp == 0 and model.num_kv_heads % lay.tp == 0
+        assert model.num_layers % (lay.pp * lay.v) == 0
+        assert lay.dp * lay.fsdp * lay.mbs * lay.ga == wl.global_batch_size
+        Plan.from_layout(model, cluster, wl, lay)  # validates
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_result_fits_and_alternatives_are_slower(case: Any) -> None:
+    model, cluster, wl = inputs(case)
+    res = plan_parallelism(model, cluster, wl)
+    assert res.estimate.fits
+    assert res.estimate.peak_memory_bytes <= res.estimate.usable_memory_bytes
+    best = search(model, cluster, wl, keep=100).ranked
+    for alt, cand in zip(res.alternatives, best[1:], strict=False):
+        assert alt.estimate.fits
+        assert alt.plan.layout() == cand.layout
+        assert cand.score() >= best[0].score()
+    assert estimate(res.plan) == res.estimate
+    assert 0 < res.estimate.mfu < 1
+    status = res.to_status()
+    assert status["summary"] == res.summary
+    assert status["world"] == cluster.world
+    assert isinstance(status["estMFU"], str)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_no_unfit_plan_is_ranked(case: Any) -> None:
+    model, cluster, wl = inputs(case)
+    for c in search(model, cluster, wl, keep=100).ranked:
+        assert c.fits
+
+
+@pytest.mark.parametrize(
+    ("con", "check"),
+    [
+        (Constraints(tensor_parallel=2), lambda p: p.tensor_parallel == 2),
+        (Constraints(micro_batch_size=1), lambda p: p.micro_batch_size == 1),
+        (Constraints(activation_checkpointing="full"), lambda p: p.activation_checkpointing == "full"),
+        (Constraints(fsdp=4, data_parallel=2), lambda p: (p.fsdp, p.data_parallel) == (4, 2)),
+        (Constraints(pipeline_parallel=2), lambda p: p.pipeline_parallel == 2),
+    ],
+)
+def test_constraints_are_honoured(con: Constraints, check: Any) -> None:
+    model, cluster, wl = inputs(CASES[4])
+    res = plan_parallelism(model, cluster, wl, con)
+    assert check(res.plan)
+    assert search(model, cluster, wl, con).best.layout == sweep_best(model, cluster, wl, con).layout  # type: ignore[union-attr]
+
+
+def test_manual_mode_validates_and_estimates() -> None:
+    model, cluster, wl = inputs(CASES[3])
+    con = Constraints(fsdp=8, micro_batch_size=2, activation_checkpointing="selective")
+    res = plan_parallelism(model, cluster, wl, con, mode="manual")
+    assert res.mode == "manual" and res.summary == "fsdp8 mbs2 ga4 ac=selective"
+    assert res.reason.startswith("manual: FSDP over 8 GPUs, micro-batch 2 x 4")
+    with pytest.raises(PlanInfeasible, match="invalid.*globalBatchSize"):
+        plan_parallelism(model, cluster, wl, Constraints(micro_batch_size=3), mode="manual")
+    with pytest.raises(PlanInfeasible, match="does not divide kv heads"):
+        plan_parallelism(known_model("tiny-llama"), Cluster.of("CPU", 1, 8),
+                         Workload(seq_len=64, global_batch_size=8),
+                         Constraints(tensor_parallel=8), mode="manual")  # fmt: skip
+    with pytest.raises(PlanInfeasible, match="needs .* GiB per GPU.*automatic planner would"):
+        plan_parallelism(model, cluster, wl, Constraints(micro_batch_size=8), mode="manual")
+
+
+def test_reason_reads_well() -> None:
+    model, cluster, wl = inputs(CASES[3])
+    res = plan_parallelism(model, cluster, wl)
+    assert res.reason.startswith("FSDP over 8 GPUs, micro-batch")
+    assert "GiB of 80 GiB" in res.reason and "tok/s/GPU" in res.reason
+
+
+def test_lora_fallback_says_so() -> None:
+    model = known_model("meta-llama/Meta-Llama-3-70B")
+    cluster = Cluster.of("A100-40GB", 1, 2)  # 1 TB of host RAM: too little to offload 70B
+    wl = Workload(seq_len=1024, global_batch_size=8)
+    with pytest.raises(PlanInfeasible):
+        plan_parallelism(model, cluster, wl)
+    res = plan_parallelism(model, cluster, wl, allow_lora_fallback=True)
+    assert res.plan.workload.method == "lora"
+    assert res.reason.startswith("Full fine-tune does not fit")
+    assert res.summary.endswith("lora")
+
+
+@pytest.mark.parametrize("nodes", [1, 16, 128])
+def test_planning_is_fast(nodes: int) -> None:
+    model = known_model("meta-llama/Meta-Llama-3-70B")
+    cluster = Cluster.of("H100-80GB", nodes=nodes)
+    t0 = time.perf_counter()
+    plan_parallelism(model, cluster, Workload(seq_len=8192, global_batch_size=2 * cluster.world))
+    assert time.perf_counter() - t0 < 1.0
