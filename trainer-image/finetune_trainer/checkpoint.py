@@ -1,0 +1,169 @@
+"""Checkpoints with torch.distributed.checkpoint: atomic, rotated, resumable.
+
+Layout under the checkpoint dir: ``step-00000020/`` (complete) holding the DCP shards of the
+model and optimizer, ``trainer.pt`` (step, scheduler) and ``rng-<rank>.pt``, plus a ``COMPLETE``
+marker. A checkpoint is written to ``step-N.tmp/``, marked, then renamed: a crash mid-save
+leaves only a ``.tmp`` folder, which resume ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from finetune_trainer.errors import ConfigError
+
+MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail now, writing nothing, if ``path`` cannot be created or written."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    ok = probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    if not ok:
+        raise ConfigError(
+            f"the {what} path {p} is not writable ({probe} "
+            f"{'is not a folder' if not probe.is_dir() else 'denies writing'}): point it at a "
+            "writable folder (a pvc:// claim mounted read-write, or a local folder you own)"
+        )
+
+
+def _dirname(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    found = [
+        p
+        for p in base.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
+        and (p / MARKER).is_file()
+    ]  # fmt: skip
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+class _AppState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@dataclass
+class Checkpointer:
+    root: Path
+    keep_last: int
+    rank: int
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        extra: dict[str, Any],
+    ) -> tuple[Path, float]:
+        """Write checkpoint ``step`` atomically on every rank; returns (path, seconds)."""
+        start = time.perf_counter()
+        final = self.root / _dirname(step)
+        tmp = self.root / (_dirname(step) + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{PREFIX}*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        dcp.save({"app": _AppState(model, optimizer)}, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+        if self.rank == 0:
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra},
+                       tmp / "trainer.pt")  # fmt: skip
+        _barrier()
+        if self.rank == 0:
+            marker = tmp / MARKER
+            with marker.open("w") as f:
+                f.write(f"{step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.root)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final, time.perf_counter() - start
+
+    def load(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> dict[str, Any]:
+        """Restore everything saved at ``path``; returns the trainer state (step, extras)."""
+        state = {"app": _AppState(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(path))
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        scheduler.load_state_dict(trainer["scheduler"])
+        rng = path / f"rng-{self.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return dict(trainer)

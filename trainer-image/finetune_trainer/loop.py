@@ -1,0 +1,185 @@
+"""One optimizer step and one evaluation, over whatever parallel layout the model has.
+
+The loss is summed over target tokens and divided by the number of target tokens in the whole
+global batch (all micro-batches on all ranks), so the step is the same whether the batch is
+packed or padded, accumulated or not, on one rank or many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from finetune_trainer.data import IGNORE, StepSampler, collate, rows_at
+
+Batch = dict[str, torch.Tensor]
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Any:
+    """Multiplier of the base learning rate at each step (as transformers' schedules)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1) if kind == "constant" else step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+    return f
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW (fused on GPU); no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if device.type == "cuda":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+    wait_seconds: float
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class Loop:
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        sampler: StepSampler,
+        train: Dataset,
+        device: torch.device,
+        *,
+        pad_id: int,
+        autocast: torch.dtype | None,
+        max_grad_norm: float,
+    ) -> None:
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.train = train
+        self.device = device
+        self.pad_id = pad_id
+        self.autocast = autocast
+        self.max_grad_norm = max_grad_norm
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._next: tuple[int, Future[list[Batch]]] | None = None
+
+    # -- data -------------------------------------------------------------------------------
+    def _load(self, step: int) -> list[Batch]:
+        pin = self.device.type == "cuda"
+        out = []
+        for idx in self.sampler.micro_batches(step):
+            b = collate(rows_at(self.train, idx), self.pad_id)
+            out.append({k: v.pin_memory() if pin else v for k, v in b.items()})
+        return out
+
+    def _batches(self, step: int) -> list[Batch]:
+        if self._next is not None and self._next[0] == step:
+            batches = self._next[1].result()
+        else:
+            batches = self._load(step)
+        self._next = (step + 1, self._pool.submit(self._load, step + 1))
+        return [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+
+    def _ctx(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    # -- training ---------------------------------------------------------------------------
+    def step(self, step: int) -> StepResult:
+        start = time.perf_counter()
+        self.module.train()
+        batches = self._batches(step)
+        wait = time.perf_counter() - start
+        local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        counts = _all_reduce(torch.tensor([float(local)], device=self.device))
+        global_tokens = max(float(counts.item()), 1.0)
+        scale = self.sampler.dp_size / global_tokens
+        total = torch.zeros((), device=self.device)
+        sync = getattr(self.module, "set_requires_gradient_sync", None)
+        for i, b in enumerate(batches):
+            if sync is not None:
+                sync(i == len(batches) - 1)
+            with self._ctx():
+                loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
+            (loss_sum * scale).backward()
+            total += loss_sum.detach().float()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(_all_reduce(total.reshape(1)).item()) / global_tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        real_tokens = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
+        real = _all_reduce(torch.tensor([float(real_tokens)], device=self.device))
+        return StepResult(step + 1, loss, float(norm), lr, int(real.item()),
+                          time.perf_counter() - start, wait)  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self, ds: Dataset, micro_batch_size: int) -> float | None:
+        """Mean loss per target token over ``ds``, split over ranks (every rank runs the same
+        number of forwards, as sharded models need)."""
+        if len(ds) == 0:
+            return None
+        self.module.eval()
+        rank, size = self.sampler.dp_rank, self.sampler.dp_size
+        mine = list(range(rank, len(ds), size))
+        per_rank = math.ceil(len(ds) / size)
+        total = torch.zeros(2, device=self.device)
+        for i in range(0, per_rank, micro_batch_size):
+            idx = mine[i : i + micro_batch_size]
+            rows = rows_at(ds, idx) if idx else rows_at(ds, [0])
+            b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+            if not idx:
+                b["labels"].fill_(IGNORE)
+            with self._ctx():
+                loss_sum, n = self.module(b["input_ids"], b["position_ids"], b["labels"])
+            total += torch.stack([loss_sum.float(), n.float()])
+        total = _all_reduce(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,104 @@
+"""Prometheus metrics (the names in DESIGN.md), served on each node's local rank 0."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from finetune_trainer import __version__
+
+_STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+_SAVE_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+@dataclass
+class TrainerMetrics:
+    registry: CollectorRegistry
+    loss: Gauge
+    learning_rate: Gauge
+    grad_norm: Gauge
+    tokens: Counter
+    steps: Counter
+    step_duration: Histogram
+    dataloader_wait: Histogram
+    checkpoint_save: Histogram
+    mfu: Gauge
+    progress: Gauge
+    memory: Gauge
+    build_info: Gauge
+    server: Any = None
+
+    @property
+    def port(self) -> int | None:
+        return None if self.server is None else int(self.server.server_port)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
+    r = CollectorRegistry()
+    m = TrainerMetrics(
+        registry=r,
+        loss=Gauge(
+            "finetune_train_loss", "Mean training loss of the last step (nats/token)", registry=r
+        ),  # fmt: skip
+        learning_rate=Gauge(
+            "finetune_train_learning_rate", "Learning rate of the last step", registry=r
+        ),  # fmt: skip
+        grad_norm=Gauge("finetune_train_grad_norm", "Gradient norm before clipping", registry=r),
+        tokens=Counter("finetune_train_tokens", "Real (non-pad) tokens trained on", registry=r),
+        steps=Counter("finetune_train_steps", "Optimizer steps taken", registry=r),
+        step_duration=Histogram(
+            "finetune_train_step_duration_seconds",
+            "Wall time of one optimizer step",
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        ),  # fmt: skip
+        dataloader_wait=Histogram(
+            "finetune_dataloader_wait_seconds",
+            "Time a step waited for its batches",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        ),  # fmt: skip
+        checkpoint_save=Histogram(
+            "finetune_checkpoint_save_duration_seconds",
+            "Time to write one checkpoint",
+            buckets=_SAVE_BUCKETS,
+            registry=r,
+        ),  # fmt: skip
+        mfu=Gauge(
+            "finetune_train_mfu_ratio", "Model FLOPs utilisation (0-1) of the last step", registry=r
+        ),  # fmt: skip
+        progress=Gauge(
+            "finetune_train_progress_ratio", "Steps done / total steps (0-1)", registry=r
+        ),  # fmt: skip
+        memory=Gauge(
+            "finetune_gpu_memory_max_allocated_bytes",
+            "Peak accelerator memory allocated (peak RSS on CPU)",
+            ["rank"],
+            registry=r,
+        ),  # fmt: skip
+        build_info=Gauge(
+            "finetune_trainer_build_info",
+            "Trainer build (always 1)",
+            ["version", "torch", "transformers", "python"],
+            registry=r,
+        ),  # fmt: skip
+    )
+    m.build_info.labels(__version__, torch_version, transformers_version,
+                        platform.python_version()).set(1)  # fmt: skip
+    return m
+
+
+def serve(m: TrainerMetrics, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104
+    """Serve ``/metrics`` on ``port`` (0: any free port, see ``m.port``)."""
+    server, _thread = start_http_server(port, addr=addr, registry=m.registry)
+    m.server = server
