@@ -29,7 +29,6 @@ except ImportError:  # running from a checkout without installing the package
 
 from finetune_trainer.planner import (  # noqa: E402
     Cluster,
-    Constraints,
     PlanInfeasible,
     Workload,
     format_table,
@@ -48,34 +47,151 @@ from finetune_trainer.planner.search import evaluate, to_estimate  # noqa: E402
 # torchtitan (2024) computes cross-entropy on fp32-upcast logits; llm-foundry's default loss is
 # flash-attn's fused_crossentropy (scripts/train/yamls: loss_fn: fused_crossentropy).
 ROWS: list[dict[str, Any]] = [
-    dict(id="T1", model="meta-llama/Llama-3.1-8B", gpu="H100-96GB", nodes=1, seq=8192, gbs=16,
-         fused=False, fsdp=8, mbs=2, ga=1, ac="selective", tok=5762, peak_gib=82.4,
-         source="pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md T1"),
-    dict(id="T2", model="meta-llama/Llama-3.1-8B", gpu="H100-96GB", nodes=16, seq=8192, gbs=256,
-         fused=False, fsdp=128, mbs=2, ga=1, ac="selective", tok=5605, peak_gib=None,
-         source="pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md T3"),
-    dict(id="T8", model="meta-llama/Meta-Llama-3-8B", gpu="A100-80GB", nodes=8, seq=8192, gbs=64,
-         fused=False, fsdp=64, mbs=1, ga=1, ac="selective", tok=2973, peak_gib=None,
-         source="pytorch/torchtitan docs/performance.md (2024)"),
-    dict(id="T9", model="meta-llama/Meta-Llama-3-70B", gpu="A100-80GB", nodes=8, seq=8192,
-         gbs=64, fused=False, fsdp=64, mbs=1, ga=1, ac="full", tok=331, peak_gib=None,
-         source="pytorch/torchtitan docs/performance.md (2024)"),
-    dict(id="M1", model="mosaicml/mpt-7b", gpu="H100-80GB", nodes=1, seq=2048, gbs=48,
-         fused=True, fsdp=8, mbs=6, ga=1, ac="none", tok=10643, peak_gib=None,
-         source="mosaicml/llm-foundry scripts/train/benchmarking/README.md"),
-    dict(id="M2", model="mosaicml/mpt-7b", gpu="H100-80GB", nodes=1, seq=4096, gbs=256,
-         fused=True, fsdp=8, mbs=16, ga=2, ac="full", tok=8611, peak_gib=None,
-         source="mosaicml/llm-foundry scripts/train/benchmarking/README.md"),
-    dict(id="M3", model="mosaicml/mpt-7b", gpu="H100-80GB", nodes=1, seq=8192, gbs=128,
-         fused=True, fsdp=8, mbs=8, ga=2, ac="full", tok=6935, peak_gib=None,
-         source="mosaicml/llm-foundry scripts/train/benchmarking/README.md"),
-    dict(id="M4", model="mosaicml/mpt-13b", gpu="H100-80GB", nodes=1, seq=2048, gbs=16,
-         fused=True, fsdp=8, mbs=2, ga=1, ac="none", tok=4792, peak_gib=None,
-         source="mosaicml/llm-foundry scripts/train/benchmarking/README.md"),
-    dict(id="M5", model="mosaicml/mpt-13b", gpu="H100-80GB", nodes=1, seq=4096, gbs=240,
-         fused=True, fsdp=8, mbs=10, ga=3, ac="full", tok=4717, peak_gib=None,
-         source="mosaicml/llm-foundry scripts/train/benchmarking/README.md"),
-]  # fmt: skip
+    {
+        "id": "T1",
+        "model": "meta-llama/Llama-3.1-8B",
+        "gpu": "H100-96GB",
+        "nodes": 1,
+        "seq": 8192,
+        "gbs": 16,
+        "fused": False,
+        "fsdp": 8,
+        "mbs": 2,
+        "ga": 1,
+        "ac": "selective",
+        "tok": 5762,
+        "peak_gib": 82.4,
+        "source": "pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md T1",
+    },
+    {
+        "id": "T2",
+        "model": "meta-llama/Llama-3.1-8B",
+        "gpu": "H100-96GB",
+        "nodes": 16,
+        "seq": 8192,
+        "gbs": 256,
+        "fused": False,
+        "fsdp": 128,
+        "mbs": 2,
+        "ga": 1,
+        "ac": "selective",
+        "tok": 5605,
+        "peak_gib": None,
+        "source": "pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md T3",
+    },
+    {
+        "id": "T8",
+        "model": "meta-llama/Meta-Llama-3-8B",
+        "gpu": "A100-80GB",
+        "nodes": 8,
+        "seq": 8192,
+        "gbs": 64,
+        "fused": False,
+        "fsdp": 64,
+        "mbs": 1,
+        "ga": 1,
+        "ac": "selective",
+        "tok": 2973,
+        "peak_gib": None,
+        "source": "pytorch/torchtitan docs/performance.md (2024)",
+    },
+    {
+        "id": "T9",
+        "model": "meta-llama/Meta-Llama-3-70B",
+        "gpu": "A100-80GB",
+        "nodes": 8,
+        "seq": 8192,
+        "gbs": 64,
+        "fused": False,
+        "fsdp": 64,
+        "mbs": 1,
+        "ga": 1,
+        "ac": "full",
+        "tok": 331,
+        "peak_gib": None,
+        "source": "pytorch/torchtitan docs/performance.md (2024)",
+    },
+    {
+        "id": "M1",
+        "model": "mosaicml/mpt-7b",
+        "gpu": "H100-80GB",
+        "nodes": 1,
+        "seq": 2048,
+        "gbs": 48,
+        "fused": True,
+        "fsdp": 8,
+        "mbs": 6,
+        "ga": 1,
+        "ac": "none",
+        "tok": 10643,
+        "peak_gib": None,
+        "source": "mosaicml/llm-foundry scripts/train/benchmarking/README.md",
+    },
+    {
+        "id": "M2",
+        "model": "mosaicml/mpt-7b",
+        "gpu": "H100-80GB",
+        "nodes": 1,
+        "seq": 4096,
+        "gbs": 256,
+        "fused": True,
+        "fsdp": 8,
+        "mbs": 16,
+        "ga": 2,
+        "ac": "full",
+        "tok": 8611,
+        "peak_gib": None,
+        "source": "mosaicml/llm-foundry scripts/train/benchmarking/README.md",
+    },
+    {
+        "id": "M3",
+        "model": "mosaicml/mpt-7b",
+        "gpu": "H100-80GB",
+        "nodes": 1,
+        "seq": 8192,
+        "gbs": 128,
+        "fused": True,
+        "fsdp": 8,
+        "mbs": 8,
+        "ga": 2,
+        "ac": "full",
+        "tok": 6935,
+        "peak_gib": None,
+        "source": "mosaicml/llm-foundry scripts/train/benchmarking/README.md",
+    },
+    {
+        "id": "M4",
+        "model": "mosaicml/mpt-13b",
+        "gpu": "H100-80GB",
+        "nodes": 1,
+        "seq": 2048,
+        "gbs": 16,
+        "fused": True,
+        "fsdp": 8,
+        "mbs": 2,
+        "ga": 1,
+        "ac": "none",
+        "tok": 4792,
+        "peak_gib": None,
+        "source": "mosaicml/llm-foundry scripts/train/benchmarking/README.md",
+    },
+    {
+        "id": "M5",
+        "model": "mosaicml/mpt-13b",
+        "gpu": "H100-80GB",
+        "nodes": 1,
+        "seq": 4096,
+        "gbs": 240,
+        "fused": True,
+        "fsdp": 8,
+        "mbs": 10,
+        "ga": 3,
+        "ac": "full",
+        "tok": 4717,
+        "peak_gib": None,
+        "source": "mosaicml/llm-foundry scripts/train/benchmarking/README.md",
+    },
+]
 
 
 def _inputs(row: dict[str, Any]) -> tuple[Any, Cluster, Workload]:
@@ -112,15 +228,15 @@ def factors(
         cal.ATTENTION_EFFICIENCY_RATIO,
         cal.COMM_EFFICIENCY_INTER,
     )
-    cal.GEMM_EFFICIENCY_MAX.update(eta)  # type: ignore[attr-defined]
+    cal.GEMM_EFFICIENCY_MAX.update(eta)
     cal.GEMM_HALF_TOKENS = half  # type: ignore[misc]
     cal.ATTENTION_EFFICIENCY_RATIO = attn  # type: ignore[misc]
     cal.COMM_EFFICIENCY_INTER = saved[3] if comm is None else comm  # type: ignore[misc]
     try:
         yield
     finally:
-        cal.GEMM_EFFICIENCY_MAX.clear()  # type: ignore[attr-defined]
-        cal.GEMM_EFFICIENCY_MAX.update(saved[0])  # type: ignore[attr-defined]
+        cal.GEMM_EFFICIENCY_MAX.clear()
+        cal.GEMM_EFFICIENCY_MAX.update(saved[0])
         cal.GEMM_HALF_TOKENS = saved[1]  # type: ignore[misc]
         cal.ATTENTION_EFFICIENCY_RATIO = saved[2]  # type: ignore[misc]
         cal.COMM_EFFICIENCY_INTER = saved[3]  # type: ignore[misc]
@@ -229,10 +345,15 @@ def timing() -> list[dict[str, Any]]:
                 summary = "infeasible"
             times.append(time.perf_counter() - t0)
         res = search(model, cluster, wl)
-        out.append({
-            "model": mid, "gpus": cluster.world, "plan": summary,
-            "seconds_median": statistics.median(times), "candidates_evaluated": res.evaluated,
-        })  # fmt: skip
+        out.append(
+            {
+                "model": mid,
+                "gpus": cluster.world,
+                "plan": summary,
+                "seconds_median": statistics.median(times),
+                "candidates_evaluated": res.evaluated,
+            }
+        )
     return out
 
 
@@ -255,38 +376,50 @@ def optimality() -> list[dict[str, Any]]:
     for mid, gpu, nodes, gpn, seq, gbs, method in cases:
         model = known_model(mid)
         cluster = Cluster.of(gpu, nodes=nodes, gpus_per_node=gpn)
-        wl = Workload(seq_len=seq, global_batch_size=gbs, method=method)  # type: ignore[arg-type]
+        wl = Workload(seq_len=seq, global_batch_size=gbs, method=method)
         best = search(model, cluster, wl).best
         exhaustive = sweep_best(model, cluster, wl)
         same = (best is None and exhaustive is None) or (
             best is not None and exhaustive is not None and best.layout == exhaustive.layout
         )
-        out.append({
-            "case": f"{mid} {method} {cluster.describe()} s={seq} gbs={gbs}",
-            "search": best.layout.summary() if best else None,
-            "exhaustive": exhaustive.layout.summary() if exhaustive else None,
-            "same": same,
-        })  # fmt: skip
+        out.append(
+            {
+                "case": f"{mid} {method} {cluster.describe()} s={seq} gbs={gbs}",
+                "search": best.layout.summary() if best else None,
+                "exhaustive": exhaustive.layout.summary() if exhaustive else None,
+                "same": same,
+            }
+        )
     return out
 
 
 def product_plans() -> list[dict[str, Any]]:
     out = []
     cases = [
-        ("mistralai/Mistral-7B-v0.3", 1), ("mistralai/Mistral-7B-v0.3", 2),
-        ("meta-llama/Meta-Llama-3-8B", 1), ("meta-llama/Meta-Llama-3-8B", 2),
+        ("mistralai/Mistral-7B-v0.3", 1),
+        ("mistralai/Mistral-7B-v0.3", 2),
+        ("meta-llama/Meta-Llama-3-8B", 1),
+        ("meta-llama/Meta-Llama-3-8B", 2),
         ("meta-llama/Meta-Llama-3-70B", 4),
-    ]  # fmt: skip
+    ]
     for mid, nodes in cases:
         model = known_model(mid)
         cluster = Cluster.of("H100-80GB", nodes=nodes)
         wl = Workload(seq_len=2048, global_batch_size=64)
         res = plan_parallelism(model, cluster, wl)
-        out.append({
-            "model": mid, "cluster": cluster.describe(), "seq": 2048, "gbs": 64,
-            "summary": res.summary, "reason": res.reason, "status": res.to_status(),
-            "alternatives": [a.summary for a in res.alternatives], "table": format_table(res),
-        })  # fmt: skip
+        out.append(
+            {
+                "model": mid,
+                "cluster": cluster.describe(),
+                "seq": 2048,
+                "gbs": 64,
+                "summary": res.summary,
+                "reason": res.reason,
+                "status": res.to_status(),
+                "alternatives": [a.summary for a in res.alternatives],
+                "table": format_table(res),
+            }
+        )
     return out
 
 
@@ -305,42 +438,67 @@ def main() -> int:
             "gemm_efficiency_max": dict(cal.GEMM_EFFICIENCY_MAX),
             "gemm_half_tokens": cal.GEMM_HALF_TOKENS,
             "attention_efficiency_ratio": cal.ATTENTION_EFFICIENCY_RATIO,
-            "fitted": ["gemm_efficiency_max[hopper]", "gemm_efficiency_max[ampere]",
-                       "gemm_half_tokens", "attention_efficiency_ratio", "comm_efficiency_inter"],
+            "fitted": [
+                "gemm_efficiency_max[hopper]",
+                "gemm_efficiency_max[ampere]",
+                "gemm_half_tokens",
+                "attention_efficiency_ratio",
+                "comm_efficiency_inter",
+            ],
             "comm_efficiency_inter": cal.COMM_EFFICIENCY_INTER,
             "comm_efficiency_intra": cal.COMM_EFFICIENCY_INTRA,
-            "assumed": ["gemm_efficiency_max[ada|blackwell|cpu] (= hopper)", "comm_efficiency_intra 0.8",
-                        "latencies", "H100-96GB clock factor 0.875", "memory overhead 3 GiB",
-                        "usable memory 0.9"],
+            "assumed": [
+                "gemm_efficiency_max[ada|blackwell|cpu] (= hopper)",
+                "comm_efficiency_intra 0.8",
+                "latencies",
+                "H100-96GB clock factor 0.875",
+                "memory overhead 3 GiB",
+                "usable memory 0.9",
+            ],
         },
-    }  # fmt: skip
+    }
     if args.fit:
         t0 = time.perf_counter()
         report["fit_all_rows"] = fit(ROWS)
         loo = []
         for r in ROWS:  # leave-one-out: fit without the row, predict it
             f = fit([x for x in ROWS if x is not r])
-            with factors(f["gemm_efficiency_max"], f["gemm_half_tokens"],
-                         f["attention_efficiency_ratio"], f["comm_efficiency_inter"]):  # fmt: skip
+            with factors(
+                f["gemm_efficiency_max"],
+                f["gemm_half_tokens"],
+                f["attention_efficiency_ratio"],
+                f["comm_efficiency_inter"],
+            ):
                 pred = predict_published(r)["tok_s_gpu"]
             loo.append({"id": r["id"], "ratio": pred / r["tok"]})
         report["leave_one_out"] = loo
         report["fit_seconds"] = time.perf_counter() - t0
         print("fit on all rows:", json.dumps(report["fit_all_rows"]))
-        print("leave-one-out predicted/published:",
-              ", ".join(f"{x['id']} {x['ratio']:.2f}" for x in loo))  # fmt: skip
+        print(
+            "leave-one-out predicted/published:",
+            ", ".join(f"{x['id']} {x['ratio']:.2f}" for x in loo),
+        )
 
     rows_out = []
     for r in ROWS:
         pub = predict_published(r)
         rep = reproduce(r)
-        rows_out.append({
-            "id": r["id"], "model": r["model"], "gpus": f"{r['nodes'] * 8}x{r['gpu']}",
-            "seq": r["seq"], "gbs": r["gbs"], "source": r["source"],
-            "published_tok_s_gpu": r["tok"], "predicted_tok_s_gpu_at_published_plan": pub["tok_s_gpu"],
-            "ratio": pub["tok_s_gpu"] / r["tok"], "published_peak_gib": r["peak_gib"],
-            "predicted_peak_gib_at_published_plan": pub["peak_gib"], **rep,
-        })  # fmt: skip
+        rows_out.append(
+            {
+                "id": r["id"],
+                "model": r["model"],
+                "gpus": f"{r['nodes'] * 8}x{r['gpu']}",
+                "seq": r["seq"],
+                "gbs": r["gbs"],
+                "source": r["source"],
+                "published_tok_s_gpu": r["tok"],
+                "predicted_tok_s_gpu_at_published_plan": pub["tok_s_gpu"],
+                "ratio": pub["tok_s_gpu"] / r["tok"],
+                "published_peak_gib": r["peak_gib"],
+                "predicted_peak_gib_at_published_plan": pub["peak_gib"],
+                **rep,
+            }
+        )
     report["calibration_rows"] = rows_out
     ratios = [x["ratio"] for x in rows_out]
     report["agreement"] = {
@@ -359,20 +517,53 @@ def main() -> int:
     report["optimality"] = optimality()
     report["product_plans"] = product_plans()
 
-    print(_table(
-        ["id", "published plan", "planner plan", "pub tok/s/GPU", "pred@pub", "ratio",
-         "degrees", "mbs", "ac"],
-        [[x["id"], x["published"], x["chosen"], f"{x['published_tok_s_gpu']:,}",
-          f"{x['predicted_tok_s_gpu_at_published_plan']:,.0f}", f"{x['ratio']:.2f}",
-          "yes" if x["degrees_match"] else "no", "yes" if x["mbs_match"] else "no",
-          "yes" if x["ac_match"] else "no"] for x in rows_out],
-    ))  # fmt: skip
+    print(
+        _table(
+            [
+                "id",
+                "published plan",
+                "planner plan",
+                "pub tok/s/GPU",
+                "pred@pub",
+                "ratio",
+                "degrees",
+                "mbs",
+                "ac",
+            ],
+            [
+                [
+                    x["id"],
+                    x["published"],
+                    x["chosen"],
+                    f"{x['published_tok_s_gpu']:,}",
+                    f"{x['predicted_tok_s_gpu_at_published_plan']:,.0f}",
+                    f"{x['ratio']:.2f}",
+                    "yes" if x["degrees_match"] else "no",
+                    "yes" if x["mbs_match"] else "no",
+                    "yes" if x["ac_match"] else "no",
+                ]
+                for x in rows_out
+            ],
+        )
+    )
     print("agreement:", json.dumps(report["agreement"]))
     print("reproduced:", json.dumps(report["reproduced"]))
     print()
-    print(_table(["model", "GPUs", "plan", "seconds", "candidates"],
-                 [[x["model"], x["gpus"], x["plan"], f"{x['seconds_median']:.3f}",
-                   x["candidates_evaluated"]] for x in report["planning_time"]]))  # fmt: skip
+    print(
+        _table(
+            ["model", "GPUs", "plan", "seconds", "candidates"],
+            [
+                [
+                    x["model"],
+                    x["gpus"],
+                    x["plan"],
+                    f"{x['seconds_median']:.3f}",
+                    x["candidates_evaluated"],
+                ]
+                for x in report["planning_time"]
+            ],
+        )
+    )
     print()
     opt = report["optimality"]
     print(f"search == exhaustive sweep optimum: {sum(o['same'] for o in opt)}/{len(opt)}")

@@ -19,8 +19,10 @@ def test_70b_full_on_one_a100_node() -> None:
     with pytest.raises(PlanInfeasible) as info:
         plan_parallelism(model, cluster, wl)
     err = info.value
-    assert "does not fit" in err.message and "GiB per GPU" in err.message
-    assert err.closest is not None and not err.closest.estimate.fits
+    assert "does not fit" in err.message
+    assert "GiB per GPU" in err.message
+    assert err.closest is not None
+    assert not err.closest.estimate.fits
     more = [s for s in err.suggestions if "GPUs of 40 GB" in s]
     assert more, err.message
     assert "method lora (r=16)" in err.suggestions

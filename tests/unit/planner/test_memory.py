@@ -16,8 +16,18 @@ H100 = Cluster.of("H100-80GB").gpu
 
 
 def lay(**kw: object) -> Layout:
-    base: dict[str, object] = dict(dp=1, fsdp=8, tp=1, pp=1, schedule="none", v=1, mbs=1, ga=1,
-                                   ac="none", offload=False)  # fmt: skip
+    base: dict[str, object] = {
+        "dp": 1,
+        "fsdp": 8,
+        "tp": 1,
+        "pp": 1,
+        "schedule": "none",
+        "v": 1,
+        "mbs": 1,
+        "ga": 1,
+        "ac": "none",
+        "offload": False,
+    }
     base.update(kw)
     return Layout(**base)  # type: ignore[arg-type]
 
@@ -68,8 +78,9 @@ def test_lora_and_offload_states() -> None:
     adapters = 32 * LLAMA8.lora_params_per_layer(16, wl.lora_targets)
     assert m.model_states == (2 * 8_030_261_248 + 16 * adapters) / 8
     assert m.fsdp_buffers == 4 * 128256 * 4096
-    off = estimate_memory(LLAMA8, H100, Workload(seq_len=1024, global_batch_size=8),
-                          lay(offload=True))  # fmt: skip
+    off = estimate_memory(
+        LLAMA8, H100, Workload(seq_len=1024, global_batch_size=8), lay(offload=True)
+    )
     assert off.model_states == 0
 
 
@@ -93,7 +104,9 @@ def test_memory_monotone_in_microbatch_and_recompute() -> None:
     wl = Workload(seq_len=4096, global_batch_size=64)
     peaks = [estimate_memory(LLAMA8, H100, wl, lay(mbs=b, ga=8 // b)).peak for b in (1, 2, 4, 8)]
     assert peaks == sorted(peaks)
-    by_ac = [estimate_memory(LLAMA8, H100, wl, lay(ac=a)).peak for a in ("none", "selective", "full")]
+    by_ac = [
+        estimate_memory(LLAMA8, H100, wl, lay(ac=a)).peak for a in ("none", "selective", "full")
+    ]
     assert by_ac == sorted(by_ac, reverse=True)
 
 

@@ -31,13 +31,20 @@ def test_param_counts_match_published(model_id: str, params: int) -> None:
 def test_mpt_shapes() -> None:
     m = known_model("mosaicml/mpt-7b")
     assert (m.num_layers, m.hidden_size, m.intermediate_size) == (32, 4096, 16384)
-    assert not m.gated_mlp and m.tie_word_embeddings
+    assert not m.gated_mlp
+    assert m.tie_word_embeddings
     assert m.num_params == pytest.approx(6.65e9, rel=0.01)
     assert known_model("mosaicml/mpt-13b").num_params == pytest.approx(12.8e9, rel=0.02)
 
 
-@pytest.mark.parametrize("source", ["hf://mistralai/Mistral-7B-v0.3", "MISTRALAI/mistral-7b-v0.3",
-                                    "mistralai/Mistral-7B-v0.3@main"])  # fmt: skip
+@pytest.mark.parametrize(
+    "source",
+    [
+        "hf://mistralai/Mistral-7B-v0.3",
+        "MISTRALAI/mistral-7b-v0.3",
+        "mistralai/Mistral-7B-v0.3@main",
+    ],
+)
 def test_lookup_normalises(source: str) -> None:
     assert is_known_model(source)
     assert known_model(source).vocab_size == 32768
@@ -55,17 +62,27 @@ def test_tiny_models(name: str) -> None:
     assert cfg["model_type"] in {"llama", "mistral", "qwen2"}
     m = ModelFacts.from_hf_config(cfg, name=name)
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads) == (256, 4, 8, 4)
-    assert m.vocab_size == 32768 and m.head_dim == 32 and m.intermediate_size == 688
+    assert m.vocab_size == 32768
+    assert m.head_dim == 32
+    assert m.intermediate_size == 688
     cfg["hidden_size"] = 1  # a copy: the catalog is not changed
     assert hf_config(name)["hidden_size"] == 256
 
 
 def test_parse_hf_config_defaults() -> None:
-    m = ModelFacts.from_hf_config({
-        "model_type": "llama", "hidden_size": 512, "num_hidden_layers": 2,
-        "num_attention_heads": 8, "intermediate_size": 1024, "vocab_size": 1000,
-    })  # fmt: skip
-    assert m.num_kv_heads == 8 and m.head_dim == 64 and not m.tie_word_embeddings
+    m = ModelFacts.from_hf_config(
+        {
+            "model_type": "llama",
+            "hidden_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "intermediate_size": 1024,
+            "vocab_size": 1000,
+        }
+    )
+    assert m.num_kv_heads == 8
+    assert m.head_dim == 64
+    assert not m.tie_word_embeddings
     # per layer: q,k,v,o 4*512^2 + gate/up/down 3*512*1024 + 2 norms
     layer = 4 * 512 * 512 + 3 * 512 * 1024 + 2 * 512
     assert m.params_per_layer == layer
@@ -82,5 +99,12 @@ def test_lora_params_by_hand() -> None:
 
 def test_gqa_must_divide() -> None:
     with pytest.raises(ValueError, match="kv"):
-        ModelFacts(num_layers=2, hidden_size=64, num_heads=6, num_kv_heads=4, head_dim=16,
-                   intermediate_size=128, vocab_size=100)  # fmt: skip
+        ModelFacts(
+            num_layers=2,
+            hidden_size=64,
+            num_heads=6,
+            num_kv_heads=4,
+            head_dim=16,
+            intermediate_size=128,
+            vocab_size=100,
+        )

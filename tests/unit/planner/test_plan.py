@@ -11,44 +11,100 @@ TINY = known_model("tiny-llama")  # 4 layers, 8 heads, 4 kv heads, ffn 688
 LLAMA8 = known_model("meta-llama/Meta-Llama-3-8B")
 
 
-def make(model: Any = TINY, nodes: int = 1, gpn: int = 8, gbs: int = 16, method: str = "full",
-         **kw: Any) -> Plan:  # fmt: skip
-    base: dict[str, Any] = dict(data_parallel=1, fsdp=8, micro_batch_size=1, gradient_accumulation=2)
+def make(
+    model: Any = TINY, nodes: int = 1, gpn: int = 8, gbs: int = 16, method: str = "full", **kw: Any
+) -> Plan:
+    base: dict[str, Any] = {
+        "data_parallel": 1,
+        "fsdp": 8,
+        "micro_batch_size": 1,
+        "gradient_accumulation": 2,
+    }
     base.update(kw)
     return Plan(
         model=model,
         cluster=Cluster.of("CPU", nodes=nodes, gpus_per_node=gpn),
-        workload=Workload(seq_len=128, global_batch_size=gbs, method=method),  # type: ignore[arg-type]
+        workload=Workload(seq_len=128, global_batch_size=gbs, method=method),
         **base,
     )
 
 
 INVALID: list[tuple[str, dict[str, Any], str]] = [
-    ("product != world", dict(fsdp=4), "world size"),
-    ("tp crosses the node", dict(nodes=2, gpn=4, fsdp=1, tensor_parallel=8,
-                                 gradient_accumulation=16), "GPUs per node"),  # fmt: skip
-    ("tp does not divide kv heads", dict(fsdp=1, tensor_parallel=8, gradient_accumulation=16),
-     "kv heads"),  # fmt: skip
-    ("pp does not divide layers", dict(gpn=3, fsdp=1, pipeline_parallel=3,
-                                       pipeline_schedule="1f1b", gbs=4, micro_batch_size=1,
-                                       gradient_accumulation=4), "layers"),  # fmt: skip
-    ("global batch mismatch", dict(gradient_accumulation=3), "globalBatchSize"),
-    ("schedule without pp", dict(pipeline_schedule="1f1b"), "schedule"),
-    ("pp without schedule", dict(fsdp=4, pipeline_parallel=2, gbs=8), "schedule"),
-    ("too few micro-batches", dict(fsdp=2, pipeline_parallel=4, pipeline_schedule="1f1b",
-                                   gbs=4, micro_batch_size=1, gradient_accumulation=2),
-     "micro-batches"),  # fmt: skip
-    ("interleaved needs chunks", dict(fsdp=4, pipeline_parallel=2,
-                                      pipeline_schedule="interleaved-1f1b", gbs=8,
-                                      gradient_accumulation=2), "virtual"),  # fmt: skip
-    ("interleave must divide layers", dict(fsdp=4, pipeline_parallel=2,
-                                           pipeline_schedule="interleaved-1f1b",
-                                           virtual_stages=4, gbs=8,
-                                           gradient_accumulation=2), "layers"),  # fmt: skip
-    ("offload with pp", dict(fsdp=4, pipeline_parallel=2, pipeline_schedule="1f1b", gbs=8,
-                             cpu_offload=True), "cpuOffload"),  # fmt: skip
-    ("lora with tp", dict(method="lora", fsdp=4, tensor_parallel=2, gbs=8), "LoRA"),
-    ("zero degree", dict(fsdp=0), "greater than"),
+    ("product != world", {"fsdp": 4}, "world size"),
+    (
+        "tp crosses the node",
+        {"nodes": 2, "gpn": 4, "fsdp": 1, "tensor_parallel": 8, "gradient_accumulation": 16},
+        "GPUs per node",
+    ),
+    (
+        "tp does not divide kv heads",
+        {"fsdp": 1, "tensor_parallel": 8, "gradient_accumulation": 16},
+        "kv heads",
+    ),
+    (
+        "pp does not divide layers",
+        {
+            "gpn": 3,
+            "fsdp": 1,
+            "pipeline_parallel": 3,
+            "pipeline_schedule": "1f1b",
+            "gbs": 4,
+            "micro_batch_size": 1,
+            "gradient_accumulation": 4,
+        },
+        "layers",
+    ),
+    ("global batch mismatch", {"gradient_accumulation": 3}, "globalBatchSize"),
+    ("schedule without pp", {"pipeline_schedule": "1f1b"}, "schedule"),
+    ("pp without schedule", {"fsdp": 4, "pipeline_parallel": 2, "gbs": 8}, "schedule"),
+    (
+        "too few micro-batches",
+        {
+            "fsdp": 2,
+            "pipeline_parallel": 4,
+            "pipeline_schedule": "1f1b",
+            "gbs": 4,
+            "micro_batch_size": 1,
+            "gradient_accumulation": 2,
+        },
+        "micro-batches",
+    ),
+    (
+        "interleaved needs chunks",
+        {
+            "fsdp": 4,
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "interleaved-1f1b",
+            "gbs": 8,
+            "gradient_accumulation": 2,
+        },
+        "virtual",
+    ),
+    (
+        "interleave must divide layers",
+        {
+            "fsdp": 4,
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "interleaved-1f1b",
+            "virtual_stages": 4,
+            "gbs": 8,
+            "gradient_accumulation": 2,
+        },
+        "layers",
+    ),
+    (
+        "offload with pp",
+        {
+            "fsdp": 4,
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "1f1b",
+            "gbs": 8,
+            "cpu_offload": True,
+        },
+        "cpuOffload",
+    ),
+    ("lora with tp", {"method": "lora", "fsdp": 4, "tensor_parallel": 2, "gbs": 8}, "LoRA"),
+    ("zero degree", {"fsdp": 0}, "greater than"),
 ]
 
 
@@ -59,14 +115,31 @@ def test_invalid_plans_cannot_be_built(case: str, kw: dict[str, Any], match: str
 
 
 VALID: list[tuple[dict[str, Any], str]] = [
-    (dict(), "fsdp8 mbs1 ga2 ac=none"),
-    (dict(data_parallel=2, fsdp=4, gbs=16, micro_batch_size=2, gradient_accumulation=1,
-          activation_checkpointing="selective"), "dp2 fsdp4 mbs2 ga1 ac=selective"),  # fmt: skip
-    (dict(fsdp=4, tensor_parallel=2, gbs=8), "fsdp4 tp2 mbs1 ga2 ac=none"),
-    (dict(fsdp=4, pipeline_parallel=2, pipeline_schedule="interleaved-1f1b", virtual_stages=2,
-          gbs=8), "fsdp4 pp2(interleaved-1f1bx2) mbs1 ga2 ac=none"),  # fmt: skip
-    (dict(cpu_offload=True, activation_checkpointing="full"), "fsdp8 mbs1 ga2 ac=full offload"),
-    (dict(method="lora"), "fsdp8 mbs1 ga2 ac=none lora"),
+    ({}, "fsdp8 mbs1 ga2 ac=none"),
+    (
+        {
+            "data_parallel": 2,
+            "fsdp": 4,
+            "gbs": 16,
+            "micro_batch_size": 2,
+            "gradient_accumulation": 1,
+            "activation_checkpointing": "selective",
+        },
+        "dp2 fsdp4 mbs2 ga1 ac=selective",
+    ),
+    ({"fsdp": 4, "tensor_parallel": 2, "gbs": 8}, "fsdp4 tp2 mbs1 ga2 ac=none"),
+    (
+        {
+            "fsdp": 4,
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "interleaved-1f1b",
+            "virtual_stages": 2,
+            "gbs": 8,
+        },
+        "fsdp4 pp2(interleaved-1f1bx2) mbs1 ga2 ac=none",
+    ),
+    ({"cpu_offload": True, "activation_checkpointing": "full"}, "fsdp8 mbs1 ga2 ac=full offload"),
+    ({"method": "lora"}, "fsdp8 mbs1 ga2 ac=none lora"),
 ]
 
 

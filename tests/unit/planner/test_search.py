@@ -40,7 +40,7 @@ def inputs(case: tuple[str, str, int, int, int, int, str]) -> tuple[Any, Cluster
     return (
         known_model(mid),
         Cluster.of(gpu, nodes=nodes, gpus_per_node=gpn),
-        Workload(seq_len=seq, global_batch_size=gbs, method=method),  # type: ignore[arg-type]
+        Workload(seq_len=seq, global_batch_size=gbs, method=method),
     )
 
 
@@ -49,7 +49,8 @@ def test_chosen_plan_is_the_exhaustive_optimum(case: Any) -> None:
     model, cluster, wl = inputs(case)
     best = search(model, cluster, wl).best
     exhaustive = sweep_best(model, cluster, wl)
-    assert best is not None and exhaustive is not None
+    assert best is not None
+    assert exhaustive is not None
     assert best.layout == exhaustive.layout
 
 
@@ -58,8 +59,10 @@ def test_every_candidate_is_a_valid_plan(case: Any) -> None:
     model, cluster, wl = inputs(case)
     for c in sweep(model, cluster, wl):
         lay = c.layout
-        assert lay.tp <= cluster.gpus_per_node and cluster.gpus_per_node % lay.tp == 0
-        assert model.num_heads % lay.tp == 0 and model.num_kv_heads % lay.tp == 0
+        assert lay.tp <= cluster.gpus_per_node
+        assert cluster.gpus_per_node % lay.tp == 0
+        assert model.num_heads % lay.tp == 0
+        assert model.num_kv_heads % lay.tp == 0
         assert model.num_layers % (lay.pp * lay.v) == 0
         assert lay.dp * lay.fsdp * lay.mbs * lay.ga == wl.global_batch_size
         Plan.from_layout(model, cluster, wl, lay)  # validates
@@ -96,7 +99,10 @@ def test_no_unfit_plan_is_ranked(case: Any) -> None:
     [
         (Constraints(tensor_parallel=2), lambda p: p.tensor_parallel == 2),
         (Constraints(micro_batch_size=1), lambda p: p.micro_batch_size == 1),
-        (Constraints(activation_checkpointing="full"), lambda p: p.activation_checkpointing == "full"),
+        (
+            Constraints(activation_checkpointing="full"),
+            lambda p: p.activation_checkpointing == "full",
+        ),
         (Constraints(fsdp=4, data_parallel=2), lambda p: (p.fsdp, p.data_parallel) == (4, 2)),
         (Constraints(pipeline_parallel=2), lambda p: p.pipeline_parallel == 2),
     ],
@@ -112,15 +118,20 @@ def test_manual_mode_validates_and_estimates() -> None:
     model, cluster, wl = inputs(CASES[3])
     con = Constraints(fsdp=8, micro_batch_size=2, activation_checkpointing="selective")
     res = plan_parallelism(model, cluster, wl, con, mode="manual")
-    assert res.mode == "manual" and res.summary == "fsdp8 mbs2 ga4 ac=selective"
+    assert res.mode == "manual"
+    assert res.summary == "fsdp8 mbs2 ga4 ac=selective"
     assert res.reason.startswith("manual: FSDP over 8 GPUs, micro-batch 2 x 4")
-    with pytest.raises(PlanInfeasible, match="invalid.*globalBatchSize"):
+    with pytest.raises(PlanInfeasible, match=r"invalid.*globalBatchSize"):
         plan_parallelism(model, cluster, wl, Constraints(micro_batch_size=3), mode="manual")
     with pytest.raises(PlanInfeasible, match="does not divide kv heads"):
-        plan_parallelism(known_model("tiny-llama"), Cluster.of("CPU", 1, 8),
-                         Workload(seq_len=64, global_batch_size=8),
-                         Constraints(tensor_parallel=8), mode="manual")  # fmt: skip
-    with pytest.raises(PlanInfeasible, match="needs .* GiB per GPU.*automatic planner would"):
+        plan_parallelism(
+            known_model("tiny-llama"),
+            Cluster.of("CPU", 1, 8),
+            Workload(seq_len=64, global_batch_size=8),
+            Constraints(tensor_parallel=8),
+            mode="manual",
+        )
+    with pytest.raises(PlanInfeasible, match=r"needs .* GiB per GPU.*automatic planner would"):
         plan_parallelism(model, cluster, wl, Constraints(micro_batch_size=8), mode="manual")
 
 
@@ -128,7 +139,8 @@ def test_reason_reads_well() -> None:
     model, cluster, wl = inputs(CASES[3])
     res = plan_parallelism(model, cluster, wl)
     assert res.reason.startswith("FSDP over 8 GPUs, micro-batch")
-    assert "GiB of 80 GiB" in res.reason and "tok/s/GPU" in res.reason
+    assert "GiB of 80 GiB" in res.reason
+    assert "tok/s/GPU" in res.reason
 
 
 def test_lora_fallback_says_so() -> None:

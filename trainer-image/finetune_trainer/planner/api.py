@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from .explain import reason
-from .hardware import GiB, Cluster
+from .hardware import Cluster, GiB
 from .memory import usable_memory
 from .model import ModelFacts
 from .plan import Estimate, Plan, PlanInfeasible, PlanResult, RankedPlan
@@ -75,6 +75,7 @@ def _result(
     cluster: Cluster,
     workload: Workload,
     res: SearchResult,
+    *,
     top_k: int,
     notes: tuple[str, ...],
     t0: float,
@@ -192,7 +193,7 @@ def plan_parallelism(
         return _manual(model, cluster, workload, con, t0)
     res = search(model, cluster, workload, con, keep=top_k + 1)
     if res.best is not None:
-        return _result(model, cluster, workload, res, top_k, (), t0)
+        return _result(model, cluster, workload, res, top_k=top_k, notes=(), t0=t0)
     if allow_lora_fallback and workload.method == "full":
         lora = workload.model_copy(update={"method": "lora"})
         res_l = search(model, cluster, lora, con, keep=top_k + 1)
@@ -204,5 +205,5 @@ def plan_parallelism(
                 else ""
             )
             note = f"Full fine-tune does not fit{need}; planned LoRA r={lora.lora_rank} instead."
-            return _result(model, cluster, lora, res_l, top_k, (note,), t0)
+            return _result(model, cluster, lora, res_l, top_k=top_k, notes=(note,), t0=t0)
     raise _infeasible(model, cluster, workload, con, res)

@@ -84,8 +84,7 @@ def estimate_time(
     lora = workload.method == "lora"
     s = workload.seq_len
     tokens = lay.mbs * s
-    L = model.num_layers
-    layers_per_stage = L // lay.pp
+    layers_per_stage = model.num_layers // lay.pp
     h, q = model.hidden_size, model.q_dim
 
     # ---- compute per micro-batch, slowest stage (the one with the LM head) ----------------

@@ -20,7 +20,7 @@ def describe_parallelism(plan: Plan) -> str:
     if plan.tensor_parallel > 1:
         parts.append(f"tensor parallel {plan.tensor_parallel} with sequence parallel")
     if plan.pipeline_parallel > 1:
-        sched = plan.pipeline_schedule
+        sched: str = plan.pipeline_schedule
         if plan.virtual_stages > 1:
             sched += f", {plan.virtual_stages} chunks per rank"
         parts.append(f"pipeline of {plan.pipeline_parallel} stages ({sched})")
@@ -65,6 +65,11 @@ def format_table(result: PlanResult) -> str:
     rows = [_row("*", RankedPlan(plan=result.plan, estimate=result.estimate))]
     rows += [_row(str(i + 2), alt) for i, alt in enumerate(result.alternatives)]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [head, *rows]]  # fmt: skip
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=False))
+        )
+        for r in [head, *rows]
+    ]
     return "\n".join([*lines, "", result.reason, *result.notes])

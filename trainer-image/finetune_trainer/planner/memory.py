@@ -32,7 +32,8 @@ Formulas (bytes; P = parameters held by one pipeline stage, N = FSDP shard degre
   (planner-calibration.md, "Loss head"); with a fused cross-entropy (e.g. flash-attn's
   CrossEntropyLoss, llm-foundry's default `fused_crossentropy`) only the bf16 logits, 2 bytes.
 - CPU offload also needs the node's host RAM to hold every local rank's sharded states
-  (at most USABLE_HOST_MEMORY_FRACTION of it: pinned buffers, the OS and data loaders need the rest).
+  (at most USABLE_HOST_MEMORY_FRACTION of it: pinned buffers, the OS and data loaders need the
+  rest).
 - Overhead: CUDA context, NCCL buffers and allocator slack, a constant (calibration.py).
 Feasible when peak <= USABLE_MEMORY_FRACTION x capacity.
 """

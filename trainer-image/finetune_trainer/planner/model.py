@@ -222,9 +222,8 @@ def resolve_lora_targets(model: ModelFacts, targets: tuple[str, ...]) -> list[st
     out: list[str] = []
     for t in targets:
         key = t.lower()
-        for cand in _TARGET_ALIASES.get(key, (key,)):
-            if cand == "gate_proj" and "gate_proj" not in names:
-                cand = "up_proj"
+        for alias in _TARGET_ALIASES.get(key, (key,)):
+            cand = "up_proj" if alias == "gate_proj" and "gate_proj" not in names else alias
             if cand in names and cand not in out:
                 out.append(cand)
     return out
@@ -234,17 +233,10 @@ def resolve_lora_targets(model: ModelFacts, targets: tuple[str, ...]) -> list[st
 
 
 def _llama_like(
-    model_type: str,
-    arch: str,
-    hidden: int,
-    layers: int,
-    heads: int,
-    kv: int,
-    ffn: int,
-    vocab: int,
-    tied: bool,
-    **extra: Any,
+    model_type: str, arch: str, shape: tuple[int, int, int, int, int, int], tied: bool, **extra: Any
 ) -> dict[str, Any]:
+    """shape = (hidden, layers, heads, kv heads, FFN width, vocab)."""
+    hidden, layers, heads, kv, ffn, vocab = shape
     cfg: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [arch],
@@ -263,10 +255,16 @@ def _llama_like(
 
 
 _LLAMA3_8B = _llama_like(
-    "llama", "LlamaForCausalLM", 4096, 32, 32, 8, 14336, 128256, False,
-    rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    bos_token_id=128000, eos_token_id=128001,
-)  # fmt: skip
+    "llama",
+    "LlamaForCausalLM",
+    (4096, 32, 32, 8, 14336, 128256),
+    False,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
 _LLAMA31_8B = {
     **_LLAMA3_8B,
     "max_position_embeddings": 131072,
@@ -287,10 +285,18 @@ _LLAMA3_70B = {
     "intermediate_size": 28672,
 }
 _MISTRAL_V03 = _llama_like(
-    "mistral", "MistralForCausalLM", 4096, 32, 32, 8, 14336, 32768, False,
-    rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-5,
-    sliding_window=None, head_dim=128, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    "mistral",
+    "MistralForCausalLM",
+    (4096, 32, 32, 8, 14336, 32768),
+    False,
+    rope_theta=1000000.0,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    sliding_window=None,
+    head_dim=128,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 _MISTRAL_V01 = {
     **_MISTRAL_V03,
     "vocab_size": 32000,
@@ -368,86 +374,57 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-3.2-1B": _llama_like(
         "llama",
         "LlamaForCausalLM",
-        2048,
-        16,
-        32,
-        8,
-        8192,
-        128256,
+        (2048, 16, 32, 8, 8192, 128256),
         True,
         head_dim=64,
         rope_theta=500000.0,
         max_position_embeddings=131072,
         rms_norm_eps=1e-5,
-    ),  # fmt: skip
+    ),
     "meta-llama/Llama-2-7b-hf": _llama_like(
         "llama",
         "LlamaForCausalLM",
-        4096,
-        32,
-        32,
-        32,
-        11008,
-        32000,
+        (4096, 32, 32, 32, 11008, 32000),
         False,
         rope_theta=10000.0,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-    ),  # fmt: skip
+    ),
     "Qwen/Qwen2-0.5B": _llama_like(
         "qwen2",
         "Qwen2ForCausalLM",
-        896,
-        24,
-        14,
-        2,
-        4864,
-        151936,
+        (896, 24, 14, 2, 4864, 151936),
         True,
         max_position_embeddings=131072,
         **_QWEN2,
-    ),  # fmt: skip
+    ),
     "Qwen/Qwen2-1.5B": _llama_like(
         "qwen2",
         "Qwen2ForCausalLM",
-        1536,
-        28,
-        12,
-        2,
-        8960,
-        151936,
+        (1536, 28, 12, 2, 8960, 151936),
         True,
         max_position_embeddings=131072,
         **_QWEN2,
-    ),  # fmt: skip
+    ),
     "Qwen/Qwen2-7B": _llama_like(
         "qwen2",
         "Qwen2ForCausalLM",
-        3584,
-        28,
-        28,
-        4,
-        18944,
-        152064,
+        (3584, 28, 28, 4, 18944, 152064),
         False,
         max_position_embeddings=131072,
         **_QWEN2,
-    ),  # fmt: skip
+    ),
     "Qwen/Qwen2-72B": _llama_like(
         "qwen2",
         "Qwen2ForCausalLM",
-        8192,
-        80,
-        64,
-        8,
-        29568,
-        152064,
+        (8192, 80, 64, 8, 29568, 152064),
         False,
         max_position_embeddings=131072,
         **_QWEN2,
-    ),  # fmt: skip
+    ),
     # MPT: mosaicml/mpt-7b config.json; mpt-13b is llm-foundry's benchmark yaml shape
-    # (scripts/train/yamls/pretrain/mpt-13b.yaml: d_model 5120, 40 layers, 40 heads), not on the hub.
+    # (scripts/train/yamls/pretrain/mpt-13b.yaml: d_model 5120, 40 layers, 40 heads); not on
+    # the hub.
     "mosaicml/mpt-7b": {
         "model_type": "mpt",
         "architectures": ["MPTForCausalLM"],

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .hardware import GiB, Cluster
+from .hardware import Cluster, GiB
 from .layout import Layout
 from .model import ModelFacts
 from .workload import Recompute, Schedule, Workload
@@ -207,7 +207,7 @@ class PlanResult(BaseModel):
         }
 
 
-class PlanInfeasible(Exception):
+class PlanInfeasible(Exception):  # noqa: N818 - the name the operator and the design use
     """No plan fits (or the manual plan is invalid / does not fit). The message says what would.
 
     Attributes: suggestions (human strings such as 'needs 16 GPUs of 80 GB'), closest (the

@@ -109,7 +109,8 @@ def _structures(
                     mbs_all = tuple(m for m in mbs_all if m == con.micro_batch_size)
                 schedules: list[tuple[Schedule, int]] = [("none", 1)]
                 if pp > 1:
-                    schedules = [("gpipe", 1), ("1f1b", 1)] + [
+                    schedules = [("gpipe", 1), ("1f1b", 1)]
+                    schedules += [
                         ("interleaved-1f1b", v)
                         for v in INTERLEAVE_CHUNKS
                         if model.num_layers % (pp * v) == 0
