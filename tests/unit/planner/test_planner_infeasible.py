@@ -20,7 +20,7 @@ def test_70b_full_on_one_a100_node() -> None:
         plan_parallelism(model, cluster, wl)
     err = info.value
     assert "does not fit" in err.message
-    assert "GiB per GPU" in err.message
+    assert "GB of host memory per node for CPU offload" in err.message
     assert err.closest is not None
     assert not err.closest.estimate.fits
     more = [s for s in err.suggestions if "GPUs of 40 GB" in s]
@@ -36,7 +36,7 @@ def test_shorter_sequence_suggested() -> None:
     model = known_model("tiny-llama")
     cluster = Cluster.of("CPU", nodes=1, gpus_per_node=1)
     wl = Workload(seq_len=65536, global_batch_size=1)
-    with pytest.raises(PlanInfeasible, match=r"maxSeqLength <= 32768") as info:
+    with pytest.raises(PlanInfeasible, match=r"GiB per GPU.*maxSeqLength <= 32768") as info:
         plan_parallelism(model, cluster, wl)
     assert not any("GPUs of" in s for s in info.value.suggestions)
     plan_parallelism(model, cluster, wl.model_copy(update={"seq_len": 32768}))

@@ -26,8 +26,6 @@ from .plan import Estimate, Plan, PlanInfeasible, PlanResult, RankedPlan
 from .search import search, sweep, sweep_best
 from .workload import Constraints, Workload
 
-plan = plan_parallelism
-
 __all__ = [
     "GPU_CATALOG",
     "KNOWN_CONFIGS",
@@ -49,7 +47,6 @@ __all__ = [
     "hf_config",
     "is_known_model",
     "known_model",
-    "plan",
     "plan_parallelism",
     "reason",
     "search",

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import ValidationError
 
 from .explain import reason
-from .hardware import Cluster, GiB
-from .memory import usable_memory
+from .hardware import GB, Cluster, GiB
+from .memory import usable_host_memory, usable_memory
 from .model import ModelFacts
 from .plan import Estimate, Plan, PlanInfeasible, PlanResult, RankedPlan
 from .search import Candidate, SearchResult, evaluate, search, to_estimate
@@ -61,10 +61,17 @@ def _infeasible(
         )
     else:
         assert closest is not None
-        head = (
-            f"{what} does not fit: the smallest candidate ({closest.plan.summary}) needs "
-            f"{closest.estimate.peak_memory_bytes / GiB:.1f} GiB per GPU of {usable:.1f} GiB usable"
-        )
+        assert res.closest is not None
+        peak = closest.estimate.peak_memory_bytes / GiB
+        host_node = res.closest.memory.host * cluster.gpus_per_node
+        if peak > usable:
+            need = f"{peak:.1f} GiB per GPU of {usable:.1f} GiB usable"
+        else:
+            need = (
+                f"{host_node / GB:,.0f} GB of host memory per node for CPU offload, of "
+                f"{usable_host_memory(cluster.gpu) / GB:,.0f} GB usable"
+            )
+        head = f"{what} does not fit: the closest candidate ({closest.plan.summary}) needs {need}"
     fixes = suggestions(model, cluster, workload, con, no_layout=res.structures == 0)
     msg = head + (". Would fit: " + ", or ".join(fixes) if fixes else ". Nothing tried fits.")
     return PlanInfeasible(msg, tuple(fixes), closest)

@@ -198,8 +198,15 @@ def usable_memory(gpu: GPUSpec) -> float:
     return cal.USABLE_MEMORY_FRACTION * gpu.memory_bytes
 
 
+def usable_host_memory(gpu: GPUSpec) -> float:
+    return cal.USABLE_HOST_MEMORY_FRACTION * gpu.host_memory_bytes
+
+
+def overcommit(mem: MemoryBreakdown, gpu: GPUSpec, gpus_per_node: int) -> float:
+    """Needed / usable for the tighter of GPU memory and (with offload) host memory; <= 1 fits."""
+    return max(mem.peak / usable_memory(gpu), mem.host * gpus_per_node / usable_host_memory(gpu))
+
+
 def fits(mem: MemoryBreakdown, gpu: GPUSpec, gpus_per_node: int) -> bool:
     """GPU peak within the usable fraction; with offload, the node's ranks' states in host RAM."""
-    if mem.peak > usable_memory(gpu):
-        return False
-    return mem.host * gpus_per_node <= cal.USABLE_HOST_MEMORY_FRACTION * gpu.host_memory_bytes
+    return overcommit(mem, gpu, gpus_per_node) <= 1.0

@@ -15,7 +15,7 @@ from . import calibration as cal
 from .cost import TimeBreakdown, estimate_time, model_flops_per_token
 from .hardware import Cluster
 from .layout import Layout
-from .memory import MemoryBreakdown, estimate_memory, fits, usable_memory
+from .memory import MemoryBreakdown, estimate_memory, fits, overcommit, usable_memory
 from .model import ModelFacts
 from .plan import LORA_SUPPORTS_TP_PP, Estimate
 from .workload import Constraints, Recompute, Schedule, Workload
@@ -64,7 +64,7 @@ class SearchResult:
     ranked: list[Candidate] = field(default_factory=list)  # fitting, best first
     evaluated: int = 0
     structures: int = 0  # layouts with valid degrees/batch split (before memory)
-    closest: Candidate | None = None  # smallest peak memory seen (for infeasible messages)
+    closest: Candidate | None = None  # least over-committed (for infeasible messages)
 
     @property
     def best(self) -> Candidate | None:
@@ -154,8 +154,11 @@ def evaluate(model: ModelFacts, cluster: Cluster, workload: Workload, lay: Layou
     return Candidate(lay, mem, t, ok)
 
 
-def _closer(a: Candidate | None, b: Candidate) -> Candidate:
-    return b if a is None or b.memory.peak < a.memory.peak else a
+def _closer(a: Candidate | None, b: Candidate, cluster: Cluster) -> Candidate:
+    if a is None:
+        return b
+    gpu, gpn = cluster.gpu, cluster.gpus_per_node
+    return b if overcommit(b.memory, gpu, gpn) < overcommit(a.memory, gpu, gpn) else a
 
 
 def search(
@@ -188,7 +191,7 @@ def search(
                     lay = Layout(dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off)
                     cand = evaluate(model, cluster, workload, lay)
                     res.evaluated += 1
-                    res.closest = _closer(res.closest, cand)
+                    res.closest = _closer(res.closest, cand, cluster)
                     if cand.fits:
                         chosen = cand
                         break
