@@ -661,6 +661,24 @@ _ALL_DEGREES = (
 _WORLD = "self.resources.numNodes * self.resources.gpusPerNode"
 
 
+class PodMetadata(ApiModel):
+    """Extra labels and annotations for the training pods."""
+
+    labels: Annotated[
+        dict[str, Annotated[str, Field(max_length=63)]] | None,
+        Field(description="Labels added to every training pod.", max_length=64),
+    ] = None
+    annotations: Annotated[
+        dict[str, Annotated[str, Field(max_length=4096)]] | None,
+        Field(
+            description=(
+                "Annotations added to every training pod (sidecar injection, cost allocation...)."
+            ),
+            max_length=64,
+        ),
+    ] = None
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what data, how, and on which machines."""
 
@@ -761,6 +779,9 @@ class FineTuneJobSpec(ApiModel):
             json_schema_extra=_EMPTY,
         ),
     ]
+    pod_metadata: Annotated[
+        PodMetadata | None, Field(description="Extra labels and annotations for the pods.")
+    ] = None
     image: Annotated[
         str | None,
         Field(

@@ -6,7 +6,8 @@ decimal strings, as in the spec. Pure: imports no Kubernetes client, kopf or tor
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -209,3 +210,236 @@ class FineTuneJobStatus(StatusModel):
             description=f"When the job ended ({_TIME}).", json_schema_extra={"format": "date-time"}
         ),
     ] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Deriving status from what the cluster shows (pure)
+# ---------------------------------------------------------------------------------------------
+
+TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+_WAITING_PROBLEMS = {
+    "ImagePullBackOff": "ImagePullBackOff",
+    "ErrImagePull": "ImagePullBackOff",
+    "InvalidImageName": "ImagePullBackOff",
+    "CreateContainerConfigError": "CreateContainerConfigError",
+    "CrashLoopBackOff": "CrashLoopBackOff",
+}
+
+
+def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(pod.get("status", {}).get("containerStatuses") or [])
+
+
+def _pod_name(pod: dict[str, Any]) -> str:
+    return str(pod.get("metadata", {}).get("name", ""))
+
+
+def _terminated_failure(pod: dict[str, Any]) -> Failure | None:
+    for cs in _container_statuses(pod):
+        for state in (cs.get("state", {}), cs.get("lastState", {})):
+            term = state.get("terminated")
+            if not term or term.get("exitCode", 0) == 0:
+                continue
+            code = int(term["exitCode"])
+            if term.get("reason") == "OOMKilled":
+                return Failure(
+                    reason="OOMKilled",
+                    message=(
+                        f"pod {_pod_name(pod)} ran out of memory (exit {code}): give the pods more "
+                        "memory, or lower parallelism.microBatchSize / turn on "
+                        "activationCheckpointing"
+                    ),
+                    pod=_pod_name(pod),
+                    exit_code=code,
+                )
+            detail = term.get("message") or term.get("reason") or "Error"
+            return Failure(
+                reason="Error",
+                message=f"pod {_pod_name(pod)} exited with code {code}: {detail}; see its logs",
+                pod=_pod_name(pod),
+                exit_code=code,
+            )
+    return None
+
+
+def pod_problem(pods: list[dict[str, Any]]) -> Failure | None:
+    """The most telling problem among the job's pods, in terms a user can act on."""
+    for pod in pods:
+        found = _terminated_failure(pod)
+        if found:
+            return found
+    for pod in pods:
+        for cs in _container_statuses(pod):
+            waiting = cs.get("state", {}).get("waiting") or {}
+            reason = _WAITING_PROBLEMS.get(waiting.get("reason", ""))
+            if reason:
+                image = cs.get("image", "")
+                return Failure(
+                    reason=reason,
+                    message=(
+                        f"pod {_pod_name(pod)}: {waiting.get('reason')} for image {image}: "
+                        f"{waiting.get('message', '')}".rstrip(": ")
+                        + "; check spec.image and the pull secret"
+                    ),
+                    pod=_pod_name(pod),
+                )
+    for pod in pods:
+        for cond in pod.get("status", {}).get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return Failure(
+                    reason="Unschedulable",
+                    message=(
+                        f"pod {_pod_name(pod)} cannot be scheduled: {cond.get('message', '')} "
+                        "(fewer free GPUs than spec.resources asks for, or no node matches "
+                        "nodeSelector/tolerations)"
+                    ),
+                    pod=_pod_name(pod),
+                )
+    return None
+
+
+def _child_conditions(child: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    if not child:
+        return {}
+    return {
+        c["type"]: c
+        for c in child.get("status", {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
+
+
+def _job_failure(child_failed: dict[str, Any], pods_problem: Failure | None) -> Failure:
+    message = str(child_failed.get("message", ""))
+    if "deadline" in message:
+        return Failure(
+            reason="DeadlineExceeded", message=f"{message} (runPolicy.activeDeadlineSeconds)"
+        )
+    if pods_problem is not None and pods_problem.reason in {"OOMKilled", "Error"}:
+        return pods_problem
+    if "backoff limit" in message:
+        return Failure(
+            reason="BackoffLimitExceeded",
+            message=f"{message} (runPolicy.backoffLimit); see the pods' logs",
+        )
+    return pods_problem or Failure(reason="Error", message=message or "the PyTorchJob failed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything status is derived from."""
+
+    generation: int | None
+    suspend_requested: bool
+    plan: PlanStatus | None = None
+    plan_error: str | None = None
+    child: dict[str, Any] | None = None
+    pods: tuple[dict[str, Any], ...] = ()
+    previous_failure: Failure | None = None
+
+
+def _cond(
+    type_: ConditionType, ok: bool, reason: str, message: str, g: int | None, now: str, /
+) -> Condition:
+    return Condition(
+        type=type_,
+        status="True" if ok else "False",
+        reason=reason,
+        message=message,
+        last_transition_time=now,
+        observed_generation=g,
+    )
+
+
+def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineTuneJobStatus:
+    """The status a FineTuneJob should have, given what was observed.
+
+    Conditions keep their lastTransitionTime while their status does not change; a terminal phase
+    (Succeeded, Failed) is never left.
+    """
+    prev = previous or FineTuneJobStatus()
+    if prev.phase in TERMINAL:  # never leave a terminal phase
+        return prev
+    g = obs.generation
+    conds: list[Condition] = [_cond("Validated", True, "SpecValid", "spec is valid", g, now)]
+    failure = obs.previous_failure
+    completion = prev.completion_time
+    start = prev.start_time
+    child_conds = _child_conditions(obs.child)
+    problem = pod_problem(list(obs.pods))
+
+    if obs.plan_error is not None:
+        phase: Phase = "Failed"
+        failure = Failure(reason="PlanInfeasible", message=obs.plan_error)
+        conds.append(_cond("Planned", False, "PlanInfeasible", obs.plan_error, g, now))
+        conds.append(_cond("Failed", True, "PlanInfeasible", obs.plan_error, g, now))
+        completion = completion or now
+    else:
+        planned_msg = obs.plan.reason if obs.plan else "the trainer plans when it reads the model"
+        planned_reason = "Planned" if obs.plan else "PlannedByTrainer"
+        conds.append(_cond("Planned", True, planned_reason, planned_msg, g, now))
+        if "Succeeded" in child_conds:
+            phase = "Succeeded"
+            msg = str(child_conds["Succeeded"].get("message", "training finished"))
+            conds.append(_cond("Succeeded", True, "TrainingSucceeded", msg, g, now))
+            conds.append(_cond("Running", False, "Completed", "training finished", g, now))
+            completion = completion or now
+        elif "Failed" in child_conds:
+            phase = "Failed"
+            failure = _job_failure(child_conds["Failed"], problem or failure)
+            conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
+            conds.append(_cond("Running", False, failure.reason, failure.message, g, now))
+            completion = completion or now
+        elif obs.suspend_requested or "Suspended" in child_conds:
+            phase = "Suspended"
+            conds.append(_cond("Suspended", True, "Suspended", "runPolicy.suspend is true", g, now))
+            conds.append(_cond("Running", False, "Suspended", "the pods are stopped", g, now))
+        elif "Running" in child_conds:
+            phase = "Running"
+            start = start or now
+            msg = "training is running"
+            reason = "Running"
+            if problem is not None:  # e.g. a worker restarting after OOM
+                failure, msg, reason = problem, problem.message, problem.reason
+            conds.append(_cond("Running", True, reason, msg, g, now))
+        else:
+            phase = "Planned" if obs.child is None else "Pending"
+            reason, msg = "Starting", "waiting for the pods to start"
+            if problem is not None:
+                failure, reason, msg = problem, problem.reason, problem.message
+            conds.append(_cond("Running", False, reason, msg, g, now))
+
+    child_ref = prev.pytorch_job
+    if obs.child is not None:
+        meta = obs.child.get("metadata", {})
+        child_ref = PyTorchJobRef(name=meta.get("name", ""), uid=meta.get("uid", ""))
+    return FineTuneJobStatus(
+        observed_generation=g,
+        phase=phase,
+        conditions=_keep_transition_times(prev.conditions or [], conds),
+        plan=obs.plan or prev.plan,
+        pytorch_job=child_ref,
+        progress=prev.progress,
+        checkpoint=prev.checkpoint,
+        failure=failure,
+        start_time=start,
+        completion_time=completion,
+    )
+
+
+def _keep_transition_times(old: list[Condition], new: list[Condition]) -> list[Condition]:
+    before = {c.type: c for c in old}
+    out = []
+    for cond in new:
+        prior = before.get(cond.type)
+        same = prior is not None and prior.status == cond.status
+        out.append(
+            cond.model_copy(update={"last_transition_time": prior.last_transition_time})
+            if same and prior is not None
+            else cond
+        )
+    return sorted(out, key=lambda c: c.type)

@@ -91,6 +91,8 @@ OPERATOR_ONLY = {
     "runPolicy.activeDeadlineSeconds",
     "runPolicy.backoffLimit",
     "runPolicy.ttlSecondsAfterFinished",
+    "podMetadata.labels",
+    "podMetadata.annotations",
     "image",
 }
 

@@ -1,0 +1,277 @@
+"""Desired child objects of a FineTuneJob: the trainer ConfigMap and the Kubeflow PyTorchJob.
+
+Pure builders: a typed job and its trainer config in, plain dicts out, ready for server-side
+apply. Nothing here reads the cluster. Pure: no Kubernetes client, kopf or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_operator import api
+from finetune_operator.translate import (
+    HF_TOKEN_ENV,
+    claims,
+    parse_source,
+    pvc_mount_path,
+)
+from finetune_trainer.config import TrainerConfig
+
+PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+PYTORCHJOB_KIND = "PyTorchJob"
+#: The container name training-operator requires.
+CONTAINER = "pytorch"
+CONFIG_DIR = "/etc/finetune"
+CONFIG_FILE = "config.json"
+CACHE_DIR = "/cache"
+METRICS_PORT = 9090
+#: The numeric user of the trainer image (Dockerfile).
+TRAINER_UID = 1000
+JOB_LABEL = f"{api.GROUP}/job"
+MANAGED_BY = "finetune-operator"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PLAN_ANNOTATION = f"{api.GROUP}/plan"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-trainer"
+
+
+def labels(job: api.FineTuneJob) -> dict[str, str]:
+    """Labels on every child, so the operator and users can find them."""
+    return {
+        JOB_LABEL: job.name,
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def owner_reference(job: api.FineTuneJob) -> dict[str, Any]:
+    """Makes the FineTuneJob the controller of a child: deleting it deletes the child."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": job.name,
+        "uid": job.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: api.FineTuneJob, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": labels(job),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def config_map(job: api.FineTuneJob, config: TrainerConfig) -> dict[str, Any]:
+    """The ConfigMap that carries the trainer config into every pod."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.name)),
+        "data": {CONFIG_FILE: config.to_json()},
+    }
+
+
+def _env(job: api.FineTuneJob) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "FINETUNE_JOB_NAME", "value": job.name},
+        {"name": "FINETUNE_JOB_NAMESPACE", "value": job.metadata.namespace or ""},
+        {"name": "FINETUNE_LOG_FORMAT", "value": "plain"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    ref = job.spec.model.token_secret_ref
+    if ref is not None:
+        env.append(
+            {
+                "name": HF_TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env
+
+
+def _read_only_claims(job: api.FineTuneJob) -> set[str]:
+    """Claims the job only reads (model, dataset) are mounted read-only."""
+    spec = job.spec
+    written = {
+        parse_source(uri).claim
+        for uri in (spec.checkpoint.storage, spec.output.storage if spec.output else None)
+        if uri
+    }
+    return set(claims(spec)) - written
+
+
+def _volumes(job: api.FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "trainer-config", "configMap": {"name": config_map_name(job.name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "trainer-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    read_only = _read_only_claims(job)
+    for i, claim in enumerate(claims(job.spec)):
+        volume = f"pvc-{i}"
+        volumes.append(
+            {
+                "name": volume,
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": claim in read_only},
+            }
+        )
+        mounts.append(
+            {"name": volume, "mountPath": pvc_mount_path(claim), "readOnly": claim in read_only}
+        )
+    return volumes, mounts
+
+
+def _resources(job: api.FineTuneJob) -> dict[str, Any]:
+    res = job.spec.resources
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if res.gpu_type != "CPU":
+        limits[GPU_RESOURCE] = res.gpus_per_node
+    for key, value in (("cpu", res.cpu), ("memory", res.memory)):
+        if value is not None:
+            limits[key] = value
+            requests[key] = value
+    out: dict[str, Any] = {"limits": limits}
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def _tolerations(job: api.FineTuneJob) -> list[dict[str, Any]]:
+    given = [
+        t.model_dump(by_alias=True, exclude_none=True) for t in job.spec.resources.tolerations or []
+    ]
+    if job.spec.resources.gpu_type != "CPU" and not any(
+        t.get("key") == GPU_RESOURCE for t in given
+    ):
+        # GPU pools are tainted nvidia.com/gpu:NoSchedule; tolerating permits, never attracts.
+        given.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return given
+
+
+def pod_template(job: api.FineTuneJob, image: str) -> dict[str, Any]:
+    """The pod template shared by the master and the workers."""
+    volumes, mounts = _volumes(job)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": job.spec.image or image,
+        "imagePullPolicy": "IfNotPresent",
+        # torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
+        # PET_MASTER_PORT, which training-operator injects.
+        "command": ["torchrun", "-m", "finetune_trainer.train"],
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "env": _env(job),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "resources": _resources(job),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": _tolerations(job),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "enableServiceLinks": False,
+    }
+    if job.spec.resources.node_selector:
+        spec["nodeSelector"] = dict(job.spec.resources.node_selector)
+    if job.spec.scheduling and job.spec.scheduling.priority_class_name:
+        spec["priorityClassName"] = job.spec.scheduling.priority_class_name
+    extra = job.spec.pod_metadata
+    pod_labels = {**((extra.labels or {}) if extra else {}), **labels(job)}
+    annotations = {**((extra.annotations or {}) if extra else {})}
+    annotations["kubectl.kubernetes.io/default-container"] = CONTAINER
+    return {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": spec}
+
+
+def _run_policy(job: api.FineTuneJob, suspend: bool | None) -> dict[str, Any]:
+    rp = job.spec.run_policy
+    policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": rp.backoff_limit}
+    if suspend is not None:
+        policy["suspend"] = suspend
+    if rp.active_deadline_seconds is not None:
+        policy["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    if rp.ttl_seconds_after_finished is not None:
+        policy["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
+    scheduling = job.spec.scheduling
+    if scheduling and (scheduling.queue_name or scheduling.priority_class_name):
+        sp: dict[str, Any] = {}
+        if scheduling.queue_name:
+            sp["queue"] = scheduling.queue_name
+        if scheduling.priority_class_name:
+            sp["priorityClass"] = scheduling.priority_class_name
+        policy["schedulingPolicy"] = sp
+    return policy
+
+
+def queued(job: api.FineTuneJob) -> bool:
+    """Whether Kueue admits this job (and so owns its suspension)."""
+    return bool(job.spec.scheduling and job.spec.scheduling.queue_name)
+
+
+def pytorch_job(
+    job: api.FineTuneJob, *, image: str, plan_summary: str | None, exists: bool
+) -> dict[str, Any]:
+    """The PyTorchJob that runs the trainer: a master and numNodes-1 workers.
+
+    ``exists`` says whether the PyTorchJob is already there: a queued job (Kueue) is created
+    suspended and its suspension is then left to Kueue, never applied again.
+    """
+    suspend: bool | None = job.spec.run_policy.suspend
+    if queued(job):
+        suspend = None if exists else True
+    replicas: dict[str, Any] = {
+        "Master": {
+            "replicas": 1,
+            "restartPolicy": "OnFailure",
+            "template": pod_template(job, image),
+        }
+    }
+    if job.spec.resources.num_nodes > 1:
+        replicas["Worker"] = {
+            "replicas": job.spec.resources.num_nodes - 1,
+            "restartPolicy": "OnFailure",
+            "template": pod_template(job, image),
+        }
+    metadata = _metadata(job, job.name)
+    if queued(job):
+        metadata["labels"][QUEUE_LABEL] = job.spec.scheduling.queue_name  # type: ignore[union-attr]
+    if plan_summary:
+        metadata["annotations"] = {PLAN_ANNOTATION: plan_summary}
+    return {
+        "apiVersion": PYTORCHJOB_API_VERSION,
+        "kind": PYTORCHJOB_KIND,
+        "metadata": metadata,
+        "spec": {
+            "nprocPerNode": str(job.spec.resources.gpus_per_node),
+            "runPolicy": _run_policy(job, suspend),
+            "pytorchReplicaSpecs": replicas,
+        },
+    }

@@ -1,0 +1,46 @@
+"""Training progress from the master pod's Prometheus metrics (pure: text in, Progress out)."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from finetune_operator.status import Progress
+
+
+def _samples(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels or sample.name.endswith(("_sum", "_count")):
+                values.setdefault(sample.name, float(sample.value))
+    return values
+
+
+def parse_progress(text: str, now: str) -> Progress | None:
+    """Progress from the trainer's /metrics text; None when it reports no step yet."""
+    values = _samples(text)
+    step = int(values.get("finetune_train_steps_total", 0))
+    if step <= 0:
+        return None
+    ratio = values.get("finetune_train_progress_ratio", 0.0)
+    total = round(step / ratio) if ratio > 0 else None
+    busy = values.get("finetune_train_step_duration_seconds_sum", 0.0)
+    counted = values.get("finetune_train_step_duration_seconds_count", 0.0)
+    tokens = values.get("finetune_train_tokens_total", 0.0)
+    tokens_per_second = round(tokens / busy) if busy > 0 else None
+    eta = None
+    if total is not None and counted > 0:
+        eta = max(0, round((total - step) * busy / counted))
+    percent = min(100, int(ratio * 100)) if ratio > 0 else None
+    loss = values.get("finetune_train_loss")
+    summary = f"{step}/{total} ({percent}%)" if total is not None else f"{step}"
+    return Progress(
+        step=step,
+        total_steps=total,
+        loss=f"{loss:.4f}" if loss is not None else None,
+        tokens_per_second=tokens_per_second,
+        percent=percent,
+        eta_seconds=eta,
+        updated_at=now,
+        summary=summary,
+    )

@@ -1,0 +1,187 @@
+"""Status derived from the PyTorchJob and its pods: phase, conditions, failure reasons, progress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from finetune_operator.progress import parse_progress
+from finetune_operator.status import Failure, FineTuneJobStatus, Observed, derive, pod_problem
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def child(*conditions: str, message: str = "") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "j", "uid": "u"},
+        "status": {
+            "conditions": [{"type": c, "status": "True", "message": message} for c in conditions]
+        },
+    }
+
+
+def pod(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "j-master-0"}, "status": status}
+
+
+def terminated(reason: str, code: int, *, last: bool = False) -> dict[str, Any]:
+    state = {"terminated": {"reason": reason, "exitCode": code}}
+    key = "lastState" if last else "state"
+    return pod(containerStatuses=[{"name": "pytorch", key: state, "state": {} if last else state}])
+
+
+UNSCHEDULABLE = pod(
+    conditions=[
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}
+    ]
+)  # fmt: skip
+PULL = pod(
+    containerStatuses=[
+        {"name": "pytorch", "image": "nope:1", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("pods", "reason", "code"),
+    [
+        ([terminated("OOMKilled", 137)], "OOMKilled", 137),
+        ([terminated("OOMKilled", 137, last=True)], "OOMKilled", 137),
+        ([terminated("Error", 1)], "Error", 1),
+        ([PULL], "ImagePullBackOff", None),
+        ([UNSCHEDULABLE], "Unschedulable", None),
+        ([terminated("Completed", 0)], None, None),
+    ],
+)
+def test_pod_states_become_failure_reasons(
+    pods: list[Any], reason: str | None, code: int | None
+) -> None:
+    found = pod_problem(pods)
+    assert (found.reason if found else None) == reason
+    assert (found.exit_code if found else None) == code
+    if found:
+        assert "j-master-0" in found.message
+
+
+@pytest.mark.parametrize(
+    ("obs", "phase"),
+    [
+        (Observed(1, False), "Planned"),
+        (Observed(1, False, child=child("Created")), "Pending"),
+        (Observed(1, False, child=child("Created", "Running")), "Running"),
+        (Observed(1, True, child=child("Created", "Running")), "Suspended"),
+        (Observed(1, False, child=child("Created", "Succeeded")), "Succeeded"),
+        (Observed(1, False, child=child("Failed")), "Failed"),
+        (Observed(1, False, plan_error="needs 4 GPUs"), "Failed"),
+    ],
+)
+def test_phase(obs: Observed, phase: str) -> None:
+    assert derive(obs, None, T0).phase == phase
+
+
+def test_infeasible_plan_fails_with_the_fix() -> None:
+    status = derive(
+        Observed(3, False, plan_error="needs 4 GPUs of 80 GB, or method lora"), None, T0
+    )
+    assert status.failure == Failure(
+        reason="PlanInfeasible", message="needs 4 GPUs of 80 GB, or method lora"
+    )
+    planned = next(c for c in status.conditions or [] if c.type == "Planned")
+    assert (planned.status, planned.reason, planned.observed_generation) == (
+        "False",
+        "PlanInfeasible",
+        3,
+    )
+    assert status.pytorch_job is None
+
+
+def test_oom_reason_survives_the_job_failing() -> None:
+    failed = child(
+        "Failed", message="Job j has failed because it has reached the specified backoff limit"
+    )
+    status = derive(
+        Observed(1, False, child=failed, pods=(terminated("OOMKilled", 137, last=True),)), None, T0
+    )
+    assert status.failure is not None
+    assert (status.failure.reason, status.failure.exit_code) == ("OOMKilled", 137)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (
+            "Job j has failed because it has reached the specified backoff limit",
+            "BackoffLimitExceeded",
+        ),
+        (
+            "Job j has failed because it was active longer than specified deadline",
+            "DeadlineExceeded",
+        ),
+    ],
+)
+def test_job_level_failures(message: str, reason: str) -> None:
+    status = derive(Observed(1, False, child=child("Failed", message=message)), None, T0)
+    assert status.failure is not None
+    assert status.failure.reason == reason
+
+
+def test_unschedulable_is_a_condition_while_pending() -> None:
+    status = derive(Observed(1, False, child=child("Created"), pods=(UNSCHEDULABLE,)), None, T0)
+    running = next(c for c in status.conditions or [] if c.type == "Running")
+    assert (status.phase, running.status, running.reason) == ("Pending", "False", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in running.message
+
+
+def test_transition_times_only_move_when_status_changes() -> None:
+    first = derive(Observed(1, False, child=child("Created")), None, T0)
+    again = derive(Observed(1, False, child=child("Created")), first, T1)
+    assert again == first  # nothing changed: nothing to patch
+    running = derive(Observed(1, False, child=child("Created", "Running")), first, T1)
+    times = {c.type: c.last_transition_time for c in running.conditions or []}
+    assert times["Validated"] == T0
+    assert times["Running"] == T1
+
+
+def test_terminal_phases_are_never_left() -> None:
+    done = derive(Observed(1, False, child=child("Succeeded")), None, T0)
+    assert done.completion_time == T0
+    later = derive(Observed(2, False, child=None), done, T1)
+    assert later == done
+    assert isinstance(later, FineTuneJobStatus)
+
+
+METRICS = """\
+# TYPE finetune_train_steps_total counter
+finetune_train_steps_total 450.0
+# TYPE finetune_train_progress_ratio gauge
+finetune_train_progress_ratio 0.45
+# TYPE finetune_train_loss gauge
+finetune_train_loss 1.23456
+# TYPE finetune_train_tokens_total counter
+finetune_train_tokens_total 900000.0
+# TYPE finetune_train_step_duration_seconds histogram
+finetune_train_step_duration_seconds_bucket{le="+Inf"} 450.0
+finetune_train_step_duration_seconds_count 450.0
+finetune_train_step_duration_seconds_sum 900.0
+"""
+
+
+def test_progress_from_metrics() -> None:
+    progress = parse_progress(METRICS, T0)
+    assert progress is not None
+    assert (progress.step, progress.total_steps, progress.percent) == (450, 1000, 45)
+    assert progress.loss == "1.2346"
+    assert progress.tokens_per_second == 1000
+    assert progress.eta_seconds == 1100  # 550 steps x 2 s
+    assert progress.summary == "450/1000 (45%)"
+
+
+def test_no_progress_before_the_first_step() -> None:
+    assert (
+        parse_progress(
+            "# TYPE finetune_train_steps_total counter\nfinetune_train_steps_total 0\n", T0
+        )
+        is None
+    )
