@@ -205,6 +205,27 @@ def run(
     raise typer.Exit(run_local(config, nproc))
 
 
+@app.command("operator")
+def run_operator(
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Watch only this namespace (repeatable)."),
+    ] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port of the /metrics endpoint.")] = 8080,
+    health_port: Annotated[int, typer.Option(help="Port of the /healthz liveness probe.")] = 8081,
+) -> None:
+    """Run the operator against the cluster in KUBECONFIG (or in-cluster credentials)."""
+    try:
+        from finetune_operator import handlers  # noqa: PLC0415 - needs the operator extra
+    except ImportError as exc:
+        err.print(
+            f"[red]error[/]: the operator is not installed here ({escape(str(exc))}); "
+            "install it with: pip install 'finetune-operator[operator]'"
+        )
+        raise typer.Exit(2) from None
+    handlers.run(namespaces=namespace or [], metrics_port=metrics_port, health_port=health_port)
+
+
 @app.command("crd")
 def print_crd() -> None:
     """Print the FineTuneJob CustomResourceDefinition (pipe it to kubectl apply -f -)."""

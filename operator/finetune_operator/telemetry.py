@@ -1,0 +1,55 @@
+"""The operator's own Prometheus metrics (names fixed in DESIGN.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from finetune_operator import __version__
+
+RECONCILES = Counter(
+    "finetune_operator_reconcile", "Reconciles of FineTuneJobs, by result", ["result"]
+)
+RECONCILE_SECONDS = Histogram(
+    "finetune_operator_reconcile_duration_seconds", "Time one reconcile took"
+)
+JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs known to the operator, by phase", ["phase"])
+BUILD = Gauge("finetune_operator_build_info", "Operator build", ["version"])
+PHASES = ("Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended")
+
+_phase_of: dict[str, str] = {}
+
+
+@contextmanager
+def timed() -> Iterator[None]:
+    """Count and time one reconcile; an exception counts as an error and propagates."""
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        RECONCILES.labels(result="error").inc()
+        raise
+    else:
+        RECONCILES.labels(result="ok").inc()
+    finally:
+        RECONCILE_SECONDS.observe(time.perf_counter() - start)
+
+
+def job_phase(key: str, phase: str | None) -> None:
+    """Record the phase of job ``key`` (namespace/name); None forgets it."""
+    if phase is None:
+        _phase_of.pop(key, None)
+    else:
+        _phase_of[key] = phase
+    for p in PHASES:
+        JOBS.labels(phase=p).set(sum(1 for v in _phase_of.values() if v == p))
+
+
+def serve(port: int) -> None:
+    BUILD.labels(version=__version__).set(1)
+    for p in PHASES:
+        JOBS.labels(phase=p).set(0)
+    start_http_server(port)
