@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,14 @@ def check_writable(path: str | Path, what: str) -> None:
             break
         probe = probe.parent
     ok = probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    if ok:
+        # Permissions say yes; a read-only mount says no only when we try (removed at once).
+        try:
+            fd, name = tempfile.mkstemp(prefix=".finetune-probe-", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        except OSError:
+            ok = False
     if not ok:
         raise ConfigError(
             f"the {what} path {p} is not writable ({probe} "

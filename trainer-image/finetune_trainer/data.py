@@ -77,6 +77,8 @@ def _load_split(cfg: DataConfig, split: str, token: str | None) -> Dataset:
                 ds = loaded[split] if isinstance(loaded, DatasetDict) else loaded
             else:
                 kind, files = _local_files(path)
+                if all(Path(f).stat().st_size == 0 for f in files):
+                    raise ConfigError(_empty(cfg, split))
                 ds = load_dataset(kind, data_files=files, split="train")
         else:
             ds = load_dataset(
@@ -88,13 +90,20 @@ def _load_split(cfg: DataConfig, split: str, token: str | None) -> Dataset:
             )
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:
         raise ConfigError(
             f"cannot load split {split!r} of dataset {cfg.name_or_path}: {err}. Check the "
             "source, config and split names (Hub datasets need network access)"
         ) from err
     assert isinstance(ds, Dataset)
     return ds
+
+
+def _empty(cfg: DataConfig, split: str) -> str:
+    return (
+        f"the dataset {cfg.name_or_path} (split {split!r}) is empty: point "
+        "spec.dataset.source at data with rows, or choose another split"
+    )
 
 
 def check_columns(ds: Dataset, cfg: DataConfig, what: str) -> None:
@@ -113,10 +122,7 @@ def load_raw(cfg: DataConfig, *, seed: int, token: str | None = None) -> tuple[D
     """Train and eval rows (eval may be empty), checked for columns and emptiness."""
     train = _load_split(cfg, cfg.split, token)
     if len(train) == 0:
-        raise ConfigError(
-            f"the dataset {cfg.name_or_path} (split {cfg.split!r}) is empty: point "
-            "spec.dataset.source at data with rows, or choose another split"
-        )
+        raise ConfigError(_empty(cfg, cfg.split))
     check_columns(train, cfg, "training")
     if cfg.eval_split:
         evaluation = _load_split(cfg, cfg.eval_split, token)

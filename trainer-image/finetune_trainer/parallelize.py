@@ -50,9 +50,10 @@ def check_plan(plan: PlanConfig | None, world_size: int) -> None:
             f"{plan.pipeline_parallel}, which this trainer version does not apply yet: set "
             "parallelism.tensorParallel and pipelineParallel to 1 (or leave mode auto)"
         )
-    if plan.data_parallel * plan.fsdp != world_size and plan.fsdp != world_size:
+    planned = plan.data_parallel * plan.fsdp * plan.tensor_parallel * plan.pipeline_parallel
+    if planned != world_size:
         raise ConfigError(
-            f"the plan covers {plan.data_parallel * plan.fsdp} ranks but {world_size} are "
+            f"the plan covers {planned} ranks but {world_size} are "
             "running: make numNodes x gpusPerNode match the plan (or use --nproc)"
         )
 

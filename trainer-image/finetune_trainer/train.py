@@ -7,6 +7,7 @@ Order matters: every check that can fail on bad input runs before anything is wr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -282,6 +283,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
         log(env, f"metrics on :{metrics.port}/metrics")
     peak = _peak_flops(cfg, device, env.world_size)
     progress = Progress(total, cfg.metrics.log_every_steps, enabled=env.rank == 0)
+    journal = Journal(env)
 
     stop = {"flag": False}
 
@@ -299,9 +301,11 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
             step = result.step
             _record(metrics, result, env, device, flops_per_token, peak, step / total)
             progress.step(step, result.loss, result.lr, result.tokens / result.seconds)
+            journal.write(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                          tokens=result.tokens, seconds=result.seconds)  # fmt: skip
             every = cfg.schedule.eval_every_steps
             if every and step % every == 0 and step < total:
-                _eval(loop, eval_ds, mbs, progress, step)
+                _eval(loop, eval_ds, mbs, progress, step, journal)
             if _agree(stop["flag"], device):
                 progress.message(f"SIGTERM at step {step}: saving a checkpoint and stopping")
                 code = EXIT_PREEMPTED
@@ -313,7 +317,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
             if ckpt is not None and last_saved != step:
                 _save(ckpt, step, module, optim, sched, metrics)
             return code
-        _eval(loop, eval_ds, mbs, progress, step)
+        _eval(loop, eval_ds, mbs, progress, step, journal)
         if ckpt is not None and last_saved != step:
             _save(ckpt, step, module, optim, sched, metrics)
         out = export(cfg, env, module, hf_model, tok)
@@ -339,10 +343,26 @@ def _save(ckpt: Checkpointer, step: int, module: Any, optim: Any, sched: Any, m:
     m.checkpoint_save.observe(seconds)
 
 
-def _eval(loop: Loop, ds: Dataset, mbs: int, progress: Progress, step: int) -> None:
+def _eval(
+    loop: Loop, ds: Dataset, mbs: int, progress: Progress, step: int, journal: Journal
+) -> None:
     loss = loop.evaluate(ds, mbs)
     if loss is not None:
         progress.message(f"step {step} eval_loss {loss:.4f}")
+        journal.write(step=step, eval_loss=loss)
+
+
+class Journal:
+    """Machine-readable step log: JSON lines appended to $FINETUNE_LOG_JSONL (rank 0), if set."""
+
+    def __init__(self, env: DistEnv) -> None:
+        path = os.environ.get("FINETUNE_LOG_JSONL")
+        self.path = Path(path) if path and env.rank == 0 else None
+
+    def write(self, **fields: float | int) -> None:
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(fields) + "\n")
 
 
 def _record(
