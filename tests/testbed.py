@@ -60,11 +60,19 @@ class Testbed:
         env.update(extra)
         return env
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = False,
-                timeout: float = 120) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         """Run kubectl against the test bed; text stdout/stderr are captured."""
-        return subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args], input=input,
-                              capture_output=True, text=True, check=check, timeout=timeout, env=self.env())
+        return subprocess.run(
+            [self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            env=self.env(),
+        )
 
     def kubectl_json(self, *args: str) -> Any:
         """``kubectl <args> -o json``, parsed; raises on failure."""
@@ -80,16 +88,28 @@ class Testbed:
         text = obj if isinstance(obj, str) else json.dumps(obj)
         return self.kubectl("apply", "-f", "-", *extra, input=text)
 
-    def helm_run(self, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    def helm_run(
+        self, *args: str, check: bool = False, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
         if not self.helm:
             raise RuntimeError("helm is not available")
-        return subprocess.run([self.helm, f"--kubeconfig={self.kubeconfig}", *args], capture_output=True, text=True,
-                              check=check, timeout=timeout, env=self.env())
+        return subprocess.run(
+            [self.helm, f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            env=self.env(),
+        )
 
     # ------------------------------------------------------------------ waiting
     @staticmethod
-    def wait_for(predicate: Callable[[], Any], timeout: float = 120, interval: float = 1.0,
-                 desc: str = "condition") -> Any:
+    def wait_for(
+        predicate: Callable[[], Any],
+        timeout: float = 120,
+        interval: float = 1.0,
+        desc: str = "condition",
+    ) -> Any:
         """Poll ``predicate`` until it returns something truthy; return it. Fails the test on timeout."""
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
@@ -109,7 +129,10 @@ class Testbed:
 
     def has_gpu_nodes(self) -> bool:
         nodes = self.kubectl_json("get", "nodes")["items"]
-        return any(int(n.get("status", {}).get("allocatable", {}).get("nvidia.com/gpu", "0")) > 0 for n in nodes)
+        return any(
+            int(n.get("status", {}).get("allocatable", {}).get("nvidia.com/gpu", "0")) > 0
+            for n in nodes
+        )
 
     def has_crd(self, name: str) -> bool:
         return self.kubectl("get", "crd", name).returncode == 0
@@ -118,8 +141,12 @@ class Testbed:
         return self.state_dir / "logs" if self.state_dir else None
 
 
-def _cluster(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout)
+def _cluster(
+    *args: str, env: dict | None = None, timeout: float = 3600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _load_testbed() -> Testbed:
@@ -131,9 +158,15 @@ def _load_testbed() -> Testbed:
     kubectl = b.get("kubectl") or shutil.which("kubectl")
     if not kubectl:
         raise RuntimeError("no kubectl: `hack/cluster build --tools`")
-    return Testbed(kubeconfig=info["kubeconfig"], kubectl_bin=kubectl, helm=b.get("helm"),
-                   kubeconform=b.get("kubeconform"), external=bool(info.get("external")),
-                   state_dir=Path(info["state_dir"]) if info.get("state_dir") else None, binaries=b)
+    return Testbed(
+        kubeconfig=info["kubeconfig"],
+        kubectl_bin=kubectl,
+        helm=b.get("helm"),
+        kubeconform=b.get("kubeconform"),
+        external=bool(info.get("external")),
+        state_dir=Path(info["state_dir"]) if info.get("state_dir") else None,
+        binaries=b,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -145,13 +178,18 @@ def testbed():
             t0 = time.monotonic()
             p = _cluster("up")
             if p.returncode != 0:
-                pytest.fail(f"hack/cluster up failed (rc={p.returncode}):\n{p.stderr[-8000:]}", pytrace=False)
+                pytest.fail(
+                    f"hack/cluster up failed (rc={p.returncode}):\n{p.stderr[-8000:]}",
+                    pytrace=False,
+                )
             started = True
             print(f"\n[testbed] up in {time.monotonic() - t0:.1f}s")
     else:
         p = _cluster("up")  # builds kubectl/helm/kubeconform only; starts nothing
         if p.returncode != 0:
-            pytest.fail(f"hack/cluster up (tools for KUBECONFIG) failed:\n{p.stderr[-8000:]}", pytrace=False)
+            pytest.fail(
+                f"hack/cluster up (tools for KUBECONFIG) failed:\n{p.stderr[-8000:]}", pytrace=False
+            )
     tb = _load_testbed()
     try:
         yield tb
@@ -176,7 +214,11 @@ def namespace(testbed: Testbed):
     name = f"t-{uuid.uuid4().hex[:10]}"
     testbed.kubectl("create", "namespace", name, check=True)
     # Pods need the namespace's default ServiceAccount (made by the controller-manager).
-    testbed.wait_for(lambda: testbed.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
-                     timeout=60, interval=0.5, desc=f"default ServiceAccount in {name}")
+    testbed.wait_for(
+        lambda: testbed.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
+        timeout=60,
+        interval=0.5,
+        desc=f"default ServiceAccount in {name}",
+    )
     yield name
     testbed.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")

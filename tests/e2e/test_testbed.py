@@ -17,8 +17,13 @@ JOB_LABEL = "training.kubeflow.org/job-name"
 TIMEOUT = 180
 
 
-def replica(command: str, annotations: dict | None = None, gpus: int = 8, restart_policy: str = "OnFailure",
-            container_name: str = "pytorch") -> dict:
+def replica(
+    command: str,
+    annotations: dict | None = None,
+    gpus: int = 8,
+    restart_policy: str = "OnFailure",
+    container_name: str = "pytorch",
+) -> dict:
     return {
         "replicas": 1,
         "restartPolicy": restart_policy,
@@ -26,12 +31,17 @@ def replica(command: str, annotations: dict | None = None, gpus: int = 8, restar
             "metadata": {"annotations": annotations or {}},
             "spec": {
                 "tolerations": [GPU_TOLERATION],
-                "containers": [{
-                    "name": container_name,
-                    "image": "busybox:1.36",
-                    "command": ["sh", "-c", command],
-                    "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"cpu": "1", "memory": "1Gi"}},
-                }],
+                "containers": [
+                    {
+                        "name": container_name,
+                        "image": "busybox:1.36",
+                        "command": ["sh", "-c", command],
+                        "resources": {
+                            "limits": {"nvidia.com/gpu": gpus},
+                            "requests": {"cpu": "1", "memory": "1Gi"},
+                        },
+                    }
+                ],
             },
         },
     }
@@ -41,8 +51,12 @@ def pytorchjob(name: str, namespace: str, replicas: dict, backoff_limit: int | N
     spec: dict = {"pytorchReplicaSpecs": replicas}
     if backoff_limit is not None:
         spec["runPolicy"] = {"backoffLimit": backoff_limit}
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
 
 
 def condition(obj: dict, ctype: str) -> dict | None:
@@ -59,19 +73,39 @@ def job_pods(tb, namespace: str, name: str) -> list[dict]:
 def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, namespace):
     tb = gpu_testbed
     run = {"testbed.finetune.dev/run-duration": "15s"}
-    job = pytorchjob("ok", namespace, {
-        "Master": replica("sleep 15", run),
-        "Worker": replica("sleep 15", run),
-    })
+    job = pytorchjob(
+        "ok",
+        namespace,
+        {
+            "Master": replica("sleep 15", run),
+            "Worker": replica("sleep 15", run),
+        },
+    )
     p = tb.apply(job)
     assert p.returncode == 0, p.stderr
 
     # training-operator creates one pod and one (headless) service per replica
-    pods = tb.wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(job_pods(tb, namespace, "ok")),
-                       TIMEOUT, desc="2 pods of the PyTorchJob")
-    assert {p["metadata"]["labels"]["training.kubeflow.org/replica-type"] for p in pods} == {"master", "worker"}
-    tb.wait_for(lambda: len(tb.kubectl_json("get", "services", "-n", namespace, "-l", f"{JOB_LABEL}=ok")["items"]) == 2,
-                TIMEOUT, desc="2 services of the PyTorchJob")
+    pods = tb.wait_for(
+        lambda: (lambda ps: ps if len(ps) == 2 else None)(job_pods(tb, namespace, "ok")),
+        TIMEOUT,
+        desc="2 pods of the PyTorchJob",
+    )
+    assert {p["metadata"]["labels"]["training.kubeflow.org/replica-type"] for p in pods} == {
+        "master",
+        "worker",
+    }
+    tb.wait_for(
+        lambda: (
+            len(
+                tb.kubectl_json("get", "services", "-n", namespace, "-l", f"{JOB_LABEL}=ok")[
+                    "items"
+                ]
+            )
+            == 2
+        ),
+        TIMEOUT,
+        desc="2 services of the PyTorchJob",
+    )
 
     # kube-scheduler binds them to GPU nodes; 8 GPUs each means two different nodes
     def scheduled():
@@ -87,16 +121,29 @@ def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, namespace):
         assert node["metadata"]["labels"].get("nvidia.com/gpu.present") == "true" or tb.external
 
     # Running (kwok plays the kubelet) ...
-    tb.wait_for(lambda: all(p["status"].get("phase") == "Running" for p in job_pods(tb, namespace, "ok")),
-                TIMEOUT, interval=0.5, desc="pods Running")
-    tb.wait_for(lambda: condition(tb.kubectl_json("get", "pytorchjob", "ok", "-n", namespace), "Running"),
-                TIMEOUT, desc="PyTorchJob Running condition")
+    tb.wait_for(
+        lambda: all(p["status"].get("phase") == "Running" for p in job_pods(tb, namespace, "ok")),
+        TIMEOUT,
+        interval=0.5,
+        desc="pods Running",
+    )
+    tb.wait_for(
+        lambda: condition(tb.kubectl_json("get", "pytorchjob", "ok", "-n", namespace), "Running"),
+        TIMEOUT,
+        desc="PyTorchJob Running condition",
+    )
     # ... then Succeeded, and the PyTorchJob follows
-    done = tb.wait_for(lambda: condition(tb.kubectl_json("get", "pytorchjob", "ok", "-n", namespace), "Succeeded"),
-                       TIMEOUT, desc="PyTorchJob Succeeded condition")
+    done = tb.wait_for(
+        lambda: condition(tb.kubectl_json("get", "pytorchjob", "ok", "-n", namespace), "Succeeded"),
+        TIMEOUT,
+        desc="PyTorchJob Succeeded condition",
+    )
     assert done["reason"]
-    master = [p for p in job_pods(tb, namespace, "ok")
-              if p["metadata"]["labels"]["training.kubeflow.org/replica-type"] == "master"]
+    master = [
+        p
+        for p in job_pods(tb, namespace, "ok")
+        if p["metadata"]["labels"]["training.kubeflow.org/replica-type"] == "master"
+    ]
     assert master and master[0]["status"]["phase"] == "Succeeded"
     assert master[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
 
@@ -104,10 +151,20 @@ def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, namespace):
 def test_pod_asking_for_16_gpus_is_unschedulable(gpu_testbed, namespace):
     tb = gpu_testbed
     pod = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "too-big", "namespace": namespace},
-        "spec": {"tolerations": [GPU_TOLERATION], "containers": [{
-            "name": "pytorch", "image": "busybox:1.36", "command": ["sleep", "3600"],
-            "resources": {"limits": {"nvidia.com/gpu": 16}}}]},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "too-big", "namespace": namespace},
+        "spec": {
+            "tolerations": [GPU_TOLERATION],
+            "containers": [
+                {
+                    "name": "pytorch",
+                    "image": "busybox:1.36",
+                    "command": ["sleep", "3600"],
+                    "resources": {"limits": {"nvidia.com/gpu": 16}},
+                }
+            ],
+        },
     }
     p = tb.apply(pod)
     assert p.returncode == 0, p.stderr
@@ -115,7 +172,11 @@ def test_pod_asking_for_16_gpus_is_unschedulable(gpu_testbed, namespace):
     def unschedulable():
         st = tb.kubectl_json("get", "pod", "too-big", "-n", namespace)["status"]
         for c in st.get("conditions") or []:
-            if c["type"] == "PodScheduled" and c["status"] == "False" and c.get("reason") == "Unschedulable":
+            if (
+                c["type"] == "PodScheduled"
+                and c["status"] == "False"
+                and c.get("reason") == "Unschedulable"
+            ):
                 return st, c
         return None
 
@@ -128,11 +189,19 @@ def test_pod_asking_for_16_gpus_is_unschedulable(gpu_testbed, namespace):
 def test_deleting_pytorchjob_garbage_collects_pods(gpu_testbed, namespace):
     tb = gpu_testbed
     forever = {"testbed.finetune.dev/run-duration": "1h"}
-    job = pytorchjob("gc", namespace, {"Master": replica("sleep 3600", forever),
-                                       "Worker": replica("sleep 3600", forever)})
+    job = pytorchjob(
+        "gc",
+        namespace,
+        {"Master": replica("sleep 3600", forever), "Worker": replica("sleep 3600", forever)},
+    )
     assert tb.apply(job).returncode == 0
-    tb.wait_for(lambda: (lambda ps: len(ps) == 2 and all(p["status"].get("phase") == "Running" for p in ps))(
-        job_pods(tb, namespace, "gc")), TIMEOUT, desc="pods Running")
+    tb.wait_for(
+        lambda: (
+            lambda ps: len(ps) == 2 and all(p["status"].get("phase") == "Running" for p in ps)
+        )(job_pods(tb, namespace, "gc")),
+        TIMEOUT,
+        desc="pods Running",
+    )
     pods = job_pods(tb, namespace, "gc")
     for p in pods:
         owners = p["metadata"]["ownerReferences"]
@@ -140,13 +209,25 @@ def test_deleting_pytorchjob_garbage_collects_pods(gpu_testbed, namespace):
 
     # Background cascading deletion: the API server removes the PyTorchJob at once and the
     # controller-manager's garbage collector deletes the orphaned dependents.
-    p = tb.kubectl("delete", "pytorchjob", "gc", "-n", namespace, "--cascade=background", "--wait=false")
+    p = tb.kubectl(
+        "delete", "pytorchjob", "gc", "-n", namespace, "--cascade=background", "--wait=false"
+    )
     assert p.returncode == 0, p.stderr
-    tb.wait_for(lambda: tb.kubectl("get", "pytorchjob", "gc", "-n", namespace).returncode != 0,
-                TIMEOUT, desc="PyTorchJob gone")
+    tb.wait_for(
+        lambda: tb.kubectl("get", "pytorchjob", "gc", "-n", namespace).returncode != 0,
+        TIMEOUT,
+        desc="PyTorchJob gone",
+    )
     tb.wait_for(lambda: not job_pods(tb, namespace, "gc"), TIMEOUT, desc="pods garbage-collected")
-    tb.wait_for(lambda: not tb.kubectl_json("get", "services", "-n", namespace, "-l", f"{JOB_LABEL}=gc")["items"],
-                TIMEOUT, desc="services garbage-collected")
+    tb.wait_for(
+        lambda: (
+            not tb.kubectl_json("get", "services", "-n", namespace, "-l", f"{JOB_LABEL}=gc")[
+                "items"
+            ]
+        ),
+        TIMEOUT,
+        desc="services garbage-collected",
+    )
 
 
 def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, namespace):
@@ -154,7 +235,10 @@ def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, namespace):
     bad = pytorchjob("bad-name", namespace, {"Master": replica("true", container_name="trainer")})
     p = tb.apply(bad)
     assert p.returncode != 0
-    assert 'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request' in p.stderr, p.stderr
+    assert (
+        'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
+        in p.stderr
+    ), p.stderr
     assert "pytorch" in p.stderr
     assert tb.kubectl("get", "pytorchjob", "bad-name", "-n", namespace).returncode != 0
     # the same job with the container named `pytorch` is admitted (server-side dry run)
@@ -166,8 +250,12 @@ def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, namespace):
 def test_failing_pod_fails_pytorchjob_after_backoff_limit(gpu_testbed, namespace):
     tb = gpu_testbed
     crash = {"testbed.finetune.dev/exit-code": "1", "testbed.finetune.dev/run-duration": "2s"}
-    job = pytorchjob("crash", namespace, {"Master": replica("sleep 2; exit 1", crash, restart_policy="OnFailure")},
-                     backoff_limit=2)
+    job = pytorchjob(
+        "crash",
+        namespace,
+        {"Master": replica("sleep 2; exit 1", crash, restart_policy="OnFailure")},
+        backoff_limit=2,
+    )
     assert tb.apply(job).returncode == 0
 
     # The kubelet (kwok) restarts the failing container in place; the training-operator counts
@@ -182,7 +270,12 @@ def test_failing_pod_fails_pytorchjob_after_backoff_limit(gpu_testbed, namespace
     cs = tb.wait_for(restarted, TIMEOUT, interval=0.5, desc="container restarted after exit code 1")
     assert cs["lastState"]["terminated"]["exitCode"] == 1
 
-    failed = tb.wait_for(lambda: condition(tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Failed"),
-                         TIMEOUT, desc="PyTorchJob Failed condition")
+    failed = tb.wait_for(
+        lambda: condition(tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Failed"),
+        TIMEOUT,
+        desc="PyTorchJob Failed condition",
+    )
     assert "backoff limit" in failed["message"], failed
-    assert not condition(tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Succeeded")
+    assert not condition(
+        tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Succeeded"
+    )
