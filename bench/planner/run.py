@@ -35,12 +35,12 @@ from finetune_trainer.planner import (  # noqa: E402
     known_model,
     plan_parallelism,
     search,
-    sweep_best,
+    sweep,
 )
 from finetune_trainer.planner import calibration as cal  # noqa: E402
 from finetune_trainer.planner.hardware import GiB  # noqa: E402
 from finetune_trainer.planner.layout import Layout  # noqa: E402
-from finetune_trainer.planner.search import evaluate, to_estimate  # noqa: E402
+from finetune_trainer.planner.search import Candidate, evaluate, to_estimate  # noqa: E402
 
 # id, model, gpu, nodes, seq, gbs, fused CE, published (fsdp, mbs, ga, ac), tok/s/GPU, peak GiB
 # All published plans are pure FSDP over every GPU (dp=1, tp=1, pp=1).
@@ -377,8 +377,11 @@ def optimality() -> list[dict[str, Any]]:
         model = known_model(mid)
         cluster = Cluster.of(gpu, nodes=nodes, gpus_per_node=gpn)
         wl = Workload(seq_len=seq, global_batch_size=gbs, method=method)
-        best = search(model, cluster, wl).best
-        exhaustive = sweep_best(model, cluster, wl)
+        pruned = search(model, cluster, wl)
+        best = pruned.best
+        everything = sweep(model, cluster, wl)
+        fitting = [c for c in everything if c.fits]
+        exhaustive = min(fitting, key=Candidate.key) if fitting else None
         same = (best is None and exhaustive is None) or (
             best is not None and exhaustive is not None and best.layout == exhaustive.layout
         )
@@ -388,6 +391,8 @@ def optimality() -> list[dict[str, Any]]:
                 "search": best.layout.summary() if best else None,
                 "exhaustive": exhaustive.layout.summary() if exhaustive else None,
                 "same": same,
+                "exhaustive_candidates": len(everything),
+                "search_evaluated": pruned.evaluated,
             }
         )
     return out
@@ -568,7 +573,10 @@ def main() -> int:
     opt = report["optimality"]
     print(f"search == exhaustive sweep optimum: {sum(o['same'] for o in opt)}/{len(opt)}")
     for o in opt:
-        print(f"  {'ok ' if o['same'] else 'DIFF'} {o['case']}: {o['search']}")
+        print(
+            f"  {'ok ' if o['same'] else 'DIFF'} {o['case']}: {o['search']} "
+            f"({o['search_evaluated']} evaluated of {o['exhaustive_candidates']})"
+        )
     print()
     for p in report["product_plans"]:
         print(f"== {p['model']} full fine-tune on {p['cluster']} (seq 2048, GBS 64)")
