@@ -9,8 +9,9 @@ Register it with ``pytest_plugins = ["testbed"]`` (tests/ is on sys.path). Fixtu
     unless a test bed was already up, which it reuses and leaves running. With
     ``KUBECONFIG`` set it uses that cluster and starts nothing.
 
-``namespace`` (function)
-    A fresh namespace name, created before and deleted (without waiting) after the test.
+``kube_namespace`` (function)
+    A fresh namespace name (its default ServiceAccount exists, so pods can be created),
+    deleted without waiting after the test.
 
 ``gpu_testbed`` (session)
     ``testbed``, but the test is skipped unless the cluster has schedulable
@@ -25,9 +26,10 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -118,7 +120,7 @@ class Testbed:
                 value = predicate()
                 if value:
                     return value
-            except Exception as e:  # noqa: BLE001 - keep polling, report the last error
+            except Exception as e:
                 last_exc = e
             if time.monotonic() > deadline:
                 msg = f"timed out after {timeout:.0f}s waiting for {desc}"
@@ -210,7 +212,7 @@ def gpu_testbed(testbed: Testbed):
 
 
 @pytest.fixture
-def namespace(testbed: Testbed):
+def kube_namespace(testbed: Testbed):
     name = f"t-{uuid.uuid4().hex[:10]}"
     testbed.kubectl("create", "namespace", name, check=True)
     # Pods need the namespace's default ServiceAccount (made by the controller-manager).

@@ -70,8 +70,9 @@ def job_pods(tb, namespace: str, name: str) -> list[dict]:
     return tb.kubectl_json("get", "pods", "-n", namespace, "-l", f"{JOB_LABEL}={name}")["items"]
 
 
-def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, namespace):
+def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, kube_namespace):
     tb = gpu_testbed
+    namespace = kube_namespace
     run = {"testbed.finetune.dev/run-duration": "15s"}
     job = pytorchjob(
         "ok",
@@ -148,8 +149,9 @@ def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, namespace):
     assert master[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
 
 
-def test_pod_asking_for_16_gpus_is_unschedulable(gpu_testbed, namespace):
+def test_pod_asking_for_16_gpus_is_unschedulable(gpu_testbed, kube_namespace):
     tb = gpu_testbed
+    namespace = kube_namespace
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -186,8 +188,9 @@ def test_pod_asking_for_16_gpus_is_unschedulable(gpu_testbed, namespace):
     assert not tb.kubectl_json("get", "pod", "too-big", "-n", namespace)["spec"].get("nodeName")
 
 
-def test_deleting_pytorchjob_garbage_collects_pods(gpu_testbed, namespace):
+def test_deleting_pytorchjob_garbage_collects_pods(gpu_testbed, kube_namespace):
     tb = gpu_testbed
+    namespace = kube_namespace
     forever = {"testbed.finetune.dev/run-duration": "1h"}
     job = pytorchjob(
         "gc",
@@ -230,8 +233,9 @@ def test_deleting_pytorchjob_garbage_collects_pods(gpu_testbed, namespace):
     )
 
 
-def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, namespace):
+def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, kube_namespace):
     tb = gpu_testbed
+    namespace = kube_namespace
     bad = pytorchjob("bad-name", namespace, {"Master": replica("true", container_name="trainer")})
     p = tb.apply(bad)
     assert p.returncode != 0
@@ -247,8 +251,9 @@ def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, namespace):
     assert p.returncode == 0, p.stderr
 
 
-def test_failing_pod_fails_pytorchjob_after_backoff_limit(gpu_testbed, namespace):
+def test_failing_pod_fails_pytorchjob_after_backoff_limit(gpu_testbed, kube_namespace):
     tb = gpu_testbed
+    namespace = kube_namespace
     crash = {"testbed.finetune.dev/exit-code": "1", "testbed.finetune.dev/run-duration": "2s"}
     job = pytorchjob(
         "crash",
