@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-pytest_plugins = ["testbed"]  # the session-scoped Kubernetes test bed (tests/testbed.py)
+from helpers import ROOT, load_yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# The session-scoped Kubernetes test bed, and the operator process on top of it.
+pytest_plugins = ["testbed", "operator_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite tests/golden from the builders"
     )
-
-
-def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")

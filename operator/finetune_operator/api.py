@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -30,6 +30,12 @@ SHORT_NAMES = ("ftj",)
 CATEGORIES = ("finetune",)
 #: Longest name whose children (services "<name>-worker-998", labels) stay within 63 characters.
 MAX_NAME_LENGTH = 52
+#: Services are named after the job, so its name must be a DNS-1035 label.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+PATTERN_HINTS[NAME_PATTERN] = (
+    f"must be a lowercase DNS label starting with a letter (a-z, 0-9, '-'), at most "
+    f"{MAX_NAME_LENGTH} characters, so that its pods' and services' names stay within 63"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -56,7 +62,7 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
-    name: str | None = None
+    name: Annotated[str | None, Field(max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)] = None
     generate_name: str | None = Field(default=None, alias="generateName")
     namespace: str | None = None
     uid: str | None = None
@@ -72,17 +78,6 @@ class FineTuneJob(ApiModel):
     PyTorchJob, and reports plan, progress and failures in status."""
 
     model_config = ConfigDict(strict=False)
-    cel_rules: ClassVar[tuple[cel.Rule, ...]] = (
-        cel.Rule(
-            "!has(self.metadata.name) || "
-            f"(size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
-            "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))",
-            f"name must be a lowercase DNS label starting with a letter, at most {MAX_NAME_LENGTH} "
-            "characters, so that its pods' and services' names stay within 63",
-            "metadata.name",
-        ),
-    )
-
     api_version: Annotated[Literal["finetune.dev/v1alpha1"], Field(alias="apiVersion")] = (
         "finetune.dev/v1alpha1"
     )
@@ -203,6 +198,7 @@ def _problems(exc: ValidationError, document: Mapping[str, Any]) -> list[Problem
 
 def _message(error: ErrorDetails, document: Mapping[str, Any]) -> str:
     kind = error["type"]
+    loc = tuple(error["loc"])
     value = error.get("input")
     ctx = error.get("ctx", {})
     if kind == "missing":
@@ -212,6 +208,14 @@ def _message(error: ErrorDetails, document: Mapping[str, Any]) -> str:
         return "unknown field" + (f" (did you mean {hint!r}?)" if hint else "")
     if kind == "string_type" and isinstance(value, float | int) and not isinstance(value, bool):
         return f'must be a string: write decimals in quotes, e.g. "{value}"'
+    if kind == "string_too_long":
+        limit = ctx.get("max_length")
+        why = (
+            " (its pods' and services' names must stay within 63)"
+            if loc == ("metadata", "name")
+            else ""
+        )
+        return f"is {len(str(value))} characters long, at most {limit} allowed{why}"
     if kind == "string_pattern_mismatch":
         hint = PATTERN_HINTS.get(str(ctx.get("pattern")), f"must match {ctx.get('pattern')}")
         return f"{value!r} {hint}"

@@ -7,11 +7,13 @@ Kubernetes calls go through :class:`finetune_operator.kube.Kube`; everything els
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from finetune_operator import api, manifest
-from finetune_operator.kube import REPLICA_TYPE_LABEL, Kube
+from finetune_operator.kube import REPLICA_TYPE_LABEL, Kube, WriteConflictError
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.progress import parse_progress
 from finetune_operator.status import TERMINAL, FineTuneJobStatus, Observed, PlanStatus, derive
@@ -35,19 +37,47 @@ class Outcome:
     changed: bool
 
 
-def _write(kube: Kube, job: api.FineTuneJob, status: FineTuneJobStatus) -> Outcome:
-    before = job.status
-    changed = status != before
-    if changed:
+#: Attempts at a status write that races with another writer before giving up (kopf retries).
+ATTEMPTS = 5
+Compute = Callable[[api.FineTuneJob], FineTuneJobStatus]
+
+
+def _write(kube: Kube, job: api.FineTuneJob, compute: Compute) -> Outcome | None:
+    """Compute the status from ``job`` and write it if it changed.
+
+    On a conflict (someone wrote in between), read the job again and recompute: the status is
+    always derived from a fresh read, never merged into a stale one.
+    """
+    for _ in range(ATTEMPTS):
+        before = job.status
+        status = compute(job)
+        if status == before:
+            return Outcome(before.phase if before else None, status.phase, status, False)
         wire = status.model_dump(by_alias=True, exclude_none=True, mode="json")
-        kube.patch_status(job.metadata.namespace or "", job.name, wire)
-    return Outcome(before.phase if before else None, status.phase, status, changed)
+        try:
+            kube.replace_status(job.to_document(), wire)
+        except WriteConflictError:
+            fresh = kube.finetunejob(job.metadata.namespace or "", job.name)
+            if fresh is None:
+                return None  # deleted meanwhile
+            job = api.parse(fresh)
+            continue
+        return Outcome(before.phase if before else None, status.phase, status, True)
+    raise WriteConflictError(f"status of {job.name} kept changing under us; will retry")
 
 
-def _observe(kube: Kube, job: api.FineTuneJob, plan: PlanStatus | None) -> Observed:
+def _observe(
+    kube: Kube, job: api.FineTuneJob, plan: PlanStatus | None, seen: dict[str, Any] | None = None
+) -> Observed:
+    """What the cluster shows now; ``seen`` is a pod from an event (it may be gone already, and
+    its last state is often the only record of why a container died)."""
     ns = job.metadata.namespace or ""
     child = kube.pytorchjob(ns, job.name)
-    pods = tuple(kube.pods(ns, job.name)) if child is not None else ()
+    listed = kube.pods(ns, job.name) if child is not None else []
+    names = {p["metadata"]["name"] for p in listed}
+    if seen is not None and seen["metadata"]["name"] not in names:
+        listed.append(seen)
+    pods = tuple(listed)
     return Observed(
         generation=job.metadata.generation,
         suspend_requested=job.spec.run_policy.suspend and not manifest.queued(job),
@@ -58,16 +88,25 @@ def _observe(kube: Kube, job: api.FineTuneJob, plan: PlanStatus | None) -> Obser
     )
 
 
-def reconcile(kube: Kube, job: api.FineTuneJob, *, image: str) -> Outcome:
-    """Make the cluster match ``job``: plan, apply ConfigMap and PyTorchJob, then write status."""
-    previous = job.status
-    if previous is not None and previous.phase in TERMINAL:
-        return Outcome(previous.phase, previous.phase, previous, False)  # never recreate children
+def reconcile(kube: Kube, job: api.FineTuneJob, *, image: str) -> list[Outcome]:
+    """Make the cluster match ``job``: plan (status first), apply ConfigMap and PyTorchJob, then
+    write the observed status. Returns each status write, in order."""
+    if job.status is not None and job.status.phase in TERMINAL:
+        return []  # never recreate children of a finished job
+    generation = job.metadata.generation
     try:
         result = plan_job(job.spec)
     except PlanInfeasible as exc:
-        observed = Observed(job.metadata.generation, False, plan_error=exc.message)
-        return _write(kube, job, derive(observed, previous, now()))
+        infeasible = Observed(generation, False, plan_error=exc.message)
+        return _written(_write(kube, job, lambda j: derive(infeasible, j.status, now())))
+    plan = plan_status(result) if result else None
+    outcomes: list[Outcome | None] = []
+    if job.status is None or job.status.plan != plan:  # status.plan before any pod exists
+        planned = Observed(generation, False, plan=plan)
+        first = _write(kube, job, lambda j: derive(planned, j.status, now()))
+        outcomes.append(first)
+        if first is not None:
+            job = job.model_copy(update={"status": first.status})
     config = to_trainer_config(
         job.spec,
         name=job.name,
@@ -77,30 +116,33 @@ def reconcile(kube: Kube, job: api.FineTuneJob, *, image: str) -> Outcome:
     ns = job.metadata.namespace or ""
     exists = kube.pytorchjob(ns, job.name) is not None
     kube.apply(manifest.config_map(job, config))
-    kube.apply(
-        manifest.pytorch_job(
-            job, image=image, plan_summary=result.summary if result else None, exists=exists
-        )
-    )
-    plan = plan_status(result) if result else None
-    return _write(kube, job, derive(_observe(kube, job, plan), previous, now()))
+    summary = result.summary if result else None
+    kube.apply(manifest.pytorch_job(job, image=image, plan_summary=summary, exists=exists))
+    outcomes.append(_write(kube, job, lambda j: derive(_observe(kube, j, plan), j.status, now())))
+    return _written(*outcomes)
 
 
-def refresh(kube: Kube, job: api.FineTuneJob) -> Outcome:
+def _written(*outcomes: Outcome | None) -> list[Outcome]:
+    return [o for o in outcomes if o is not None]
+
+
+def refresh(kube: Kube, job: api.FineTuneJob, seen: dict[str, Any] | None = None) -> list[Outcome]:
     """Update status from the children without changing them (on a child or pod event)."""
-    previous = job.status
-    if previous is None or previous.phase in TERMINAL:
-        phase = previous.phase if previous else None
-        return Outcome(phase, phase, previous or FineTuneJobStatus(), False)
-    observed = _observe(kube, job, previous.plan)
-    return _write(kube, job, derive(observed, previous, now()))
+    if job.status is None or job.status.phase in TERMINAL:
+        return []
+
+    def compute(j: api.FineTuneJob) -> FineTuneJobStatus:
+        plan = j.status.plan if j.status else None
+        return derive(_observe(kube, j, plan, seen), j.status, now())
+
+    return _written(_write(kube, job, compute))
 
 
-def scrape_progress(kube: Kube, job: api.FineTuneJob) -> Outcome | None:
+def scrape_progress(kube: Kube, job: api.FineTuneJob) -> list[Outcome]:
     """Read progress from the master pod's metrics into status.progress (while Running)."""
     status = job.status
     if status is None or status.phase != "Running":
-        return None
+        return []
     pods = kube.pods(job.metadata.namespace or "", job.name)
     master = next(
         (p for p in pods if p["metadata"].get("labels", {}).get(REPLICA_TYPE_LABEL) == "master"),
@@ -109,5 +151,9 @@ def scrape_progress(kube: Kube, job: api.FineTuneJob) -> Outcome | None:
     text = kube.metrics(master, manifest.METRICS_PORT) if master else None
     progress = parse_progress(text, now()) if text else None
     if progress is None:
-        return None
-    return _write(kube, job, status.model_copy(update={"progress": progress}))
+        return []
+
+    def with_progress(j: api.FineTuneJob) -> FineTuneJobStatus:
+        return (j.status or FineTuneJobStatus()).model_copy(update={"progress": progress})
+
+    return _written(_write(kube, job, with_progress))

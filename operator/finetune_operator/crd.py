@@ -9,6 +9,7 @@ differ. Pure.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -113,11 +114,20 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion: finetune.dev/v1alpha1."},
             "kind": {"type": "string", "description": "Kind: FineTuneJob."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server allows only name and generateName constraints under metadata.
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": api.MAX_NAME_LENGTH,
+                        "pattern": api.NAME_PATTERN,
+                    }
+                },
+            },
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [r.to_crd() for r in api.FineTuneJob.cel_rules],
     }
 
 
@@ -155,7 +165,22 @@ def crd() -> dict[str, Any]:
     }
 
 
+_NUMBER_LIKE = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings that a YAML 1.2 reader (kubectl) would take for numbers, e.g. 2e-5."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = '"' if _NUMBER_LIKE.fullmatch(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def crd_yaml() -> str:
     """The CRD as the YAML committed in ``crds/finetunejob.yaml``."""
     header = "# Generated from finetune_operator.spec by `make crds`. Do not edit.\n"
-    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+    return header + yaml.dump(crd(), Dumper=_Dumper, sort_keys=False, width=100)

@@ -36,7 +36,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
-    settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's only errors
+    settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's: errors
     settings.execution.max_workers = 8
     load_config()
     memo.kube = Kube()
@@ -49,14 +49,20 @@ def _parse(body: kopf.Body) -> api.FineTuneJob:
         raise kopf.PermanentError(f"invalid FineTuneJob: {exc}") from None
 
 
-def _announce(body: Any, outcome: controller.Outcome) -> None:
+def _announce(kube: Kube, body: Any, outcomes: list[controller.Outcome]) -> None:
+    """An Event for each phase transition, and the jobs-by-phase metric."""
+    for outcome in outcomes:
+        _announce_one(kube, body, outcome)
+
+
+def _announce_one(kube: Kube, body: Any, outcome: controller.Outcome) -> None:
     key = f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"
     telemetry.job_phase(key, outcome.after)
     if outcome.before == outcome.after or outcome.after is None:
         return
     status = outcome.status
     if outcome.after == "Failed" and status.failure is not None:
-        kopf.warn(body, reason=status.failure.reason, message=status.failure.message)
+        kube.event(body, "Warning", status.failure.reason, status.failure.message)
         return
     messages = {
         "Planned": status.plan.reason if status.plan else "the trainer will plan at start",
@@ -65,7 +71,7 @@ def _announce(body: Any, outcome: controller.Outcome) -> None:
         "Suspended": "suspended: the pods are stopped",
         "Succeeded": "training finished",
     }
-    kopf.info(body, reason=outcome.after, message=messages.get(outcome.after, outcome.after))
+    kube.event(body, "Normal", outcome.after, messages.get(outcome.after, outcome.after))
 
 
 @kopf.on.resume(*RESOURCE)
@@ -74,8 +80,8 @@ def _announce(body: Any, outcome: controller.Outcome) -> None:
 def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     job = _parse(body)
     with telemetry.timed():
-        outcome = controller.reconcile(memo.kube, job, image=trainer_image())
-    _announce(body, outcome)
+        outcomes = controller.reconcile(memo.kube, job, image=trainer_image())
+    _announce(memo.kube, body, outcomes)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
@@ -84,7 +90,9 @@ def forget(body: kopf.Body, **_: Any) -> None:
     telemetry.job_phase(f"{body['metadata'].get('namespace')}/{body['metadata']['name']}", None)
 
 
-def _refresh(memo: kopf.Memo, namespace: str, name: str) -> None:
+def _refresh(
+    memo: kopf.Memo, namespace: str, name: str, seen: dict[str, Any] | None = None
+) -> None:
     kube: Kube = memo.kube
     document = kube.finetunejob(namespace, name)
     if document is None:
@@ -94,8 +102,8 @@ def _refresh(memo: kopf.Memo, namespace: str, name: str) -> None:
     except api.SpecError:
         return  # the FineTuneJob's own handler reports it
     with telemetry.timed():
-        outcome = controller.refresh(kube, job)
-    _announce(document, outcome)
+        outcomes = controller.refresh(kube, job, seen)
+    _announce(kube, document, outcomes)
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
@@ -107,15 +115,15 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
 def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
-    _refresh(memo, meta["namespace"], meta["labels"][JOB_LABEL])
+    _refresh(memo, meta["namespace"], meta["labels"][JOB_LABEL], seen=dict(body))
 
 
 @kopf.timer(*RESOURCE, interval=PROGRESS_INTERVAL, initial_delay=PROGRESS_INTERVAL)
 def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Training progress from the master's metrics, and a level-triggered safety net."""
     job = _parse(body)
-    outcome = controller.scrape_progress(memo.kube, job) or controller.refresh(memo.kube, job)
-    _announce(body, outcome)
+    outcomes = controller.scrape_progress(memo.kube, job) or controller.refresh(memo.kube, job)
+    _announce(memo.kube, body, outcomes)
 
 
 def run(*, namespaces: list[str], metrics_port: int, health_port: int) -> None:

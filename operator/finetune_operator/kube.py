@@ -6,12 +6,14 @@ PyTorchJob and its pods, and the master pod's metrics endpoint.
 
 from __future__ import annotations
 
+import socket
 import urllib.request
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 from finetune_operator import api
 from finetune_operator.manifest import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND
@@ -21,6 +23,10 @@ JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 #: Seconds a single API request may take before it is abandoned and retried by the handler.
 REQUEST_TIMEOUT = 30
+
+
+class WriteConflictError(Exception):
+    """The object changed since it was read: read it again and recompute."""
 
 
 def load_config() -> None:
@@ -78,17 +84,51 @@ class Kube:
         )
         return [dict(p) for p in pods.to_dict().get("items", [])]
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Replace the FineTuneJob's status with ``status`` (a JSON merge patch of .status)."""
+    def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write ``status`` over the FineTuneJob read as ``document``.
+
+        Optimistic concurrency: the write carries the document's resourceVersion, so it fails
+        with :class:`WriteConflictError` if the object changed since it was read.
+        """
         resource = self._resource(api.API_VERSION, api.KIND)
-        current = resource.get(name=name, namespace=namespace).to_dict().get("status") or {}
-        removed = {k: None for k in current if k not in status}
-        resource.status.patch(
-            body={"status": {**removed, **status}},
-            name=name,
-            namespace=namespace,
-            content_type="application/merge-patch+json",
-            field_manager=FIELD_MANAGER,
+        meta = document["metadata"]
+        try:
+            resource.status.replace(
+                body={**document, "status": status},
+                name=meta["name"],
+                namespace=meta["namespace"],
+                field_manager=FIELD_MANAGER,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ConflictError as exc:
+            raise WriteConflictError(str(exc)) from None
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record a Kubernetes Event about ``obj`` (what ``kubectl describe`` shows)."""
+        meta = obj["metadata"]
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", api.API_VERSION),
+                "kind": obj.get("kind", api.KIND),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        self._core.create_namespaced_event(
+            meta["namespace"],
+            body,  # type: ignore[arg-type]  # the client accepts plain dicts
             _request_timeout=REQUEST_TIMEOUT,
         )
 

@@ -8,6 +8,8 @@ folder on a PVC) is planned by the trainer when it has read the model's config.j
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from finetune_operator.spec import FineTuneJobSpec, LoraSpec
 from finetune_operator.status import PlanStatus
 from finetune_operator.translate import parse_source
@@ -65,7 +67,11 @@ def plan_job(spec: FineTuneJobSpec) -> PlanResult | None:
     if facts is None:
         return None
     res = spec.resources
-    cluster = Cluster.of(res.gpu_type, nodes=res.num_nodes, gpus_per_node=res.gpus_per_node)
+    try:
+        cluster = Cluster.of(res.gpu_type, nodes=res.num_nodes, gpus_per_node=res.gpus_per_node)
+    except ValidationError as exc:  # e.g. more GPUs per node than that GPU's servers hold
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise PlanInfeasible(f"spec.resources: {reasons}") from None
     return plan_parallelism(
         facts, cluster, workload(spec), constraints(spec), mode=spec.parallelism.mode
     )

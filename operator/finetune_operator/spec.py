@@ -733,11 +733,7 @@ class FineTuneJobSpec(ApiModel):
     ]
     hyperparameters: Annotated[
         Hyperparameters,
-        Field(
-            description="Optimisation settings.",
-            default_factory=Hyperparameters,
-            json_schema_extra=_EMPTY,
-        ),
+        Field(description="Optimisation settings; epochs or maxSteps is required."),
     ]
     parallelism: Annotated[
         Parallelism,

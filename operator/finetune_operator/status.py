@@ -217,6 +217,10 @@ class FineTuneJobStatus(StatusModel):
 # ---------------------------------------------------------------------------------------------
 
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
+#: Pod problems that keep training from starting (every pod must be up for torchrun).
+BLOCKING: frozenset[str] = frozenset(
+    {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError"}
+)
 
 _WAITING_PROBLEMS = {
     "ImagePullBackOff": "ImagePullBackOff",
@@ -398,7 +402,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
             phase = "Suspended"
             conds.append(_cond("Suspended", True, "Suspended", "runPolicy.suspend is true", g, now))
             conds.append(_cond("Running", False, "Suspended", "the pods are stopped", g, now))
-        elif "Running" in child_conds:
+        elif "Running" in child_conds and (problem is None or problem.reason not in BLOCKING):
             phase = "Running"
             start = start or now
             msg = "training is running"

@@ -10,28 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXAMPLES, ROOT, load_yaml
 from test_bad_specs import BAD, Bad, apply
 
+from helpers import EXAMPLES, load_yaml
+
 pytestmark = pytest.mark.integration
-CRD = "finetunejobs.finetune.dev"
 
 
 @pytest.fixture(scope="module")
-def api(testbed: Any) -> Iterator[tuple[Any, str]]:
-    """The test bed with our CRD installed, and a fresh namespace."""
-    applied = testbed.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "finetunejob.yaml")
-    )
-    assert applied.returncode == 0, applied.stderr
-    testbed.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s", check=True)
+def api(crd: Any) -> Iterator[tuple[Any, str]]:
+    """The test bed with our CRD installed (the ``crd`` fixture), and a fresh namespace."""
     namespace = f"ftj-api-{uuid.uuid4().hex[:6]}"
-    testbed.kubectl("create", "namespace", namespace, check=True)
+    crd.kubectl("create", "namespace", namespace, check=True)
     # Discovery can lag behind Established for a moment.
-    testbed.wait_for(lambda: testbed.kubectl("get", "ftj", "-n", namespace).returncode == 0,
-                     timeout=60, desc="ftj to be served")  # fmt: skip
-    yield testbed, namespace
-    testbed.kubectl("delete", "namespace", namespace, "--wait=false")
+    crd.wait_for(
+        lambda: crd.kubectl("get", "ftj", "-n", namespace).returncode == 0,
+        timeout=60,
+        desc="ftj to be served",
+    )
+    yield crd, namespace
+    crd.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def _dry_run(api: tuple[Any, str], document: dict[str, Any]) -> Any:
@@ -80,7 +78,8 @@ def test_kubectl_explain_prints_the_field_docs(api: tuple[Any, str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "per-document position ids" in result.stdout
     top = testbed.kubectl("explain", "ftj.spec.hyperparameters")
-    assert "learningRate" in top.stdout and "Decimals are strings" in top.stdout
+    assert "learningRate" in top.stdout
+    assert "Decimals are strings" in top.stdout
 
 
 def test_kubectl_get_ftj_shows_the_story_columns(

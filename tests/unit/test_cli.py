@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import EXAMPLES, ROOT
 from finetune_operator import crd
+from helpers import EXAMPLES, ROOT
 
 SCRIPT_DIR = Path(sys.executable).parent
 

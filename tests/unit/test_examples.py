@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from conftest import EXAMPLES, load_yaml
 from crdcheck import crd_failures
 from finetune_operator.api import FineTuneJob, parse
+from helpers import EXAMPLES, load_yaml
 
 
 def test_the_reference_workloads_and_the_offline_job_are_examples() -> None:

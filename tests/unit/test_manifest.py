@@ -10,26 +10,34 @@ import pytest
 import yaml
 from test_bad_specs import DELETE, apply
 
-from conftest import EXAMPLES, ROOT, load_yaml
 from finetune_operator import api, manifest
+from finetune_operator.plan import plan_config, plan_job
 from finetune_operator.translate import to_trainer_config
 from finetune_trainer.config import TrainerConfig
+from helpers import EXAMPLES, GOLDEN_NAMESPACE, GOLDEN_UID, ROOT, load_yaml
 
 GOLDEN = ROOT / "tests" / "golden"
 
 
 def _job(doc: dict[str, Any]) -> api.FineTuneJob:
-    doc = apply(doc, {"metadata.namespace": "ml", "metadata.uid": "0000-uid"})
+    doc = apply(doc, {"metadata.namespace": GOLDEN_NAMESPACE, "metadata.uid": GOLDEN_UID})
     return api.parse(doc)
 
 
 def _children(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     job = _job(doc)
-    config = to_trainer_config(job.spec, name=job.name, default_output_dir="/cache/output")
-    return (
-        manifest.config_map(job, config),
-        manifest.pytorch_job(job, image="finetune-trainer:0.1.0", plan_summary="p", exists=False),
+    planned = plan_job(job.spec)  # None for a model only the trainer can read
+    config = to_trainer_config(
+        job.spec,
+        name=job.name,
+        default_output_dir="/cache/output",
+        plan=plan_config(planned) if planned else None,
     )
+    summary = planned.summary if planned else None
+    child = manifest.pytorch_job(
+        job, image="finetune-trainer:0.1.0", plan_summary=summary, exists=False
+    )
+    return manifest.config_map(job, config), child
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
@@ -78,7 +86,7 @@ def test_children_are_owned_by_the_job(tiny_job: dict[str, Any]) -> None:
     for child in _children(tiny_job):
         (owner,) = child["metadata"]["ownerReferences"]
         assert owner["kind"] == "FineTuneJob"
-        assert owner["uid"] == "0000-uid"
+        assert owner["uid"] == GOLDEN_UID
         assert owner["controller"] is True
 
 

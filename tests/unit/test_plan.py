@@ -10,9 +10,9 @@ import yaml
 from test_bad_specs import DELETE, apply
 from test_cli import run
 
-from conftest import EXAMPLES, load_yaml
 from finetune_operator.api import parse
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
+from helpers import EXAMPLES, load_yaml
 
 #: A full fine-tune of Mistral-7B on one 40 GB GPU without offload cannot fit.
 TOO_BIG = {

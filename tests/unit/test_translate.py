@@ -15,11 +15,11 @@ import pytest
 from pydantic import BaseModel
 from test_bad_specs import DELETE, apply
 
-from conftest import EXAMPLES, load_yaml
 from finetune_operator import api
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import claims, local_path, to_trainer_config
 from finetune_trainer.config import TrainerConfig
+from helpers import EXAMPLES, load_yaml
 
 Get = Callable[[TrainerConfig], Any]
 

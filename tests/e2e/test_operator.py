@@ -1,0 +1,272 @@
+"""The operator end to end on the test bed: real API server, scheduler, controller-manager,
+kwok GPU nodes and Kubeflow training-operator. kwok plays the kubelet, so pods "run" for a few
+seconds and can be told (by pod annotation) to fail, be OOMKilled or stay Pending."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpers import GOLDEN_NAMESPACE, GOLDEN_UID, ROOT, load_yaml
+
+pytestmark = pytest.mark.e2e
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def gpu_job(name: str, **spec_changes: Any) -> dict[str, Any]:
+    """The Mistral example on one 8-GPU node, without PVCs (the test bed has no storage)."""
+    job = load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml")
+    job["metadata"] = {"name": name}
+    del job["spec"]["checkpoint"]["storage"]
+    del job["spec"]["output"]
+    del job["spec"]["model"]["tokenSecretRef"]
+    for key, value in spec_changes.items():
+        job["spec"][key] = value
+    return job
+
+
+def ftj(testbed: Any, namespace: str, name: str) -> dict[str, Any]:
+    return testbed.kubectl_json("get", "ftj", name, "-n", namespace)
+
+
+def wait_phase(
+    testbed: Any, namespace: str, name: str, phase: str, timeout: float = 180
+) -> dict[str, Any]:
+    return testbed.wait_for(
+        lambda: (
+            (job := ftj(testbed, namespace, name)).get("status", {}).get("phase") == phase and job
+        ),
+        timeout=timeout,
+        desc=f"{name} to be {phase}",
+    )
+
+
+def condition(job: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in job["status"]["conditions"] if c["type"] == type_)
+
+
+def pods(testbed: Any, namespace: str, name: str) -> list[dict[str, Any]]:
+    selector = f"training.kubeflow.org/job-name={name}"
+    return testbed.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+
+
+@pytest.mark.parametrize(
+    "example", ["mistral-7b-python-code", "llama3-8b-cnn-dailymail", "tiny-local"]
+)
+def test_example_becomes_the_golden_pytorchjob(operator: Any, example: str) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    job = load_yaml(ROOT / "examples" / f"{example}.yaml")
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    child = testbed.wait_for(
+        lambda: (
+            testbed.kubectl("get", "pytorchjob", example, "-n", ns, "-o", "json").returncode == 0
+            and testbed.kubectl_json("get", "pytorchjob", example, "-n", ns)
+        ),
+        timeout=60,
+        desc="the PyTorchJob",
+    )
+    uid = ftj(testbed, ns, example)["metadata"]["uid"]
+    text = (GOLDEN / f"{example}.pytorchjob.yaml").read_text()
+    golden = yaml.safe_load(text.replace(GOLDEN_NAMESPACE, ns).replace(GOLDEN_UID, uid))
+    for key in ("apiVersion", "kind"):
+        assert child[key] == golden[key]
+    for key in ("name", "namespace", "labels", "ownerReferences", "annotations"):
+        assert child["metadata"][key] == golden["metadata"][key], key
+    # Every field we set is there with our value (the server may add its defaults).
+    assert _missing(child["spec"], golden["spec"]) is None
+    assert child["spec"]["nprocPerNode"] == golden["spec"]["nprocPerNode"]
+    status = ftj(testbed, ns, example)["status"]
+    assert status["plan"]["summary"] == golden["metadata"]["annotations"]["finetune.dev/plan"]
+    assert condition(ftj(testbed, ns, example), "Planned")["status"] == "True"
+
+
+def _missing(theirs: Any, ours: Any, path: str = "") -> str | None:
+    """The first path where a field we set is absent or differs (the server may add defaults)."""
+    if isinstance(ours, dict):
+        if not isinstance(theirs, dict):
+            return path
+        for key, value in ours.items():
+            if key not in theirs:
+                return f"{path}.{key} (absent)"
+            found = _missing(theirs[key], value, f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(ours, list):
+        if not isinstance(theirs, list) or len(ours) != len(theirs):
+            return f"{path} (list {theirs!r} != {ours!r})"
+        for i, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+            found = _missing(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if ours == theirs or str(ours) == str(theirs) else f"{path}: {theirs!r} != {ours!r}"
+
+
+def test_job_runs_to_succeeded(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    assert testbed.apply(gpu_job("ok"), "-n", ns).returncode == 0
+    job = wait_phase(testbed, ns, "ok", "Succeeded")
+    assert job["status"]["completionTime"]
+    assert job["status"]["pytorchJob"]["name"] == "ok"
+    assert condition(job, "Succeeded")["status"] == "True"
+    assert all(
+        c["observedGeneration"] == job["metadata"]["generation"]
+        for c in job["status"]["conditions"]
+    )
+    events = testbed.kubectl(
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        "involvedObject.name=ok,involvedObject.kind=FineTuneJob",
+    ).stdout
+    assert "Succeeded" in events
+    assert "Planned" in events
+    table = testbed.kubectl("get", "ftj", "ok", "-n", ns).stdout
+    assert "Succeeded" in table
+    assert "fsdp8" in table
+    assert 'finetune_operator_jobs{phase="Succeeded"} 1.0' in operator.metrics()
+
+
+def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job(
+        "oom",
+        podMetadata={"annotations": {"testbed.finetune.dev/oom": "true"}},
+        runPolicy={"backoffLimit": 0},
+    )
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    failed = wait_phase(testbed, ns, "oom", "Failed")
+    assert failed["status"]["failure"]["reason"] == "OOMKilled"
+    assert failed["status"]["failure"]["exitCode"] == 137
+    assert "oom-master-0" in failed["status"]["failure"]["message"]
+
+
+def test_more_gpus_than_exist_says_unschedulable(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job(
+        "big",
+        resources={"numNodes": 3, "gpusPerNode": 8, "gpuType": "H100-80GB"},
+        hyperparameters={"epochs": 1, "globalBatchSize": 48},
+        podMetadata={"annotations": {"testbed.finetune.dev/run-duration": "1h"}},
+    )
+    assert testbed.apply(job, "-n", ns).returncode == 0
+
+    def unschedulable() -> bool:
+        status = ftj(testbed, ns, "big").get("status", {})
+        running = next((c for c in status.get("conditions", []) if c["type"] == "Running"), {})
+        return running.get("reason") == "Unschedulable" and "nvidia.com/gpu" in running.get(
+            "message", ""
+        )
+
+    testbed.wait_for(unschedulable, timeout=120, desc="an Unschedulable condition")
+
+
+def test_infeasible_plan_fails_fast_without_children(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job(
+        "toobig",
+        resources={"numNodes": 1, "gpusPerNode": 1, "gpuType": "A100-40GB"},
+        parallelism={"cpuOffload": False},
+    )
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    failed = wait_phase(testbed, ns, "toobig", "Failed", timeout=60)
+    assert failed["status"]["failure"]["reason"] == "PlanInfeasible"
+    assert "Would fit" in failed["status"]["failure"]["message"]
+    assert testbed.kubectl("get", "pytorchjob", "toobig", "-n", ns).returncode != 0
+
+
+def test_delete_takes_the_children(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job("gone", podMetadata={"annotations": {"testbed.finetune.dev/run-duration": "1h"}})
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    testbed.wait_for(lambda: pods(testbed, ns, "gone"), timeout=120, desc="pods")
+    testbed.kubectl("delete", "ftj", "gone", "-n", ns, "--wait=true", check=True)
+    testbed.wait_for(
+        lambda: (
+            testbed.kubectl(
+                "get", "pytorchjob,configmap", "-n", ns, "-l", "finetune.dev/job=gone", "-o", "name"
+            ).stdout.strip()
+            == ""
+            and not pods(testbed, ns, "gone")
+        ),
+        timeout=120,
+        desc="children to be garbage-collected",
+    )
+
+
+def test_suspend_stops_the_pods_and_resume_brings_them_back(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job("pause", podMetadata={"annotations": {"testbed.finetune.dev/run-duration": "1h"}})
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    wait_phase(testbed, ns, "pause", "Running")
+    testbed.kubectl(
+        "patch",
+        "ftj",
+        "pause",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":true}}}',
+        check=True,
+    )
+    wait_phase(testbed, ns, "pause", "Suspended")
+    testbed.wait_for(lambda: not pods(testbed, ns, "pause"), timeout=120, desc="pods to go")
+    testbed.kubectl(
+        "patch",
+        "ftj",
+        "pause",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":false}}}',
+        check=True,
+    )
+    testbed.wait_for(lambda: pods(testbed, ns, "pause"), timeout=120, desc="pods to come back")
+    wait_phase(testbed, ns, "pause", "Running")
+
+
+def test_operator_restart_while_creating_loses_and_duplicates_nothing(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    names = [f"burst-{i}" for i in range(20)]
+    jobs = [
+        gpu_job(n, podMetadata={"annotations": {"testbed.finetune.dev/pending": "true"}})
+        for n in names
+    ]
+    assert testbed.apply(jobs[:10], "-n", ns).returncode == 0
+    operator.kill()
+    assert testbed.apply(jobs[10:], "-n", ns).returncode == 0
+    operator.start()
+
+    def converged() -> bool:
+        children = testbed.kubectl_json("get", "pytorchjobs", "-n", ns)["items"]
+        planned = [ftj(testbed, ns, n).get("status", {}).get("phase") for n in names]
+        return sorted(c["metadata"]["name"] for c in children) == sorted(names) and all(
+            p in {"Pending", "Running"} for p in planned
+        )
+
+    testbed.wait_for(converged, timeout=240, interval=3, desc="20 jobs to converge")
+    configmaps = testbed.kubectl_json("get", "configmaps", "-n", ns, "-l", "finetune.dev/job")[
+        "items"
+    ]
+    assert len(configmaps) == 20
+
+
+def test_example_files_are_refused_by_the_api_server_when_bad(
+    crd: Any, namespace: str, tmp_path: Path
+) -> None:
+    job = load_yaml(ROOT / "examples" / "tiny-local.yaml")
+    job["spec"]["hyperparameters"]["learningRate"] = 0.001
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = crd.kubectl("apply", "-n", namespace, "-f", str(path))
+    assert result.returncode != 0
+    assert "spec.hyperparameters.learningRate" in result.stderr

@@ -1,0 +1,107 @@
+"""Fixtures for the operator's end-to-end tests: our CRD, a namespace, a running operator."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import ROOT
+
+CRD = "finetunejobs.finetune.dev"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def crd(testbed: Any) -> Any:
+    """The test bed with the FineTuneJob CRD installed from crds/."""
+    crd_file = str(ROOT / "crds" / "finetunejob.yaml")
+    applied = testbed.kubectl("apply", "--server-side", "--force-conflicts", "-f", crd_file)
+    assert applied.returncode == 0, applied.stderr
+    testbed.kubectl(
+        "wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s", check=True
+    )
+    return testbed
+
+
+@pytest.fixture
+def namespace(crd: Any) -> Iterator[str]:
+    name = f"ftj-{uuid.uuid4().hex[:8]}"
+    crd.kubectl("create", "namespace", name, check=True)
+    yield name
+    crd.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@dataclass
+class Operator:
+    """A ``finetune operator`` process watching one namespace."""
+
+    testbed: Any
+    namespace: str
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
+    health_port: int = 0
+
+    def start(self) -> None:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = self.testbed.env(FINETUNE_PROGRESS_INTERVAL="2", PYTHONUNBUFFERED="1")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "finetune"), "operator", "-n", self.namespace,
+                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-4000:]
+            try:
+                url = f"http://127.0.0.1:{self.health_port}/healthz"
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"operator not healthy in 60 s:\n{self.log.read_text()[-4000:]}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+
+@pytest.fixture
+def operator(crd: Any, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(crd, namespace, tmp_path / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+    if os.environ.get("FINETUNE_KEEP_LOGS"):
+        print(op.log.read_text())
