@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_bad_specs import BAD, Bad, apply
 
+from bad_specs import BAD, Bad, apply
 from helpers import EXAMPLES, load_yaml
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_kubectl_explain_prints_the_field_docs(api: tuple[Any, str]) -> None:
     assert "per-document position ids" in result.stdout
     top = testbed.kubectl("explain", "ftj.spec.hyperparameters")
     assert "learningRate" in top.stdout
-    assert "Decimals are strings" in top.stdout
+    assert "epochs or maxSteps is required" in top.stdout
 
 
 def test_kubectl_get_ftj_shows_the_story_columns(

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from test_bad_specs import DELETE, apply
 
+from bad_specs import DELETE, apply
 from finetune_operator import api, manifest
 from finetune_operator.plan import plan_config, plan_job
 from finetune_operator.translate import to_trainer_config

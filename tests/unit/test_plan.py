@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
-from test_bad_specs import DELETE, apply
 from test_cli import run
 
+from bad_specs import DELETE, apply
 from finetune_operator.api import parse
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from helpers import EXAMPLES, load_yaml

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from test_bad_specs import DELETE, apply
 
+from bad_specs import DELETE, apply
 from finetune_operator import api
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import claims, local_path, to_trainer_config

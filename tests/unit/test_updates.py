@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_bad_specs import apply
 
+from bad_specs import apply
 from finetune_operator.api import validate_document
 
 IMMUTABLE = [
