@@ -68,6 +68,7 @@ class ObjectMeta(BaseModel):
     uid: str | None = None
     generation: int | None = None
     resource_version: str | None = Field(default=None, alias="resourceVersion")
+    creation_timestamp: str | None = Field(default=None, alias="creationTimestamp")
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
 

@@ -226,6 +226,123 @@ def run_operator(
     handlers.run(namespaces=namespace or [], metrics_port=metrics_port, health_port=health_port)
 
 
+Namespace = Annotated[
+    str | None, typer.Option("--namespace", "-n", help="Namespace (default: the context's).")
+]
+
+
+def _cluster() -> Any:
+    """A client for the cluster in KUBECONFIG; exits 2 with the reason when there is none."""
+    try:
+        from finetune_operator import kube  # noqa: PLC0415 - needs the operator extra
+    except ImportError as exc:
+        err.print(f"[red]error[/]: {escape(str(exc))}; pip install 'finetune-operator[operator]'")
+        raise typer.Exit(2) from None
+    try:
+        kube.load_config()
+    except Exception as exc:
+        err.print(f"[red]error[/]: no cluster to talk to: {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    return kube
+
+
+def _fetch(name: str, namespace: str | None) -> tuple[Any, api.FineTuneJob, str]:
+    kube = _cluster()
+    ns = namespace or kube.current_namespace()
+    client = kube.Kube()
+    document = client.finetunejob(ns, name)
+    if document is None:
+        err.print(f"[red]error[/]: FineTuneJob {escape(name)} not found in namespace {ns}")
+        raise typer.Exit(1)
+    return client, api.parse(document), ns
+
+
+@app.command()
+def get(
+    name: Annotated[str | None, typer.Argument(help="A FineTuneJob (all when omitted).")] = None,
+    namespace: Namespace = None,
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A")] = False,
+) -> None:
+    """List FineTuneJobs with phase, plan, progress and loss."""
+    from finetune_operator import render  # noqa: PLC0415
+
+    kube = _cluster()
+    ns = None if all_namespaces else (namespace or kube.current_namespace())
+    documents = kube.Kube().finetunejobs(ns)
+    jobs = [api.parse(d) for d in documents if not name or d["metadata"]["name"] == name]
+    if name and not jobs:
+        err.print(f"[red]error[/]: FineTuneJob {escape(name)} not found")
+        raise typer.Exit(1)
+    out.print(render.jobs_table(jobs, namespaces=all_namespaces))
+
+
+@app.command()
+def describe(
+    name: Annotated[str, typer.Argument(help="A FineTuneJob.")], namespace: Namespace = None
+) -> None:
+    """Show a FineTuneJob's plan, conditions, failure and events."""
+    from finetune_operator import render  # noqa: PLC0415
+
+    client, job, ns = _fetch(name, namespace)
+    out.print(render.describe(job, client.events(ns, name)))
+
+
+@app.command()
+def watch(
+    name: Annotated[str, typer.Argument(help="A FineTuneJob.")],
+    namespace: Namespace = None,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0,
+) -> None:
+    """Follow a FineTuneJob with a progress bar until it ends (exit 1 if it fails)."""
+    import time  # noqa: PLC0415
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
+
+    client, job, ns = _fetch(name, namespace)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, TimeRemainingColumn(), console=out) as bar:
+        task = bar.add_task(name, total=None, info="")
+        phase = None
+        while True:
+            status = job.status
+            if status and status.phase != phase:
+                phase = status.phase
+                bar.console.print(f"{escape(name)}: {phase}")
+            progress = status.progress if status else None
+            if progress is not None:
+                info = f"loss {progress.loss}" if progress.loss else ""
+                bar.update(task, completed=progress.step, total=progress.total_steps, info=info)
+            if phase in {"Succeeded", "Failed"}:
+                break
+            time.sleep(interval)
+            document = client.finetunejob(ns, name)
+            if document is None:
+                err.print(f"[red]error[/]: FineTuneJob {escape(name)} was deleted")
+                raise typer.Exit(1)
+            job = api.parse(document)
+    if phase == "Failed":
+        failure = job.status.failure if job.status else None
+        if failure is not None:
+            err.print(f"[red]{escape(failure.reason)}[/]: {escape(failure.message)}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument(help="A FineTuneJob.")],
+    namespace: Namespace = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines.")] = False,
+    tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
+) -> None:
+    """Print the trainer's log from the master pod."""
+    client, job, ns = _fetch(name, namespace)
+    pod = f"{job.name}-master-0"
+    stream = client.logs(ns, pod, follow=follow, tail=tail)
+    for chunk in stream.stream() if follow else [stream.data]:
+        sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+
+
 @app.command("crd")
 def print_crd() -> None:
     """Print the FineTuneJob CustomResourceDefinition (pipe it to kubectl apply -f -)."""

@@ -37,6 +37,15 @@ def load_config() -> None:
         config.load_kube_config()
 
 
+def current_namespace() -> str:
+    """The namespace of the kubeconfig's current context (as kubectl uses), else default."""
+    try:
+        _, context = config.list_kube_config_contexts()
+    except (config.ConfigException, OSError):
+        return "default"
+    return str(context.get("context", {}).get("namespace") or "default")
+
+
 class Kube:
     """A thin, synchronous client for what the operator needs."""
 
@@ -71,6 +80,34 @@ class Kube:
 
     def finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(api.API_VERSION, api.KIND, namespace, name)
+
+    def finetunejobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every FineTuneJob in ``namespace`` (all namespaces when None)."""
+        found = self._resource(api.API_VERSION, api.KIND).get(
+            namespace=namespace, _request_timeout=REQUEST_TIMEOUT
+        )
+        return [dict(item) for item in found.to_dict().get("items", [])]
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Events about the FineTuneJob ``name``, oldest first."""
+        found = self._resource("v1", "Event").get(
+            namespace=namespace,
+            field_selector=f"involvedObject.name={name},involvedObject.kind={api.KIND}",
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        items = [dict(e) for e in found.to_dict().get("items", [])]
+        return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+    def logs(self, namespace: str, pod: str, *, follow: bool, tail: int | None) -> Any:
+        """The trainer container's log lines (an iterator of bytes when following)."""
+        return self._core.read_namespaced_pod_log(
+            pod,
+            namespace,
+            container="pytorch",
+            follow=follow,
+            tail_lines=tail,
+            _preload_content=False,
+        )
 
     def pytorchjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, namespace, name)

@@ -4,6 +4,8 @@ seconds and can be told (by pod annotation) to fail, be OOMKilled or stay Pendin
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,19 @@ def gpu_job(name: str, **spec_changes: Any) -> dict[str, Any]:
     for key, value in spec_changes.items():
         job["spec"][key] = value
     return job
+
+
+def finetune(testbed: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """The user's CLI against the test bed."""
+    exe = str(Path(sys.executable).parent / "finetune")
+    return subprocess.run(
+        [exe, *args],
+        capture_output=True,
+        text=True,
+        env=testbed.env(COLUMNS="200"),
+        timeout=120,
+        check=False,
+    )
 
 
 def ftj(testbed: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -133,6 +148,18 @@ def test_job_runs_to_succeeded(operator: Any) -> None:
     assert "fsdp8" in table
     assert 'finetune_operator_jobs{phase="Succeeded"} 1.0' in operator.metrics()
 
+    listed = finetune(testbed, "get", "-n", ns)
+    assert listed.returncode == 0, listed.stderr
+    assert "ok" in listed.stdout
+    assert "Succeeded" in listed.stdout
+    described = finetune(testbed, "describe", "ok", "-n", ns)
+    assert "fsdp8" in described.stdout
+    assert "Conditions" in described.stdout
+    assert "training finished" in described.stdout  # the Succeeded event
+    watched = finetune(testbed, "watch", "ok", "-n", ns)
+    assert watched.returncode == 0
+    assert "ok: Succeeded" in watched.stdout
+
 
 def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
     testbed, ns = operator.testbed, operator.namespace
@@ -146,6 +173,9 @@ def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
     assert failed["status"]["failure"]["reason"] == "OOMKilled"
     assert failed["status"]["failure"]["exitCode"] == 137
     assert "oom-master-0" in failed["status"]["failure"]["message"]
+    watched = finetune(testbed, "watch", "oom", "-n", ns)
+    assert watched.returncode == 1
+    assert "OOMKilled" in watched.stderr
 
 
 def test_more_gpus_than_exist_says_unschedulable(operator: Any) -> None:
