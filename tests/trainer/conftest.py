@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,24 @@ def trainer_env(journal: Path, nproc: int) -> dict[str, str]:
 
 
 def torchrun(config: Path, nproc: int, journal: Path) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "finetune_trainer.train", "--config", str(config)]  # fmt: skip
-    return subprocess.Popen(cmd, env=trainer_env(journal, nproc), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "finetune_trainer.train",
+        "--config",
+        str(config),
+    ]
+    return subprocess.Popen(
+        cmd,
+        env=trainer_env(journal, nproc),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
@@ -147,5 +161,5 @@ def poll(fn: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
 
 
 @pytest.fixture(scope="session")
-def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield tmp_path_factory.mktemp("runs")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")

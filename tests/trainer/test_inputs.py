@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import trainer_config, write_config
 
 pytestmark = pytest.mark.trainer
@@ -99,22 +100,34 @@ def test_packed_loss_equals_unpacked(small_model_dir: Path) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.config import DataConfig
+    from finetune_trainer.config import DataConfig, ModelConfig
     from finetune_trainer.data import collate, pack, rows_at, tokenize
     from finetune_trainer.lm import CausalLMLoss
     from finetune_trainer.models import load_tokenizer
-    from finetune_trainer.config import ModelConfig
 
     tok = load_tokenizer(ModelConfig(kind="local", name_or_path=str(small_model_dir)))
-    docs = Dataset.from_list([
-        {"instruction": "Add two numbers and return the sum.", "input": "", "output": "a + b"},
-        {"instruction": "Reverse a list in place.", "input": "def rev(xs):",
-         "output": "def rev(xs):\n    xs.reverse()"},
-        {"instruction": "Return the larger value of x and y.", "input": "",
-         "output": "return x if x > y else y"},
-    ])  # fmt: skip
-    cfg = DataConfig(kind="builtin", name_or_path="x", format="alpaca", max_seq_length=512,
-                     columns={"instruction": "instruction", "input": "input", "output": "output"})  # fmt: skip
+    docs = Dataset.from_list(
+        [
+            {"instruction": "Add two numbers and return the sum.", "input": "", "output": "a + b"},
+            {
+                "instruction": "Reverse a list in place.",
+                "input": "def rev(xs):",
+                "output": "def rev(xs):\n    xs.reverse()",
+            },
+            {
+                "instruction": "Return the larger value of x and y.",
+                "input": "",
+                "output": "return x if x > y else y",
+            },
+        ]
+    )
+    cfg = DataConfig(
+        kind="builtin",
+        name_or_path="x",
+        format="alpaca",
+        max_seq_length=512,
+        columns={"instruction": "instruction", "input": "input", "output": "output"},
+    )
     tokens = tokenize(docs, cfg, tok, num_proc=None)
     packed = pack(tokens, 512)
     assert len(packed) == 1
@@ -145,8 +158,13 @@ def test_prompt_tokens_are_masked(small_model_dir: Path) -> None:
 
     tok = load_tokenizer(ModelConfig(kind="local", name_or_path=str(small_model_dir)))
     docs = Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": "hi"}])
-    cfg = DataConfig(kind="builtin", name_or_path="x", format="alpaca", max_seq_length=512,
-                     columns={"instruction": "instruction", "input": "input", "output": "output"})  # fmt: skip
+    cfg = DataConfig(
+        kind="builtin",
+        name_or_path="x",
+        format="alpaca",
+        max_seq_length=512,
+        columns={"instruction": "instruction", "input": "input", "output": "output"},
+    )
     row = tokenize(docs, cfg, tok, num_proc=None)[0]
     targets = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE]
     assert tok.decode(targets).strip() == "hi</s>"
@@ -172,10 +190,15 @@ def test_schedules() -> None:
 def test_sampler_is_deterministic_and_disjoint() -> None:
     from finetune_trainer.data import StepSampler
 
-    one = StepSampler(num_rows=50, global_batch_size=8, dp_rank=0, dp_size=1,
-                      micro_batch_size=4, seed=1)  # fmt: skip
-    ranks = [StepSampler(num_rows=50, global_batch_size=8, dp_rank=r, dp_size=2,
-                         micro_batch_size=2, seed=1) for r in range(2)]  # fmt: skip
+    one = StepSampler(
+        num_rows=50, global_batch_size=8, dp_rank=0, dp_size=1, micro_batch_size=4, seed=1
+    )
+    ranks = [
+        StepSampler(
+            num_rows=50, global_batch_size=8, dp_rank=r, dp_size=2, micro_batch_size=2, seed=1
+        )
+        for r in range(2)
+    ]
     for step in (0, 5, 6, 13):  # 6 steps per epoch: 6 and 13 are in later epochs
         whole = [i for mb in one.micro_batches(step) for i in mb]
         split = [i for s in ranks for mb in s.micro_batches(step) for i in mb]
@@ -193,5 +216,9 @@ def test_stdlib_builder_is_real_code() -> None:
     assert len(records) > 500
     for rec in records[:50]:
         assert set(rec) == {"instruction", "input", "output"}
-        ast.parse(rec["output"].strip() if not rec["output"].startswith(" ") else "if 1:\n" + rec["output"])
+        ast.parse(
+            rec["output"].strip()
+            if not rec["output"].startswith(" ")
+            else "if 1:\n" + rec["output"]
+        )
         assert rec["input"].startswith("def ")

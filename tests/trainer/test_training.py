@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import (
     free_port,
     losses,
@@ -38,8 +39,12 @@ def one_rank(small_model_dir: Path, session_dir: Path) -> dict[str, Any]:
     """24 steps on 1 rank; /metrics scraped while it runs."""
     run = session_dir / "one"
     port = free_port()
-    cfg = trainer_config(small_model_dir, run, schedule__max_steps=STEPS,
-                         metrics={"port": port, "log_every_steps": 1})  # fmt: skip
+    cfg = trainer_config(
+        small_model_dir,
+        run,
+        schedule__max_steps=STEPS,
+        metrics={"port": port, "log_every_steps": 1},
+    )
     cfg["schedule"]["eval_every_steps"] = 12
     journal = run / "journal.jsonl"
     proc = torchrun(write_config(cfg, run / "config.json"), 1, journal)
@@ -138,7 +143,7 @@ def test_metrics_endpoint_names_and_types(one_rank: dict[str, Any]) -> None:
     assert 0 < samples["finetune_train_progress_ratio"].value <= 1
     assert 0 <= samples["finetune_train_mfu_ratio"].value <= 1
     assert 0 < samples["finetune_train_loss"].value < 11
-    mem = [s for s in families["finetune_gpu_memory_max_allocated_bytes"].samples]
+    mem = list(families["finetune_gpu_memory_max_allocated_bytes"].samples)
     assert mem[0].labels == {"rank": "0"}
     assert mem[0].value > 0
     assert samples["finetune_trainer_build_info"].labels["version"]
@@ -160,7 +165,8 @@ def test_resumed_run_equals_uninterrupted(
     assert proc.returncode != 0, "a preempted run must not report success"
     ckpt = run / "ckpt"
     saved = sorted(p.name for p in ckpt.iterdir())
-    assert saved and all(not name.endswith(".tmp") for name in saved), (saved, out[-3000:])
+    assert saved, out[-3000:]
+    assert all(not name.endswith(".tmp") for name in saved), saved
     stopped = max(losses(journal))
     assert stopped < SHORT, "the run ended before SIGTERM: nothing to resume"
     assert not (run / "model").exists()
@@ -177,3 +183,29 @@ def test_resumed_run_equals_uninterrupted(
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], abs=RESUME_TOLERANCE), step
     assert (run / "model" / "config.json").is_file()
+
+
+def test_lora_on_two_ranks_exports_a_merged_model(small_model_dir: Path, session_dir: Path) -> None:
+    """LoRA under FSDP2 (frozen base, trainable adapters in the same units): the loss falls and
+    the export is a plain model with the adapters merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = session_dir / "lora"
+    cfg = trainer_config(small_model_dir, run, schedule__max_steps=6)
+    cfg["method"] = {
+        "type": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    }
+    cfg["optim"]["learning_rate"] = 1e-2
+    journal = run / "journal.jsonl"
+    run_trainer(write_config(cfg, run / "config.json"), 2, journal)
+    curve = losses(journal)
+    assert curve[6] < curve[1]
+    merged = AutoModelForCausalLM.from_pretrained(run / "model")
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    assert not any("lora" in k for k in merged.state_dict())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(merged.state_dict()[k].float(), base.state_dict()[k].float())

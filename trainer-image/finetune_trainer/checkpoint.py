@@ -67,9 +67,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     found = [
         p
         for p in base.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
+        if p.is_dir()
+        and p.name.startswith(PREFIX)
+        and not p.name.endswith(".tmp")
         and (p / MARKER).is_file()
-    ]  # fmt: skip
+    ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -147,8 +149,9 @@ class Checkpointer:
         dcp.save({"app": _AppState(model, optimizer)}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
         if self.rank == 0:
-            torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra},
-                       tmp / "trainer.pt")  # fmt: skip
+            torch.save(
+                {"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt"
+            )
         _barrier()
         if self.rank == 0:
             marker = tmp / MARKER

@@ -9,6 +9,7 @@ rank reads at each step: a pure function of seed, step and rank, so resume is ex
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 from collections.abc import Sequence
@@ -38,6 +39,9 @@ ALPACA_NO_INPUT = (
 )
 SUMMARY_HEAD = "Summarize the following article.\n\n### Article:\n"
 SUMMARY_TAIL = "\n\n### Summary:\n"
+#: Part of every cache key: datasets hashes module functions by name, not code, so a change to
+#: this file must change the key itself.
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 #: Rows that exceed the length are dropped; more than this share dropped is an error.
 MAX_DROPPED_SHARE = 0.5
 
@@ -189,15 +193,24 @@ def _ids(x: Any) -> list[int]:
 
 
 def _tokenize_batch(
-    batch: dict[str, list[Any]], *, tok: Any, fmt: str, cols: dict[str, str], max_len: int
+    batch: dict[str, list[Any]],
+    *,
+    tok: Any,
+    fmt: str,
+    cols: dict[str, str],
+    max_len: int,
+    code: str = CODE_VERSION,
 ) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_len": [], "fits": []}
     n = len(next(iter(batch.values())))
     for i in range(n):
         row = {k: v[i] for k, v in batch.items()}
         if fmt == "text":
-            ids = [*_bos(tok), *tok(str(row[cols["text"]] or ""), add_special_tokens=False)[
-                "input_ids"], tok.eos_token_id]  # fmt: skip
+            ids = [
+                *_bos(tok),
+                *tok(str(row[cols["text"]] or ""), add_special_tokens=False)["input_ids"],
+                tok.eos_token_id,
+            ]
             # Long texts become several rows of max_len (each starting a new document).
             for start in range(0, max(len(ids) - 1, 1), max_len):
                 chunk = ids[start : start + max_len]
@@ -234,11 +247,18 @@ def tokenize(ds: Dataset, cfg: DataConfig, tok: Any, *, num_proc: int | None) ->
         )
     if len(ds) == 0:
         return ds
-    fn = partial(_tokenize_batch, tok=tok, fmt=cfg.format, cols=cfg.columns,
-                 max_len=cfg.max_seq_length)  # fmt: skip
+    fn = partial(
+        _tokenize_batch,
+        tok=tok,
+        fmt=cfg.format,
+        cols=cfg.columns,
+        max_len=cfg.max_seq_length,
+        code=CODE_VERSION,
+    )
     procs = num_proc if num_proc and len(ds) >= 64 * num_proc else None
-    out = ds.map(fn, batched=True, num_proc=procs, remove_columns=ds.column_names,
-                 desc="tokenizing")  # fmt: skip
+    out = ds.map(
+        fn, batched=True, num_proc=procs, remove_columns=ds.column_names, desc="tokenizing"
+    )
     fits = out["fits"]
     dropped = len(fits) - sum(fits)
     if dropped > MAX_DROPPED_SHARE * len(fits):
@@ -259,22 +279,32 @@ def tokenize(ds: Dataset, cfg: DataConfig, tok: Any, *, num_proc: int | None) ->
 # ---- packing -------------------------------------------------------------------------------
 
 
-def _pack_batch(batch: dict[str, list[Any]], *, max_len: int) -> dict[str, list[Any]]:
+def _pack_batch(
+    batch: dict[str, list[Any]], *, max_len: int, code: str = CODE_VERSION
+) -> dict[str, list[Any]]:
+    """First-fit decreasing: longest documents first, each into the first row with room."""
+    docs = sorted(zip(batch["input_ids"], batch["labels"], strict=True), key=lambda d: -len(d[0]))
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    room: list[int] = []
+    for doc_ids, doc_labels in docs:
+        n = len(doc_ids)
+        slot = next((i for i, r in enumerate(room) if r >= n), None)
+        if slot is None:
+            rows.append([])
+            room.append(max_len)
+            slot = len(rows) - 1
+        rows[slot].append((doc_ids, doc_labels))
+        room[slot] -= n
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": []}
-    ids: list[int] = []
-    labels: list[int] = []
-    pos: list[int] = []
-    for doc_ids, doc_labels in zip(batch["input_ids"], batch["labels"], strict=True):
-        if ids and len(ids) + len(doc_ids) > max_len:
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["position_ids"].append(pos)
-            ids, labels, pos = [], [], []
-        ids = ids + list(doc_ids)
-        # A document's first token is never a target: nothing before it in its document.
-        labels = labels + [IGNORE, *list(doc_labels)[1:]]
-        pos = pos + list(range(len(doc_ids)))
-    if ids:
+    for row in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for doc_ids, doc_labels in row:
+            ids += doc_ids
+            # A document's first token is never a target: nothing before it in its document.
+            labels += [IGNORE, *doc_labels[1:]]
+            pos += range(len(doc_ids))
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["position_ids"].append(pos)
@@ -282,7 +312,8 @@ def _pack_batch(batch: dict[str, list[Any]], *, max_len: int) -> dict[str, list[
 
 
 def pack(ds: Dataset, max_len: int, *, num_proc: int | None = None) -> Dataset:
-    """Concatenate documents (in order) into rows of at most ``max_len`` tokens.
+    """Concatenate documents into rows of at most ``max_len`` tokens (first-fit decreasing in
+    chunks of 2000 documents, so rows are nearly full).
 
     ``position_ids`` restart at 0 for every document: the model builds a block-diagonal causal
     mask from them, so attention never crosses documents.
@@ -290,8 +321,14 @@ def pack(ds: Dataset, max_len: int, *, num_proc: int | None = None) -> Dataset:
     if len(ds) == 0:
         return ds.add_column("position_ids", [])  # type: ignore[arg-type]
     procs = num_proc if num_proc and len(ds) >= 2000 * num_proc else None
-    return ds.map(partial(_pack_batch, max_len=max_len), batched=True, batch_size=2000,
-                  num_proc=procs, remove_columns=ds.column_names, desc="packing")  # fmt: skip
+    return ds.map(
+        partial(_pack_batch, max_len=max_len, code=CODE_VERSION),
+        batched=True,
+        batch_size=2000,
+        num_proc=procs,
+        remove_columns=ds.column_names,
+        desc="packing",
+    )
 
 
 def prepare(ds: Dataset, cfg: DataConfig, tok: Any, *, num_proc: int | None, seed: int) -> Dataset:

@@ -14,7 +14,7 @@ from finetune_trainer.config import TrainerConfig
 def default_nproc() -> int:
     """One process per GPU, or one on a machine without GPUs."""
     try:
-        import torch
+        import torch  # noqa: PLC0415 - torch is slow to import; only needed here
 
         if torch.cuda.is_available():
             return max(1, torch.cuda.device_count())
@@ -32,9 +32,16 @@ def _plan_world(config: TrainerConfig) -> int | None:
 
 def torchrun_command(config_path: str | Path, nproc: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "finetune_trainer.train", "--config", str(config_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "finetune_trainer.train",
+        "--config",
+        str(config_path),
+    ]
 
 
 def run_local(config: TrainerConfig, nproc: int | None = None) -> int:

@@ -4,8 +4,8 @@ there are labels (prompt, pad and document-start positions never reach the LM he
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 from transformers import PreTrainedModel
 
 from finetune_trainer.data import IGNORE
@@ -35,5 +35,5 @@ class CausalLMLoss(nn.Module):
         head = self.model.get_output_embeddings()
         assert head is not None
         logits = head(hidden[keep]).float()
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        loss = functional.cross_entropy(logits, targets[keep], reduction="sum")
         return loss, keep.sum()

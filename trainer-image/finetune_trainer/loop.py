@@ -30,7 +30,7 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Any:
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1) if kind == "constant" else step / max(1, warmup)
+            return step / warmup
         if kind == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total - warmup)
@@ -155,8 +155,9 @@ class Loop:
             torch.cuda.synchronize()
         real_tokens = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
         real = _all_reduce(torch.tensor([float(real_tokens)], device=self.device))
-        return StepResult(step + 1, loss, float(norm), lr, int(real.item()),
-                          time.perf_counter() - start, wait)  # fmt: skip
+        return StepResult(
+            step + 1, loss, float(norm), lr, int(real.item()), time.perf_counter() - start, wait
+        )
 
     @torch.no_grad()
     def evaluate(self, ds: Dataset, micro_batch_size: int) -> float | None:

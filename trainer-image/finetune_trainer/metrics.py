@@ -49,10 +49,10 @@ def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
         registry=r,
         loss=Gauge(
             "finetune_train_loss", "Mean training loss of the last step (nats/token)", registry=r
-        ),  # fmt: skip
+        ),
         learning_rate=Gauge(
             "finetune_train_learning_rate", "Learning rate of the last step", registry=r
-        ),  # fmt: skip
+        ),
         grad_norm=Gauge("finetune_train_grad_norm", "Gradient norm before clipping", registry=r),
         tokens=Counter("finetune_train_tokens", "Real (non-pad) tokens trained on", registry=r),
         steps=Counter("finetune_train_steps", "Optimizer steps taken", registry=r),
@@ -61,44 +61,45 @@ def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
             "Wall time of one optimizer step",
             buckets=_STEP_BUCKETS,
             registry=r,
-        ),  # fmt: skip
+        ),
         dataloader_wait=Histogram(
             "finetune_dataloader_wait_seconds",
             "Time a step waited for its batches",
             buckets=_WAIT_BUCKETS,
             registry=r,
-        ),  # fmt: skip
+        ),
         checkpoint_save=Histogram(
             "finetune_checkpoint_save_duration_seconds",
             "Time to write one checkpoint",
             buckets=_SAVE_BUCKETS,
             registry=r,
-        ),  # fmt: skip
+        ),
         mfu=Gauge(
             "finetune_train_mfu_ratio", "Model FLOPs utilisation (0-1) of the last step", registry=r
-        ),  # fmt: skip
+        ),
         progress=Gauge(
             "finetune_train_progress_ratio", "Steps done / total steps (0-1)", registry=r
-        ),  # fmt: skip
+        ),
         memory=Gauge(
             "finetune_gpu_memory_max_allocated_bytes",
             "Peak accelerator memory allocated (peak RSS on CPU)",
             ["rank"],
             registry=r,
-        ),  # fmt: skip
+        ),
         build_info=Gauge(
             "finetune_trainer_build_info",
             "Trainer build (always 1)",
             ["version", "torch", "transformers", "python"],
             registry=r,
-        ),  # fmt: skip
+        ),
     )
-    m.build_info.labels(__version__, torch_version, transformers_version,
-                        platform.python_version()).set(1)  # fmt: skip
+    m.build_info.labels(
+        __version__, torch_version, transformers_version, platform.python_version()
+    ).set(1)
     return m
 
 
-def serve(m: TrainerMetrics, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104
+def serve(m: TrainerMetrics, port: int, addr: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port`` (0: any free port, see ``m.port``)."""
     server, _thread = start_http_server(port, addr=addr, registry=m.registry)
     m.server = server

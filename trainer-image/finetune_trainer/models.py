@@ -70,7 +70,7 @@ def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def offline_tokenizer_dir() -> Path:
     """A folder holding the mistral-common tokenizer as ``tokenizer.model`` (made once)."""
-    import mistral_common
+    import mistral_common  # noqa: PLC0415 - only builtin models need it
 
     src = Path(mistral_common.__file__).parent / "data" / MISTRAL_V3_TOKENIZER
     if not src.is_file():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from finetune_trainer.config import PlanConfig
 from finetune_trainer.errors import ConfigError
@@ -77,8 +77,6 @@ def apply_plan(
         mp = MixedPrecisionPolicy()
     offload = None
     if plan is not None and plan.cpu_offload:
-        from torch.distributed.fsdp import CPUOffloadPolicy
-
         offload = CPUOffloadPolicy()
     kwargs = {"mesh": mesh, "mp_policy": mp}
     if offload is not None:

@@ -7,6 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
+
 
 def fmt_eta(seconds: float) -> str:
     s = int(max(seconds, 0))
@@ -28,12 +31,14 @@ class Progress:
         self._start, self._start_step = time.perf_counter(), step
         if not self.enabled or not self.stream.isatty():
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
-                                   TimeRemainingColumn)  # fmt: skip
-
-        self._bar = Bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                        transient=False)  # fmt: skip
+        self._bar = Bar(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self._bar.start()
         self._task = self._bar.add_task("train", total=self.total_steps, completed=step, info="")
 
@@ -49,10 +54,13 @@ class Progress:
         info = f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        elif step % self.log_every == 0 or step == self.total_steps or step == 1:
+        elif step % self.log_every == 0 or step in (self.total_steps, 1):
             pct = 100.0 * step / self.total_steps
-            print(f"step {step}/{self.total_steps} ({pct:.0f}%) {info} "
-                  f"eta {fmt_eta(self.eta(step))}", file=self.stream, flush=True)  # fmt: skip
+            print(
+                f"step {step}/{self.total_steps} ({pct:.0f}%) {info} eta {fmt_eta(self.eta(step))}",
+                file=self.stream,
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -19,8 +19,20 @@ from pathlib import Path
 
 NAME = "python-stdlib-alpaca"
 #: Packages whose code is mostly tests, GUI or generated tables.
-_SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
-              "dist-packages", "ensurepip", "pydoc_data", "encodings", "__pycache__"}  # fmt: skip
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "ensurepip",
+    "pydoc_data",
+    "encodings",
+    "__pycache__",
+}
 MAX_OUTPUT_CHARS = 1200
 MAX_INSTRUCTION_CHARS = 400
 

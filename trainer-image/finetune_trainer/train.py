@@ -16,14 +16,17 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from datasets import Dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from finetune_trainer import data as data_mod
+from finetune_trainer import metrics as metrics_mod
 from finetune_trainer.checkpoint import Checkpointer, check_writable, latest
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.distenv import DistEnv
@@ -32,6 +35,7 @@ from finetune_trainer.lm import CausalLMLoss
 from finetune_trainer.loop import Loop, StepResult, lr_lambda, make_optimizer
 from finetune_trainer.models import DTYPES, check_model_source, load_model, load_tokenizer
 from finetune_trainer.parallelize import apply_activation_checkpointing, apply_plan, check_plan
+from finetune_trainer.planner.hardware import get_gpu
 from finetune_trainer.progress import Progress
 
 T = TypeVar("T")
@@ -54,8 +58,11 @@ def choose_micro_batch(cfg: TrainerConfig, dp_size: int, device: torch.device) -
         return cfg.parallelism.micro_batch_size
     per_rank = cfg.schedule.global_batch_size // dp_size
     budget = MICRO_BATCH_TOKENS.get(device.type, 4096)
-    fitting = [m for m in range(1, per_rank + 1)
-               if per_rank % m == 0 and m * cfg.data.max_seq_length <= budget]  # fmt: skip
+    fitting = [
+        m
+        for m in range(1, per_rank + 1)
+        if per_rank % m == 0 and m * cfg.data.max_seq_length <= budget
+    ]
     return max(fitting, default=1)
 
 
@@ -141,14 +148,20 @@ def _prepare_data(cfg: TrainerConfig, tok: Any) -> tuple[Dataset, Dataset]:
 def _wrap_lora(cfg: TrainerConfig, model: Any) -> Any:
     if cfg.method.type != "lora":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - only LoRA runs need peft
 
     lc = cfg.method.lora
     assert lc is not None
-    peft = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                            target_modules=list(lc.target_modules),
-                                            task_type="CAUSAL_LM"))  # fmt: skip
-    return peft
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=list(lc.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -163,8 +176,6 @@ def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 def _peak_flops(cfg: TrainerConfig, device: torch.device, world: int) -> float | None:
-    from finetune_trainer.planner.hardware import get_gpu
-
     try:
         gpu = "CPU" if device.type == "cpu" else cfg.hardware.gpu_type
         return get_gpu(gpu).peak_flops * world
@@ -182,8 +193,6 @@ def export(
     cfg: TrainerConfig, env: DistEnv, module: torch.nn.Module, hf_model: Any, tok: Any
 ) -> Path:
     """Save the final model with ``save_pretrained`` (atomically: tmp folder, then rename)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(module, options=opts)
     out = Path(cfg.output_dir)
@@ -219,7 +228,7 @@ def _export_merged_lora(
     merged.save_pretrained(tmp)
 
 
-def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
+def run(cfg: TrainerConfig, env: DistEnv) -> int:
     preflight(cfg, env)
     device = _device(env)
     if env.distributed and not dist.is_initialized():
@@ -232,21 +241,29 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
     dp_size = env.world_size
     mbs = choose_micro_batch(cfg, dp_size, device)
     sampler = data_mod.StepSampler(
-        num_rows=len(train_ds), global_batch_size=cfg.schedule.global_batch_size,
-        dp_rank=env.rank, dp_size=dp_size, micro_batch_size=mbs, seed=cfg.schedule.seed,
-    )  # fmt: skip
+        num_rows=len(train_ds),
+        global_batch_size=cfg.schedule.global_batch_size,
+        dp_rank=env.rank,
+        dp_size=dp_size,
+        micro_batch_size=mbs,
+        seed=cfg.schedule.seed,
+    )
     total = cfg.schedule.max_steps or (cfg.schedule.epochs or 1) * sampler.steps_per_epoch
-    log(env, f"data: {len(train_ds)} training rows of <= {cfg.data.max_seq_length} tokens "
-             f"(packing {'on' if cfg.data.packing else 'off'}), {len(eval_ds)} eval rows; "
-             f"{total} steps of {cfg.schedule.global_batch_size} rows = {dp_size} ranks x "
-             f"{mbs} micro-batch x {sampler.accumulation} accumulation")  # fmt: skip
+    log(
+        env,
+        f"data: {len(train_ds)} training rows of <= {cfg.data.max_seq_length} tokens "
+        f"(packing {'on' if cfg.data.packing else 'off'}), {len(eval_ds)} eval rows; "
+        f"{total} steps of {cfg.schedule.global_batch_size} rows = {dp_size} ranks x "
+        f"{mbs} micro-batch x {sampler.accumulation} accumulation",
+    )
 
     # Model: fp32 master weights; bf16 compute (FSDP on GPU, autocast) where it is asked for.
     model = load_model(cfg.model, seed=cfg.schedule.seed, dtype=torch.float32)
     model = _wrap_lora(cfg, model)
     hf_model = model.get_base_model() if cfg.method.type == "lora" else model
-    ac = (cfg.plan.activation_checkpointing if cfg.plan else
-          cfg.parallelism.activation_checkpointing) or "none"  # fmt: skip
+    ac = (
+        cfg.plan.activation_checkpointing if cfg.plan else cfg.parallelism.activation_checkpointing
+    ) or "none"
     apply_activation_checkpointing(hf_model, ac)
     module = CausalLMLoss(hf_model)
     flops_per_token = _flops_per_token(hf_model, cfg.data.max_seq_length)
@@ -259,11 +276,23 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lr_lambda(cfg.optim.lr_scheduler, cfg.optim.warmup_steps, total)
     )
-    loop = Loop(module, optim, sched, sampler, train_ds, device, pad_id=tok.pad_token_id,
-                autocast=autocast, max_grad_norm=cfg.optim.max_grad_norm)  # fmt: skip
+    loop = Loop(
+        module,
+        optim,
+        sched,
+        sampler,
+        train_ds,
+        device,
+        pad_id=tok.pad_token_id,
+        autocast=autocast,
+        max_grad_norm=cfg.optim.max_grad_norm,
+    )
 
-    ckpt = Checkpointer(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last, env.rank) \
-        if cfg.checkpoint.dir else None  # fmt: skip
+    ckpt = (
+        Checkpointer(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last, env.rank)
+        if cfg.checkpoint.dir
+        else None
+    )
     step = 0
     if ckpt is not None and cfg.checkpoint.resume == "auto":
         found = latest(ckpt.root)
@@ -273,13 +302,15 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
             log(env, f"resumed from {found} at step {step}")
 
     # Metrics on each node's local rank 0; everything is computed on every rank.
-    from importlib.metadata import version
-
-    from finetune_trainer import metrics as metrics_mod
-
     metrics = metrics_mod.create(torch.__version__, version("transformers"))
     if env.local_rank == 0:
-        metrics_mod.serve(metrics, cfg.metrics.port)
+        try:
+            metrics_mod.serve(metrics, cfg.metrics.port)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot serve metrics on port {cfg.metrics.port}: {err}. Free the port or "
+                "choose another one for the trainer's metrics"
+            ) from err
         log(env, f"metrics on :{metrics.port}/metrics")
     peak = _peak_flops(cfg, device, env.world_size)
     progress = Progress(total, cfg.metrics.log_every_steps, enabled=env.rank == 0)
@@ -301,8 +332,14 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:  # noqa: C901
             step = result.step
             _record(metrics, result, env, device, flops_per_token, peak, step / total)
             progress.step(step, result.loss, result.lr, result.tokens / result.seconds)
-            journal.write(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                          tokens=result.tokens, seconds=result.seconds)  # fmt: skip
+            journal.write(
+                step=step,
+                loss=result.loss,
+                lr=result.lr,
+                grad_norm=result.grad_norm,
+                tokens=result.tokens,
+                seconds=result.seconds,
+            )
             every = cfg.schedule.eval_every_steps
             if every and step % every == 0 and step < total:
                 _eval(loop, eval_ds, mbs, progress, step, journal)
