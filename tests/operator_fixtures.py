@@ -57,10 +57,17 @@ class Operator:
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
     health_port: int = 0
+    #: Where the operator scrapes trainer metrics (a free port, so a test can serve them).
+    trainer_metrics_port: int = 0
 
     def start(self) -> None:
         self.metrics_port, self.health_port = free_port(), free_port()
-        env = self.testbed.env(FINETUNE_PROGRESS_INTERVAL="2", PYTHONUNBUFFERED="1")
+        self.trainer_metrics_port = self.trainer_metrics_port or free_port()
+        env = self.testbed.env(
+            FINETUNE_PROGRESS_INTERVAL="2",
+            FINETUNE_TRAINER_METRICS_PORT=str(self.trainer_metrics_port),
+            PYTHONUNBUFFERED="1",
+        )
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "finetune"), "operator", "-n", self.namespace,

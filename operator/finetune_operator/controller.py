@@ -88,7 +88,9 @@ def _observe(
     )
 
 
-def reconcile(kube: Kube, job: api.FineTuneJob, *, image: str) -> list[Outcome]:
+def reconcile(
+    kube: Kube, job: api.FineTuneJob, *, image: str, metrics_port: int = manifest.METRICS_PORT
+) -> list[Outcome]:
     """Make the cluster match ``job``: plan (status first), apply ConfigMap and PyTorchJob, then
     write the observed status. Returns each status write, in order."""
     if job.status is not None and job.status.phase in TERMINAL:
@@ -112,12 +114,17 @@ def reconcile(kube: Kube, job: api.FineTuneJob, *, image: str) -> list[Outcome]:
         name=job.name,
         default_output_dir=POD_OUTPUT_DIR,
         plan=plan_config(result) if result else None,
+        metrics_port=metrics_port,
     )
     ns = job.metadata.namespace or ""
     exists = kube.pytorchjob(ns, job.name) is not None
     kube.apply(manifest.config_map(job, config))
     summary = result.summary if result else None
-    kube.apply(manifest.pytorch_job(job, image=image, plan_summary=summary, exists=exists))
+    kube.apply(
+        manifest.pytorch_job(
+            job, image=image, plan_summary=summary, exists=exists, metrics_port=metrics_port
+        )
+    )
     outcomes.append(_write(kube, job, lambda j: derive(_observe(kube, j, plan), j.status, now())))
     return _written(*outcomes)
 
@@ -138,7 +145,9 @@ def refresh(kube: Kube, job: api.FineTuneJob, seen: dict[str, Any] | None = None
     return _written(_write(kube, job, compute))
 
 
-def scrape_progress(kube: Kube, job: api.FineTuneJob) -> list[Outcome]:
+def scrape_progress(
+    kube: Kube, job: api.FineTuneJob, metrics_port: int = manifest.METRICS_PORT
+) -> list[Outcome]:
     """Read progress from the master pod's metrics into status.progress (while Running)."""
     status = job.status
     if status is None or status.phase != "Running":
@@ -148,7 +157,7 @@ def scrape_progress(kube: Kube, job: api.FineTuneJob) -> list[Outcome]:
         (p for p in pods if p["metadata"].get("labels", {}).get(REPLICA_TYPE_LABEL) == "master"),
         None,
     )
-    text = kube.metrics(master, manifest.METRICS_PORT) if master else None
+    text = kube.metrics(master, metrics_port) if master else None
     progress = parse_progress(text, now()) if text else None
     if progress is None:
         return []

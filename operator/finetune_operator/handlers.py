@@ -15,7 +15,7 @@ import kopf
 
 from finetune_operator import api, controller, telemetry
 from finetune_operator.kube import Kube, load_config
-from finetune_operator.manifest import JOB_LABEL
+from finetune_operator.manifest import JOB_LABEL, METRICS_PORT
 
 DEFAULT_IMAGE = "finetune-trainer:0.1.0"
 PROGRESS_INTERVAL = float(os.environ.get("FINETUNE_PROGRESS_INTERVAL", "15"))
@@ -24,6 +24,11 @@ RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 
 def trainer_image() -> str:
     return os.environ.get("FINETUNE_TRAINER_IMAGE", DEFAULT_IMAGE)
+
+
+def trainer_metrics_port() -> int:
+    """The port the trainer serves /metrics on (and the operator scrapes)."""
+    return int(os.environ.get("FINETUNE_TRAINER_METRICS_PORT", str(METRICS_PORT)))
 
 
 @kopf.on.startup()
@@ -80,7 +85,9 @@ def _announce_one(kube: Kube, body: Any, outcome: controller.Outcome) -> None:
 def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     job = _parse(body)
     with telemetry.timed():
-        outcomes = controller.reconcile(memo.kube, job, image=trainer_image())
+        outcomes = controller.reconcile(
+            memo.kube, job, image=trainer_image(), metrics_port=trainer_metrics_port()
+        )
     _announce(memo.kube, body, outcomes)
 
 
@@ -122,7 +129,9 @@ def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Training progress from the master's metrics, and a level-triggered safety net."""
     job = _parse(body)
-    outcomes = controller.scrape_progress(memo.kube, job) or controller.refresh(memo.kube, job)
+    outcomes = controller.scrape_progress(
+        memo.kube, job, trainer_metrics_port()
+    ) or controller.refresh(memo.kube, job)
     _announce(memo.kube, body, outcomes)
 
 

@@ -165,7 +165,9 @@ def _tolerations(job: api.FineTuneJob) -> list[dict[str, Any]]:
     return given
 
 
-def pod_template(job: api.FineTuneJob, image: str) -> dict[str, Any]:
+def pod_template(
+    job: api.FineTuneJob, image: str, metrics_port: int = METRICS_PORT
+) -> dict[str, Any]:
     """The pod template shared by the master and the workers."""
     volumes, mounts = _volumes(job)
     container: dict[str, Any] = {
@@ -177,7 +179,7 @@ def pod_template(job: api.FineTuneJob, image: str) -> dict[str, Any]:
         "command": ["torchrun", "-m", "finetune_trainer.train"],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": _env(job),
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
         "resources": _resources(job),
         "volumeMounts": mounts,
         "securityContext": {
@@ -237,7 +239,12 @@ def queued(job: api.FineTuneJob) -> bool:
 
 
 def pytorch_job(
-    job: api.FineTuneJob, *, image: str, plan_summary: str | None, exists: bool
+    job: api.FineTuneJob,
+    *,
+    image: str,
+    plan_summary: str | None,
+    exists: bool,
+    metrics_port: int = METRICS_PORT,
 ) -> dict[str, Any]:
     """The PyTorchJob that runs the trainer: a master and numNodes-1 workers.
 
@@ -251,14 +258,14 @@ def pytorch_job(
         "Master": {
             "replicas": 1,
             "restartPolicy": "OnFailure",
-            "template": pod_template(job, image),
+            "template": pod_template(job, image, metrics_port),
         }
     }
     if job.spec.resources.num_nodes > 1:
         replicas["Worker"] = {
             "replicas": job.spec.resources.num_nodes - 1,
             "restartPolicy": "OnFailure",
-            "template": pod_template(job, image),
+            "template": pod_template(job, image, metrics_port),
         }
     metadata = _metadata(job, job.name)
     if queued(job):

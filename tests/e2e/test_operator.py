@@ -161,6 +161,52 @@ def test_job_runs_to_succeeded(operator: Any) -> None:
     assert "ok: Succeeded" in watched.stdout
 
 
+def test_progress_is_scraped_from_the_trainer_metrics(operator: Any) -> None:
+    """The master pod's address is pointed at loopback, where the trainer's own metrics module
+    serves its real metric names; the operator turns them into status.progress."""
+    from finetune_trainer import metrics
+
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job(
+        "progress", podMetadata={"annotations": {"testbed.finetune.dev/run-duration": "1h"}}
+    )
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    wait_phase(testbed, ns, "progress", "Running")
+    trainer = metrics.create(torch_version="cpu", transformers_version="test")
+    metrics.serve(trainer, operator.trainer_metrics_port, addr="127.0.0.1")
+    try:
+        trainer.steps.inc(30)
+        trainer.progress.set(0.3)
+        trainer.loss.set(2.5)
+        trainer.tokens.inc(60_000)
+        for _ in range(30):
+            trainer.step_duration.observe(2.0)
+        patch = '{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}'
+        testbed.kubectl(
+            "patch",
+            "pod",
+            "progress-master-0",
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            patch,
+            check=True,
+        )
+        done = testbed.wait_for(
+            lambda: ftj(testbed, ns, "progress").get("status", {}).get("progress"),
+            timeout=60,
+            desc="status.progress",
+        )
+    finally:
+        trainer.close()
+    assert (done["step"], done["totalSteps"], done["percent"]) == (30, 100, 30)
+    assert done["loss"] == "2.5000"
+    assert done["etaSeconds"] == 140
+    assert done["summary"] in testbed.kubectl("get", "ftj", "progress", "-n", ns).stdout
+
+
 def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
     testbed, ns = operator.testbed, operator.namespace
     job = gpu_job(
