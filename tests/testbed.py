@@ -58,7 +58,7 @@ class Testbed:
         for b in (self.kubectl_bin, self.helm, self.kubeconform):
             if b and os.path.dirname(b) not in dirs:
                 dirs.append(os.path.dirname(b))
-        env["PATH"] = os.pathsep.join(dirs + [env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join([*dirs, env.get("PATH", "")])
         env.update(extra)
         return env
 
@@ -112,7 +112,7 @@ class Testbed:
         interval: float = 1.0,
         desc: str = "condition",
     ) -> Any:
-        """Poll ``predicate`` until it returns something truthy; return it. Fails the test on timeout."""
+        """Poll ``predicate`` until it returns something truthy and return that; fail on timeout."""
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
         while True:
@@ -147,7 +147,7 @@ def _cluster(
     *args: str, env: dict | None = None, timeout: float = 3600
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(CLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout
+        [str(CLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
 
 
@@ -177,20 +177,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     A cold build takes 15-20 minutes on 2 cores; doing it here keeps it out of per-test
     timeouts (pytest-timeout counts fixture setup) and shows its progress on the terminal.
     """
-    if session.config.option.collectonly or not any("testbed" in getattr(i, "fixturenames", ())
-                                                    for i in session.items):
+    if session.config.option.collectonly or not any(
+        "testbed" in getattr(i, "fixturenames", ()) for i in session.items
+    ):
         return
     args = ["build", "--tools"] if os.environ.get("KUBECONFIG") else ["build"]
     capman = session.config.pluginmanager.getplugin("capturemanager")
     t0 = time.monotonic()
-    with capman.global_and_fixture_disabled() if capman else _nullcontext():
+    with capman.global_and_fixture_disabled() if capman else _NullContext():
         print(f"\n[testbed] hack/cluster {' '.join(args)} (reuses cached binaries)", flush=True)
-        p = subprocess.run([str(CLUSTER), *args], stdout=subprocess.DEVNULL)
-        print(f"[testbed] binaries ready in {time.monotonic() - t0:.0f}s (rc={p.returncode})", flush=True)
+        p = subprocess.run([str(CLUSTER), *args], check=False, stdout=subprocess.DEVNULL)
+        print(
+            f"[testbed] binaries ready in {time.monotonic() - t0:.0f}s (rc={p.returncode})",
+            flush=True,
+        )
     # On failure the `testbed` fixture runs `up`, which retries the build and reports the error.
 
 
-class _nullcontext:
+class _NullContext:
     def __enter__(self):
         return self
 

@@ -1,4 +1,4 @@
-"""The test bed is real: scheduler, controller-manager GC, kwok GPU nodes, training-operator + webhook.
+"""The test bed is real: scheduler, controller-manager GC, kwok GPU nodes, training-operator.
 
 Pod behaviour on kwok nodes is driven by ``testbed.finetune.dev/*`` annotations (hack/README.md);
 the containers' commands do the same thing on a real cluster, so these tests also run against
@@ -6,6 +6,9 @@ any cluster selected by KUBECONFIG that has 8-GPU nodes and the training-operato
 """
 
 from __future__ import annotations
+
+import subprocess
+import threading
 
 import pytest
 
@@ -47,10 +50,18 @@ def replica(
     }
 
 
-def pytorchjob(name: str, namespace: str, replicas: dict, backoff_limit: int | None = None) -> dict:
+def pytorchjob(
+    name: str,
+    namespace: str,
+    replicas: dict,
+    backoff_limit: int | None = None,
+    run_policy: dict | None = None,
+) -> dict:
     spec: dict = {"pytorchReplicaSpecs": replicas}
+    if run_policy or backoff_limit is not None:
+        spec["runPolicy"] = dict(run_policy or {})
     if backoff_limit is not None:
-        spec["runPolicy"] = {"backoffLimit": backoff_limit}
+        spec["runPolicy"]["backoffLimit"] = backoff_limit
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
@@ -86,8 +97,12 @@ def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, kube_namespace):
     assert p.returncode == 0, p.stderr
 
     # training-operator creates one pod and one (headless) service per replica
+    def two_pods():
+        ps = job_pods(tb, namespace, "ok")
+        return ps if len(ps) == 2 else None
+
     pods = tb.wait_for(
-        lambda: (lambda ps: ps if len(ps) == 2 else None)(job_pods(tb, namespace, "ok")),
+        two_pods,
         TIMEOUT,
         desc="2 pods of the PyTorchJob",
     )
@@ -145,7 +160,8 @@ def test_pytorchjob_runs_on_gpu_nodes_to_success(gpu_testbed, kube_namespace):
         for p in job_pods(tb, namespace, "ok")
         if p["metadata"]["labels"]["training.kubeflow.org/replica-type"] == "master"
     ]
-    assert master and master[0]["status"]["phase"] == "Succeeded"
+    assert master
+    assert master[0]["status"]["phase"] == "Succeeded"
     assert master[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
 
 
@@ -198,17 +214,21 @@ def test_deleting_pytorchjob_garbage_collects_pods(gpu_testbed, kube_namespace):
         {"Master": replica("sleep 3600", forever), "Worker": replica("sleep 3600", forever)},
     )
     assert tb.apply(job).returncode == 0
+
+    def both_running():
+        ps = job_pods(tb, namespace, "gc")
+        return len(ps) == 2 and all(p["status"].get("phase") == "Running" for p in ps)
+
     tb.wait_for(
-        lambda: (
-            lambda ps: len(ps) == 2 and all(p["status"].get("phase") == "Running" for p in ps)
-        )(job_pods(tb, namespace, "gc")),
+        both_running,
         TIMEOUT,
         desc="pods Running",
     )
     pods = job_pods(tb, namespace, "gc")
     for p in pods:
         owners = p["metadata"]["ownerReferences"]
-        assert owners[0]["kind"] == "PyTorchJob" and owners[0]["controller"] is True
+        assert owners[0]["kind"] == "PyTorchJob"
+        assert owners[0]["controller"] is True
 
     # Background cascading deletion: the API server removes the PyTorchJob at once and the
     # controller-manager's garbage collector deletes the orphaned dependents.
@@ -254,33 +274,64 @@ def test_webhook_rejects_container_not_named_pytorch(gpu_testbed, kube_namespace
 def test_failing_pod_fails_pytorchjob_after_backoff_limit(gpu_testbed, kube_namespace):
     tb = gpu_testbed
     namespace = kube_namespace
-    crash = {"testbed.finetune.dev/exit-code": "1", "testbed.finetune.dev/run-duration": "2s"}
+    crash = {"testbed.finetune.dev/exit-code": "1", "testbed.finetune.dev/run-duration": "3s"}
     job = pytorchjob(
         "crash",
         namespace,
-        {"Master": replica("sleep 2; exit 1", crash, restart_policy="OnFailure")},
+        {"Master": replica("sleep 3; exit 1", crash, restart_policy="OnFailure")},
         backoff_limit=2,
     )
-    assert tb.apply(job).returncode == 0
-
-    # The kubelet (kwok) restarts the failing container in place; the training-operator counts
-    # the restarts against backoffLimit and fails the job.
-    def restarted():
-        for p in job_pods(tb, namespace, "crash"):
-            cs = (p["status"].get("containerStatuses") or [{}])[0]
-            if cs.get("restartCount", 0) >= 1:
-                return cs
-        return None
-
-    cs = tb.wait_for(restarted, TIMEOUT, interval=0.5, desc="container restarted after exit code 1")
-    assert cs["lastState"]["terminated"]["exitCode"] == 1
-
-    failed = tb.wait_for(
-        lambda: condition(tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Failed"),
-        TIMEOUT,
-        desc="PyTorchJob Failed condition",
+    # The training-operator deletes the pod when it fails the job, so watch the pod (every
+    # update, no polling gaps) to see the restarts it counted.
+    template = (
+        "{.metadata.name} {.status.containerStatuses[0].restartCount} "
+        '{.status.containerStatuses[0].lastState.terminated.exitCode}{"\\n"}'
     )
+    watch = subprocess.Popen(
+        [
+            tb.kubectl_bin,
+            f"--kubeconfig={tb.kubeconfig}",
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            f"{JOB_LABEL}=crash",
+            "--watch",
+            "-o",
+            f"jsonpath={template}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=tb.env(),
+    )
+    seen: list[str] = []
+    reader = threading.Thread(
+        target=lambda: seen.extend(iter(watch.stdout.readline, "")), daemon=True
+    )
+    reader.start()
+    try:
+        assert tb.apply(job).returncode == 0
+        # The kubelet (kwok) restarts the failing container in place; the training-operator
+        # counts the restarts against backoffLimit and fails the job.
+        failed = tb.wait_for(
+            lambda: condition(
+                tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Failed"
+            ),
+            TIMEOUT,
+            desc="PyTorchJob Failed condition",
+        )
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+        reader.join(timeout=30)
     assert "backoff limit" in failed["message"], failed
     assert not condition(
         tb.kubectl_json("get", "pytorchjob", "crash", "-n", namespace), "Succeeded"
     )
+
+    restarts = [line.split() for line in seen if len(line.split()) == 3]
+    assert restarts, seen
+    assert max(int(r[1]) for r in restarts) >= 2, seen
+    assert all(r[2] == "1" for r in restarts), seen
