@@ -57,12 +57,11 @@ class Operator:
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
     health_port: int = 0
-    #: Where the operator scrapes trainer metrics (a free port, so a test can serve them).
-    trainer_metrics_port: int = 0
+    #: Where the trainer serves and the operator scrapes metrics (a test may pick a free one).
+    trainer_metrics_port: int = 9090
 
     def start(self) -> None:
         self.metrics_port, self.health_port = free_port(), free_port()
-        self.trainer_metrics_port = self.trainer_metrics_port or free_port()
         env = self.testbed.env(
             FINETUNE_PROGRESS_INTERVAL="2",
             FINETUNE_TRAINER_METRICS_PORT=str(self.trainer_metrics_port),
@@ -84,6 +83,13 @@ class Operator:
             except OSError:
                 time.sleep(0.5)
         pytest.fail(f"operator not healthy in 60 s:\n{self.log.read_text()[-4000:]}")
+
+    def restart(self, **changes: Any) -> None:
+        """Stop, change settings (e.g. trainer_metrics_port), start again."""
+        self.stop()
+        for key, value in changes.items():
+            setattr(self, key, value)
+        self.start()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
