@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 
 from finetune_trainer.errors import ConfigError
@@ -146,7 +147,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        dcp.save({"app": _AppState(model, optimizer)}, checkpoint_id=str(tmp))
+        dcp_save({"app": _AppState(model, optimizer)}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
         if self.rank == 0:
             torch.save(
@@ -172,7 +173,7 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Restore everything saved at ``path``; returns the trainer state (step, extras)."""
         state = {"app": _AppState(model, optimizer)}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, checkpoint_id=str(path))
         trainer = torch.load(path / "trainer.pt", weights_only=False)
         scheduler.load_state_dict(trainer["scheduler"])
         rng = path / f"rng-{self.rank}.pt"

@@ -319,7 +319,7 @@ def pack(ds: Dataset, max_len: int, *, num_proc: int | None = None) -> Dataset:
     mask from them, so attention never crosses documents.
     """
     if len(ds) == 0:
-        return ds.add_column("position_ids", [])  # type: ignore[arg-type]
+        return ds.add_column("position_ids", [])
     procs = num_proc if num_proc and len(ds) >= 2000 * num_proc else None
     return ds.map(
         partial(_pack_batch, max_len=max_len, code=CODE_VERSION),

@@ -25,14 +25,14 @@ class CausalLMLoss(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        decoder = self.model.get_decoder()
+        decoder = self.model.get_decoder()  # type: ignore[no-untyped-call]
         # No attention mask: pads are at the right (causal attention never reaches them from a
         # real token) and position ids that restart at 0 mark packed documents.
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        head = self.model.get_output_embeddings()
+        head = self.model.get_output_embeddings()  # type: ignore[no-untyped-call]
         assert head is not None
         logits = head(hidden[keep]).float()
         loss = functional.cross_entropy(logits, targets[keep], reduction="sum")

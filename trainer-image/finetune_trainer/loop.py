@@ -45,7 +45,8 @@ def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW (fused on GPU); no weight decay on norms and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

@@ -116,7 +116,9 @@ def load_model(cfg: ModelConfig, *, seed: int, dtype: torch.dtype) -> PreTrained
         model_type = hf_cfg.pop("model_type")
         config = AutoConfig.for_model(model_type, **hf_cfg)
         torch.manual_seed(seed)
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=dtype
+        )
         return model
     try:
         model = AutoModelForCausalLM.from_pretrained(

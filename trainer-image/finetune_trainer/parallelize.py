@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from finetune_trainer.config import PlanConfig
 from finetune_trainer.errors import ConfigError
@@ -75,17 +80,18 @@ def apply_plan(
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
-    offload = None
-    if plan is not None and plan.cpu_offload:
-        offload = CPUOffloadPolicy()
-    kwargs = {"mesh": mesh, "mp_policy": mp}
-    if offload is not None:
-        kwargs["offload_policy"] = offload
+    offload = CPUOffloadPolicy() if plan is not None and plan.cpu_offload else OffloadPolicy()
     layers = _decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)  # type: ignore[arg-type]
-    fully_shard(model, **kwargs)  # type: ignore[arg-type]
+        fully_shard(
+            layer,
+            mesh=mesh,
+            mp_policy=mp,
+            offload_policy=offload,
+            reshard_after_forward=i < len(layers) - 1,
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return Layout(world_size=world_size, dp_size=world_size, dp_rank=rank, mesh=mesh)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from datasets import Dataset
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import PreTrainedModel
 
 from finetune_trainer import data as data_mod
 from finetune_trainer import metrics as metrics_mod
@@ -167,9 +168,9 @@ def _wrap_lora(cfg: TrainerConfig, model: Any) -> Any:
 def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     cfg = getattr(model, "config", None)
     n = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
     if emb is not None and not getattr(cfg, "tie_word_embeddings", False):
-        n -= emb.weight.numel()
+        n -= sum(p.numel() for p in emb.parameters())
     layers = getattr(cfg, "num_hidden_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)
     return 6.0 * n + 6.0 * layers * hidden * seq_len  # causal attention: half of 12*L*h*s
@@ -194,7 +195,7 @@ def export(
 ) -> Path:
     """Save the final model with ``save_pretrained`` (atomically: tmp folder, then rename)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module, options=opts)
+    state: dict[str, Any] = dict(get_model_state_dict(module, options=opts))
     out = Path(cfg.output_dir)
     if env.rank == 0:
         dtype = DTYPES[cfg.model.dtype]
