@@ -16,7 +16,14 @@ from finetune_operator import api, manifest
 from finetune_operator.kube import REPLICA_TYPE_LABEL, Kube, WriteConflictError
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.progress import parse_progress
-from finetune_operator.status import TERMINAL, FineTuneJobStatus, Observed, PlanStatus, derive
+from finetune_operator.status import (
+    TERMINAL,
+    FineTuneJobStatus,
+    Observed,
+    PlanStatus,
+    derive,
+    refine_failure,
+)
 from finetune_operator.translate import to_trainer_config
 
 #: Where the model goes inside the pod when the job names no output storage.
@@ -135,8 +142,13 @@ def _written(*outcomes: Outcome | None) -> list[Outcome]:
 
 def refresh(kube: Kube, job: api.FineTuneJob, seen: dict[str, Any] | None = None) -> list[Outcome]:
     """Update status from the children without changing them (on a child or pod event)."""
-    if job.status is None or job.status.phase in TERMINAL:
+    if job.status is None:
         return []
+    if job.status.phase in TERMINAL:  # only a late pod can still tell why it failed
+        if seen is None:
+            return []
+        final = job.status
+        return _written(_write(kube, job, lambda j: refine_failure(j.status or final, [seen])))
 
     def compute(j: api.FineTuneJob) -> FineTuneJobStatus:
         plan = j.status.plan if j.status else None

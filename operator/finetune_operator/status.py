@@ -435,6 +435,25 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     )
 
 
+def refine_failure(status: FineTuneJobStatus, pods: list[dict[str, Any]]) -> FineTuneJobStatus:
+    """A failed job whose reason is only the job-level "backoff limit" learns the pod's own
+    reason (OOMKilled, exit code) when that pod's last state arrives after the job failed."""
+    if status.phase != "Failed" or status.failure is None:
+        return status
+    if status.failure.reason != "BackoffLimitExceeded":
+        return status
+    found = pod_problem(pods)
+    if found is None or found.reason not in {"OOMKilled", "Error"}:
+        return status
+    conditions = [
+        c.model_copy(update={"reason": found.reason, "message": found.message})
+        if c.type == "Failed"
+        else c
+        for c in status.conditions or []
+    ]
+    return status.model_copy(update={"failure": found, "conditions": conditions})
+
+
 def _keep_transition_times(old: list[Condition], new: list[Condition]) -> list[Condition]:
     before = {c.type: c for c in old}
     out = []

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from finetune_operator.progress import parse_progress
-from finetune_operator.status import Failure, FineTuneJobStatus, Observed, derive, pod_problem
+from finetune_operator.status import (
+    Failure,
+    FineTuneJobStatus,
+    Observed,
+    derive,
+    pod_problem,
+    refine_failure,
+)
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
@@ -185,3 +192,17 @@ def test_no_progress_before_the_first_step() -> None:
         )
         is None
     )
+
+
+def test_a_late_pod_tells_why_a_job_hit_its_backoff_limit() -> None:
+    failed = child(
+        "Failed", message="Job j has failed because it has reached the specified backoff limit"
+    )
+    status = derive(Observed(1, False, child=failed), None, T0)
+    assert status.failure is not None
+    assert status.failure.reason == "BackoffLimitExceeded"
+    refined = refine_failure(status, [terminated("OOMKilled", 137, last=True)])
+    assert refined.failure is not None
+    assert (refined.failure.reason, refined.phase) == ("OOMKilled", "Failed")
+    assert next(c for c in refined.conditions or [] if c.type == "Failed").reason == "OOMKilled"
+    assert refine_failure(refined, [terminated("Error", 1)]) == refined  # specific reasons stay
