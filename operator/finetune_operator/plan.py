@@ -49,16 +49,8 @@ def workload(spec: FineTuneJobSpec) -> Workload:
 
 
 def constraints(spec: FineTuneJobSpec) -> Constraints:
-    par = spec.parallelism
-    return Constraints(
-        data_parallel=par.data_parallel,
-        fsdp=par.fsdp,
-        tensor_parallel=par.tensor_parallel,
-        pipeline_parallel=par.pipeline_parallel,
-        micro_batch_size=par.micro_batch_size,
-        activation_checkpointing=par.activation_checkpointing,
-        cpu_offload=par.cpu_offload,
-    )
+    """The degrees the user pinned (the field names are the same on both sides)."""
+    return Constraints(**spec.parallelism.model_dump(exclude={"mode"}))
 
 
 def plan_job(spec: FineTuneJobSpec) -> PlanResult | None:
@@ -84,16 +76,4 @@ def plan_status(result: PlanResult) -> PlanStatus:
 
 def plan_config(result: PlanResult) -> PlanConfig:
     """What the trainer needs to apply the plan."""
-    p = result.plan
-    return PlanConfig(
-        data_parallel=p.data_parallel,
-        fsdp=p.fsdp,
-        tensor_parallel=p.tensor_parallel,
-        pipeline_parallel=p.pipeline_parallel,
-        pipeline_schedule=p.pipeline_schedule,
-        virtual_stages=p.virtual_stages,
-        micro_batch_size=p.micro_batch_size,
-        gradient_accumulation=p.gradient_accumulation,
-        activation_checkpointing=p.activation_checkpointing,
-        cpu_offload=p.cpu_offload,
-    )
+    return PlanConfig(**{name: getattr(result.plan, name) for name in PlanConfig.model_fields})

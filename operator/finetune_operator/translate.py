@@ -120,7 +120,6 @@ def to_trainer_config(
         given = spec.dataset.columns.model_dump(exclude_none=True)
         columns.update({k: v for k, v in given.items() if k in columns})
     hp = spec.hyperparameters
-    par = spec.parallelism
     return TrainerConfig(
         run_name=name,
         model=ModelConfig(
@@ -164,16 +163,7 @@ def to_trainer_config(
             num_nodes=spec.resources.num_nodes,
             procs_per_node=spec.resources.gpus_per_node,
         ),
-        parallelism=ParallelismConfig(
-            mode=par.mode,
-            data_parallel=par.data_parallel,
-            fsdp=par.fsdp,
-            tensor_parallel=par.tensor_parallel,
-            pipeline_parallel=par.pipeline_parallel,
-            micro_batch_size=par.micro_batch_size,
-            activation_checkpointing=par.activation_checkpointing,
-            cpu_offload=par.cpu_offload,
-        ),
+        parallelism=ParallelismConfig(**spec.parallelism.model_dump()),
         plan=plan,
         checkpoint=CheckpointConfig(
             dir=local_path(spec.checkpoint.storage) if spec.checkpoint.storage else None,
