@@ -44,6 +44,16 @@ def finetune(testbed: Any, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def reconciles(operator: Any) -> float:
+    """How many reconciles the operator has finished (its own metric)."""
+    lines = [
+        line
+        for line in operator.metrics().splitlines()
+        if line.startswith("finetune_operator_reconcile_total")
+    ]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
 def ftj(testbed: Any, namespace: str, name: str) -> dict[str, Any]:
     return testbed.kubectl_json("get", "ftj", name, "-n", namespace)
 
@@ -159,6 +169,15 @@ def test_job_runs_to_succeeded(operator: Any) -> None:
     watched = finetune(testbed, "watch", "ok", "-n", ns)
     assert watched.returncode == 0
     assert "ok: Succeeded" in watched.stdout
+
+    # A finished job's children are never recreated, even when the spec changes afterwards.
+    testbed.kubectl("delete", "pytorchjob", "ok", "-n", ns, "--wait=true", check=True)
+    before = reconciles(operator)
+    patch = '{"spec":{"hyperparameters":{"epochs":4}}}'
+    testbed.kubectl("patch", "ftj", "ok", "-n", ns, "--type=merge", "-p", patch, check=True)
+    testbed.wait_for(lambda: reconciles(operator) > before, timeout=60, desc="the update handled")
+    assert testbed.kubectl("get", "pytorchjob", "ok", "-n", ns).returncode != 0
+    assert ftj(testbed, ns, "ok")["status"]["phase"] == "Succeeded"
 
 
 def test_progress_is_scraped_from_the_trainer_metrics(operator: Any) -> None:
