@@ -1,0 +1,271 @@
+"""helm install into the test bed, then the operator runs with the chart's ServiceAccount token.
+
+Shows with ``kubectl auth can-i --as=system:serviceaccount:...`` that the chart's RBAC lets the
+operator do its work and nothing else (never Secrets), in cluster-wide and single-namespace
+mode, and that the aggregated roles give users view/edit rights on FineTuneJobs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chartkit import CHART, REPO
+
+pytestmark = pytest.mark.e2e
+
+CRD = "finetunejobs.finetune.dev"
+
+#: (verb, resource, subresource) the operator must be allowed in a watched namespace.
+ALLOWED = [
+    ("get", "finetunejobs.finetune.dev", ""),
+    ("list", "finetunejobs.finetune.dev", ""),
+    ("watch", "finetunejobs.finetune.dev", ""),
+    ("patch", "finetunejobs.finetune.dev", ""),
+    ("update", "finetunejobs.finetune.dev", "status"),
+    ("patch", "finetunejobs.finetune.dev", "status"),
+    ("get", "pytorchjobs.kubeflow.org", ""),
+    ("list", "pytorchjobs.kubeflow.org", ""),
+    ("watch", "pytorchjobs.kubeflow.org", ""),
+    ("create", "pytorchjobs.kubeflow.org", ""),
+    ("patch", "pytorchjobs.kubeflow.org", ""),
+    ("get", "configmaps", ""),
+    ("create", "configmaps", ""),
+    ("patch", "configmaps", ""),
+    ("list", "pods", ""),
+    ("watch", "pods", ""),
+    ("create", "events", ""),
+]
+#: What it must never do there.
+DENIED = [
+    ("get", "secrets", ""),
+    ("list", "secrets", ""),
+    ("watch", "secrets", ""),
+    ("delete", "finetunejobs.finetune.dev", ""),
+    ("create", "finetunejobs.finetune.dev", ""),
+    ("delete", "pytorchjobs.kubeflow.org", ""),
+    ("delete", "configmaps", ""),
+    ("list", "configmaps", ""),
+    ("create", "pods", ""),
+    ("delete", "pods", ""),
+    ("get", "pods", "log"),
+    ("create", "pods", "exec"),
+    ("create", "deployments.apps", ""),
+    ("create", "roles.rbac.authorization.k8s.io", ""),
+    ("create", "rolebindings.rbac.authorization.k8s.io", ""),
+    ("create", "serviceaccounts", "token"),
+]
+#: Cluster-scoped: only CRD discovery is allowed.
+CLUSTER_DENIED = [
+    ("list", "secrets", ""),  # --all-namespaces
+    ("list", "nodes", ""),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", ""),
+    ("create", "customresourcedefinitions.apiextensions.k8s.io", ""),
+    ("patch", "customresourcedefinitions.apiextensions.k8s.io", ""),
+    ("*", "*", ""),
+]
+
+
+def can_i(tb: Any, who: str, verb: str, resource: str, sub: str, namespace: str | None) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={who}"]
+    args += [f"--subresource={sub}"] if sub else []
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
+    p = tb.kubectl(*args)
+    assert p.stdout.strip() in ("yes", "no"), p.stdout + p.stderr
+    return p.stdout.strip() == "yes"
+
+
+def permissions(tb: Any, who: str, namespace: str | None, table: list) -> dict[str, bool]:
+    return {
+        f"{v} {r}{'/' + s if s else ''}": can_i(tb, who, v, r, s, namespace) for v, r, s in table
+    }
+
+
+def make_namespace(tb: Any, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    tb.kubectl("create", "namespace", name, check=True)
+    return name
+
+
+@pytest.fixture
+def release_namespace(crd: Any) -> Iterator[str]:
+    name = make_namespace(crd, "ftop")
+    yield name
+    crd.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def helm_install(tb: Any, release: str, namespace: str, *sets: str) -> str:
+    args = ["install", release, str(CHART), "-n", namespace]
+    for s in sets:
+        args += ["--set", s]
+    p = tb.helm_run(*args)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def adopt_crd(tb: Any, release: str, namespace: str) -> None:
+    """Let the release take over the session's CRD (Helm adopts objects labelled for it)."""
+    tb.kubectl(
+        "label", "--overwrite", f"crd/{CRD}", "app.kubernetes.io/managed-by=Helm", check=True
+    )
+    tb.kubectl(
+        "annotate", "--overwrite", f"crd/{CRD}",
+        f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}",
+        check=True,
+    )  # fmt: skip
+
+
+def sa_kubeconfig(tb: Any, namespace: str, sa: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with a token of the chart's ServiceAccount."""
+    token = tb.kubectl("create", "token", sa, "-n", namespace, "--duration=1h", check=True)
+    admin = yaml.safe_load(Path(tb.kubeconfig).read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "testbed", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token.stdout.strip()}}],
+        "contexts": [{"name": sa, "context": {"cluster": "testbed", "user": sa}}],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_install_cluster_wide_and_run_the_operator_as_its_service_account(
+    crd: Any, release_namespace: str, tmp_path: Path
+) -> None:
+    tb, ns = crd, release_namespace
+    release = f"ft-{uuid.uuid4().hex[:5]}"
+    adopt_crd(tb, release, ns)
+    notes = helm_install(tb, release, ns, "crds.install=true", "crds.keep=true")
+    assert "kubectl get ftj" in notes
+    assert f"rollout status deployment/{release}-finetune-operator" in notes
+    sa = f"{release}-finetune-operator"
+    who = f"system:serviceaccount:{ns}:{sa}"
+    jobs_ns = make_namespace(tb, "ftjobs")
+    try:
+        # What it may and may not do, in a namespace it has never heard of (cluster-wide mode).
+        allowed = permissions(tb, who, jobs_ns, ALLOWED)
+        assert all(allowed.values()), {k: v for k, v in allowed.items() if not v}
+        denied = permissions(tb, who, jobs_ns, DENIED)
+        assert not any(denied.values()), {k: v for k, v in denied.items() if v}
+        cluster = permissions(tb, who, None, CLUSTER_DENIED)
+        assert not any(cluster.values()), {k: v for k, v in cluster.items() if v}
+        assert can_i(tb, who, "watch", "customresourcedefinitions.apiextensions.k8s.io", "", None)
+
+        # The real operator process, authenticated only by the ServiceAccount's token.
+        kubeconfig = sa_kubeconfig(tb, ns, sa, tmp_path / "sa.kubeconfig")
+        run_operator_and_a_job(tb, kubeconfig, jobs_ns, tmp_path / "operator.log")
+    finally:
+        tb.kubectl("delete", "namespace", jobs_ns, "--wait=false")
+        p = tb.helm_run("uninstall", release, "-n", ns)
+        assert p.returncode == 0, p.stderr
+    # crds.keep: the CRD (and every FineTuneJob) survives the uninstall.
+    assert tb.kubectl("get", f"crd/{CRD}").returncode == 0
+
+
+def run_operator_and_a_job(tb: Any, kubeconfig: Path, jobs_ns: str, log: Path) -> None:
+    from operator_fixtures import free_port
+
+    health = free_port()
+    env = tb.env(KUBECONFIG=str(kubeconfig), FINETUNE_PROGRESS_INTERVAL="2", PYTHONUNBUFFERED="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "finetune"), "operator",
+             "--metrics-port", str(free_port()), "--health-port", str(health)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        job = yaml.safe_load((REPO / "examples" / "tiny-local.yaml").read_text())
+        job["metadata"] = {"name": "rbac-check", "namespace": jobs_ns}
+        applied = tb.apply(job)
+        assert applied.returncode == 0, applied.stderr
+
+        def progressed() -> Any:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            ftj = tb.kubectl_json("get", "finetunejob", "rbac-check", "-n", jobs_ns)
+            children = tb.kubectl("get", "pytorchjob,configmap", "-n", jobs_ns, "-o", "name")
+            phase = ftj.get("status", {}).get("phase")
+            return phase in ("Pending", "Running", "Succeeded") and "pytorchjob" in children.stdout
+
+        tb.wait_for(progressed, timeout=120, desc="the operator to create the PyTorchJob")
+        events = tb.kubectl_json("get", "events", "-n", jobs_ns)["items"]
+        assert any(e.get("source", {}).get("component") == "finetune-operator" for e in events)
+        # Finalizer and kopf's annotations were written (patch on finetunejobs).
+        meta = tb.kubectl_json("get", "finetunejob", "rbac-check", "-n", jobs_ns)["metadata"]
+        assert "finetune.dev/finalizer" in meta.get("finalizers", [])
+        # Deleting the job goes through the operator's finalizer.
+        tb.kubectl(
+            "delete", "finetunejob", "rbac-check", "-n", jobs_ns, "--timeout=60s", check=True
+        )
+        time.sleep(1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    text = log.read_text()
+    for forbidden in ("403", "Forbidden", "Not enough permissions"):
+        assert forbidden not in text, text[-4000:]
+
+
+def test_single_namespace_mode_grants_nothing_elsewhere(crd: Any, release_namespace: str) -> None:
+    tb, ns = crd, release_namespace
+    release = f"ft-{uuid.uuid4().hex[:5]}"
+    watched, other = make_namespace(tb, "ftwatch"), make_namespace(tb, "ftother")
+    try:
+        helm_install(
+            tb, release, ns, "crds.install=false", f"operator.watchNamespaces={{{watched}}}",
+            "rbac.aggregateToDefaultRoles=false",
+        )  # fmt: skip
+        who = f"system:serviceaccount:{ns}:{release}-finetune-operator"
+        inside = permissions(tb, who, watched, ALLOWED)
+        assert all(inside.values()), {k: v for k, v in inside.items() if not v}
+        for namespace in (other, ns):
+            outside = permissions(tb, who, namespace, ALLOWED + DENIED)
+            assert not any(outside.values()), {k: v for k, v in outside.items() if v}
+        cluster = permissions(
+            tb, who, None, [*CLUSTER_DENIED, ("list", "finetunejobs.finetune.dev", "")]
+        )
+        assert not any(cluster.values()), {k: v for k, v in cluster.items() if v}
+        # kopf's namespace discovery (to follow the namespaces it watches by name).
+        assert can_i(tb, who, "watch", "namespaces", "", None)
+    finally:
+        tb.helm_run("uninstall", release, "-n", ns)
+        for n in (watched, other):
+            tb.kubectl("delete", "namespace", n, "--wait=false")
+
+
+def test_users_get_finetunejobs_through_the_aggregated_roles(
+    crd: Any, release_namespace: str
+) -> None:
+    tb, ns = crd, release_namespace
+    release = f"ft-{uuid.uuid4().hex[:5]}"
+    team = make_namespace(tb, "ftteam")
+    try:
+        helm_install(tb, release, ns, "crds.install=false", "dashboard.enabled=false")
+        for user, role in (("alice", "edit"), ("bob", "view")):
+            tb.kubectl("create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}",
+                       f"--user={user}", "-n", team, check=True)  # fmt: skip
+
+        def aggregated() -> bool:
+            return can_i(tb, "alice", "create", "finetunejobs.finetune.dev", "", team)
+
+        tb.wait_for(aggregated, timeout=60, desc="the edit role to aggregate FineTuneJobs")
+        assert can_i(tb, "alice", "delete", "finetunejobs.finetune.dev", "", team)
+        assert can_i(tb, "bob", "list", "finetunejobs.finetune.dev", "", team)
+        assert can_i(tb, "bob", "get", "finetunejobs.finetune.dev", "status", team)
+        assert not can_i(tb, "bob", "create", "finetunejobs.finetune.dev", "", team)
+        assert not can_i(tb, "bob", "delete", "finetunejobs.finetune.dev", "", team)
+    finally:
+        tb.helm_run("uninstall", release, "-n", ns)
+        tb.kubectl("delete", "namespace", team, "--wait=false")
