@@ -61,3 +61,13 @@ cluster-up: ## Start the local Kubernetes test bed (hack/cluster)
 
 cluster-down: ## Stop the local Kubernetes test bed
 	hack/cluster down
+
+.PHONY: chart chart-check
+chart: crds ## Copy the CRD into the Helm chart and regenerate the Grafana dashboard JSON
+	cp crds/finetunejob.yaml charts/finetune-operator/files/finetunejob.yaml
+	$(BIN)/python charts/dashboard.py --write
+
+chart-check: venv ## Fail if the chart's CRD copy or dashboard JSON is stale
+	@diff -u crds/finetunejob.yaml charts/finetune-operator/files/finetunejob.yaml
+	@diff -u charts/finetune-operator/dashboards/finetune-operator.json \
+		<($(BIN)/python charts/dashboard.py) && echo "chart: up to date"
