@@ -19,8 +19,10 @@ import torch.distributed as dist
 from datasets import Dataset
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn import functional
 
 from finetune_trainer.data import IGNORE, StepSampler, collate, rows_at
+from finetune_trainer.parallelize import Layout, Pipeline
 
 Batch = dict[str, torch.Tensor]
 
@@ -89,8 +91,22 @@ class Loop:
         pad_id: int,
         autocast: torch.dtype | None,
         max_grad_norm: float,
+        layout: Layout | None = None,
+        seq_len: int | None = None,
     ) -> None:
+        """``module`` is the training module (``CausalLMLoss``), or with a pipeline the
+        container of this rank's stages (``layout.pipeline.parts``); ``seq_len`` is the length
+        every pipeline micro-batch is padded to (stage shapes are fixed)."""
         self.module = module
+        self.layout = layout
+        self.pipeline: Pipeline | None = layout.pipeline if layout is not None else None
+        self.seq_len = seq_len
+        world = layout.world_size if layout is not None else 1
+        dp = layout.dp_size if layout is not None else 1
+        #: Ranks that read the same rows (TP and PP peers): global sums are divided by it.
+        self.readers = world // dp
+        #: Ranks that compute the same loss (TP peers).
+        self.loss_copies = layout.tp_size if layout is not None else 1
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.sampler = sampler
@@ -132,33 +148,87 @@ class Loop:
         wait = time.perf_counter() - start
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         counts = _all_reduce(torch.tensor([float(local)], device=self.device))
-        global_tokens = max(float(counts.item()), 1.0)
+        global_tokens = max(float(counts.item()) / self.readers, 1.0)
         scale = self.sampler.dp_size / global_tokens
-        total = torch.zeros((), device=self.device)
-        sync = getattr(self.module, "set_requires_gradient_sync", None)
-        for i, b in enumerate(batches):
-            if sync is not None:
-                sync(i == len(batches) - 1)
-            with self._ctx():
-                loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
-            (loss_sum * scale).backward()
-            total += loss_sum.detach().float()
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        if self.pipeline is not None:
+            total = self._pipeline_step(batches, scale)
+        else:
+            total = torch.zeros((), device=self.device)
+            sync = getattr(self.module, "set_requires_gradient_sync", None)
+            for i, b in enumerate(batches):
+                if sync is not None:
+                    sync(i == len(batches) - 1)
+                with self._ctx():
+                    loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
+                (loss_sum * scale).backward()
+                total += loss_sum.detach().float()
+        norm = self._clip()
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(_all_reduce(total.reshape(1)).item()) / global_tokens
+        summed = float(_all_reduce(total.reshape(1)).item()) / self.loss_copies
+        loss = summed / global_tokens
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         real_tokens = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
         real = _all_reduce(torch.tensor([float(real_tokens)], device=self.device))
-        return StepResult(
-            step + 1, loss, float(norm), lr, int(real.item()), time.perf_counter() - start, wait
-        )
+        tokens = int(real.item()) // self.readers
+        return StepResult(step + 1, loss, norm, lr, tokens, time.perf_counter() - start, wait)
+
+    def _clip(self) -> float:
+        """Clip the global gradient norm (over every shard, TP slice and pipeline stage)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squared = norm.detach().float().reshape(1) ** 2
+        else:
+            squared = torch.zeros(1, device=self.device)
+        if self.pipeline is not None:
+            dist.all_reduce(squared, group=self.pipeline.group)
+        total = float(squared.sqrt().item())
+        coef = self.max_grad_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total
+
+    def _pad(self, batches: list[Batch]) -> list[Batch]:
+        """Pipeline stages have fixed shapes: pad every micro-batch to ``seq_len``."""
+        length = self.seq_len or max(b["input_ids"].shape[1] for b in batches)
+        out = []
+        for b in batches:
+            extra = length - b["input_ids"].shape[1]
+            if extra < 0:
+                raise ValueError(f"a micro-batch is longer than {length} tokens")
+            ids = functional.pad(b["input_ids"], (0, extra), value=self.pad_id)
+            labels = functional.pad(b["labels"], (0, extra), value=IGNORE)
+            pos = b["position_ids"]
+            tail = pos[:, -1:] + 1 + torch.arange(extra, device=pos.device)
+            out.append(
+                {"input_ids": ids, "labels": labels, "position_ids": torch.cat([pos, tail], 1)}
+            )
+        return out
+
+    def _pipeline_step(self, batches: list[Batch], scale: float) -> torch.Tensor:
+        pipe = self.pipeline
+        assert pipe is not None
+        batches = self._pad(batches)
+        pipe.loss_scale[0] = scale
+        losses: list[torch.Tensor] = []
+        with self._ctx():
+            pipe.schedule.step(
+                losses=losses,
+                arg_mbs=[(b["input_ids"],) for b in batches] if pipe.is_first else None,
+                kwarg_mbs=[{"position_ids": b["position_ids"]} for b in batches],
+                target_mbs=[b["labels"] for b in batches] if pipe.is_last else None,
+                return_outputs=False,
+            )
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([x.detach().float() for x in losses]).sum() / scale
 
     @torch.no_grad()
     def evaluate(self, ds: Dataset, micro_batch_size: int) -> float | None:
@@ -167,6 +237,8 @@ class Loop:
         if len(ds) == 0:
             return None
         self.module.eval()
+        if self.pipeline is not None:
+            return self._pipeline_evaluate(ds, micro_batch_size)
         rank, size = self.sampler.dp_rank, self.sampler.dp_size
         mine = list(range(rank, len(ds), size))
         per_rank = math.ceil(len(ds) / size)
@@ -180,6 +252,42 @@ class Loop:
             with self._ctx():
                 loss_sum, n = self.module(b["input_ids"], b["position_ids"], b["labels"])
             total += torch.stack([loss_sum.float(), n.float()])
+        total = _all_reduce(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _pipeline_evaluate(self, ds: Dataset, micro_batch_size: int) -> float:
+        """As :meth:`evaluate`, in rounds of the schedule's micro-batch count."""
+        pipe = self.pipeline
+        assert pipe is not None
+        n = pipe.schedule._n_microbatches
+        rank, size = self.sampler.dp_rank, self.sampler.dp_size
+        mine = list(range(rank, len(ds), size))
+        per_round = n * micro_batch_size
+        rounds = math.ceil(math.ceil(len(ds) / size) / per_round)
+        total = torch.zeros(2, device=self.device)
+        for r in range(rounds):
+            batches = []
+            for i in range(n):
+                start = r * per_round + i * micro_batch_size
+                idx = mine[start : start + micro_batch_size]
+                # Fixed stage shapes: fill the micro-batch with row 0, masked out of the loss.
+                filler = [0] * (micro_batch_size - len(idx))
+                b = collate(rows_at(ds, idx + filler), self.pad_id)
+                b["labels"][len(idx) :] = IGNORE
+                batches.append({k: v.to(self.device) for k, v in b.items()})
+            batches = self._pad(batches)
+            targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            pipe.loss_scale[0] = 1.0
+            losses: list[torch.Tensor] = []
+            with self._ctx():
+                pipe.schedule.eval(
+                    losses=losses,
+                    arg_mbs=[(b["input_ids"],) for b in batches] if pipe.is_first else None,
+                    kwarg_mbs=[{"position_ids": b["position_ids"]} for b in batches],
+                    target_mbs=[b["labels"] for b in batches] if pipe.is_last else None,
+                )
+            loss = sum(float(x) for x in losses)
+            total += torch.tensor([loss / self.loss_copies, targets / self.readers])
         total = _all_reduce(total)
         return float(total[0] / total[1].clamp(min=1))
 

@@ -1,16 +1,47 @@
 """Apply a parallel plan to the model: the only module that builds device meshes.
 
-Today: FSDP2 (``fully_shard``) data parallelism over every rank, one FSDP unit per decoder layer
-plus the root (embeddings, final norm, LM head). Parameters stay fp32 (the optimizer's master
-copy); on GPU FSDP gathers them in bf16 and reduces gradients in fp32. Tensor and pipeline
-parallelism plug in here later through :func:`apply_plan`.
+The order is fixed, as in torchtitan's ``parallelize_llama``:
+
+1. **Pipeline split** (pipeline degree p > 1): the decoder layers are cut into p x v contiguous
+   stages (v = virtual stages per rank, interleaved 1F1B); rank r of the pipeline group owns
+   stages r, r + p, ... Each stage is a :class:`PipelineStageModule` holding the embeddings
+   (first stage), its decoder layers, and the final norm and LM head (last stage); the loop
+   drives them with a ``torch.distributed.pipelining`` schedule (GPipe, 1F1B, Interleaved1F1B).
+2. **Tensor parallel** (t > 1) from the model config's ``base_model_tp_plan`` ("colwise" ->
+   ``ColwiseParallel``, "rowwise" -> ``RowwiseParallel``) through DTensor ``parallelize_module``,
+   with **sequence parallelism** (Korthikanti et al. 2022, Sec. 4.2.2): the norms run on
+   sequence shards (``SequenceParallel``), attention and MLP inputs are all-gathered
+   (``PrepareModuleInput``) and their output projections reduce-scatter back to sequence shards.
+   The embedding and LM head are split over the vocabulary; the final norm's output is
+   all-gathered so the loss sees whole sequences.
+3. **Activation checkpointing** per decoder layer: none; selective = torchtitan's per-op policy
+   (save every second matmul output and the attention output, recompute the rest -- what the
+   planner's memory model assumes); full = keep only the layer input.
+4. **torch.compile** per decoder layer, only when ``FINETUNE_COMPILE=1`` (off by default).
+5. **FSDP2** ``fully_shard`` per decoder layer plus the root, over the data-parallel mesh: 1-D
+   (fsdp) or 2-D (dp replicate x fsdp shard = HSDP). Parameters stay fp32 (the optimizer's master
+   copy); on GPU they are gathered in bf16 and gradients reduced in fp32. CPU offload is FSDP2's
+   ``CPUOffloadPolicy``.
+
+LoRA (peft) is applied by the caller before :func:`apply_plan`; its frozen base weights and
+trainable adapters are sharded by FSDP like any other parameters. LoRA with tensor or pipeline
+parallelism is not supported (the planner never emits it: ``LORA_SUPPORTS_TP_PP``).
+
+Rank order, outer to inner: pp, dp, fsdp, tp (tensor parallel ranks are neighbours, so they share
+a node).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
@@ -19,26 +50,62 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from finetune_trainer.config import PlanConfig
 from finetune_trainer.errors import ConfigError
 
+MESH_DIMS = ("pp", "dp", "fsdp", "tp")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
-@dataclass(frozen=True)
+
+@dataclass
 class Layout:
-    """Where this rank sits: the data-parallel group it reads data for."""
+    """Where this rank sits: the data-parallel group it reads data for, and its pipeline part."""
 
     world_size: int
     dp_size: int
     dp_rank: int
     mesh: DeviceMesh | None
+    tp_size: int = 1
+    pp_size: int = 1
+    pp_rank: int = 0
+    #: Pipeline only: this rank's stage modules and the schedule that drives them.
+    pipeline: Pipeline | None = None
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+@dataclass
+class Pipeline:
+    stages: list[nn.Module]
+    schedule: Any
+    group: dist.ProcessGroup
+    is_first: bool
+    is_last: bool
+    #: Set by the loop before each step: the factor each micro-batch's summed loss is scaled by.
+    loss_scale: list[float] = field(default_factory=lambda: [1.0])
+    #: This rank's parameters under the same names as in the whole model (checkpoints, export).
+    parts: nn.Module = field(default_factory=nn.Module)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = _layers_container(model)[1]
+    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+
+
+def _layers_container(model: nn.Module) -> tuple[nn.Module, nn.ModuleList | nn.ModuleDict]:
+    """The module holding ``layers`` (the HF base model, or a pipeline stage) and the layers."""
     for module in model.modules():
         layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return list(layers)
+        if isinstance(layers, nn.ModuleList | nn.ModuleDict) and len(layers) > 0:
+            return module, layers
     raise ConfigError(
         f"cannot find the decoder layers of {type(model).__name__} to shard: the trainer "
         "supports decoder-only models whose layers are a ModuleList named 'layers' "
@@ -46,21 +113,411 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     )
 
 
-def check_plan(plan: PlanConfig | None, world_size: int) -> None:
+def check_plan(plan: PlanConfig | None, world_size: int, *, lora: bool = False) -> None:
     if plan is None:
         return
-    if plan.tensor_parallel > 1 or plan.pipeline_parallel > 1:
-        raise ConfigError(
-            f"the plan asks for tensor parallel {plan.tensor_parallel} and pipeline parallel "
-            f"{plan.pipeline_parallel}, which this trainer version does not apply yet: set "
-            "parallelism.tensorParallel and pipelineParallel to 1 (or leave mode auto)"
-        )
     planned = plan.data_parallel * plan.fsdp * plan.tensor_parallel * plan.pipeline_parallel
     if planned != world_size:
         raise ConfigError(
             f"the plan covers {planned} ranks but {world_size} are "
             "running: make numNodes x gpusPerNode match the plan (or use --nproc)"
         )
+    if plan.pipeline_parallel > 1:
+        if plan.pipeline_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"pipeline schedule {plan.pipeline_schedule!r} is not one of {', '.join(SCHEDULES)}"
+            )
+        if (plan.pipeline_schedule == "interleaved-1f1b") != (plan.virtual_stages > 1):
+            raise ConfigError("virtual stages > 1 go with the interleaved-1f1b schedule only")
+    if lora and (plan.tensor_parallel > 1 or plan.pipeline_parallel > 1):
+        raise ConfigError(
+            "LoRA runs with data parallelism and FSDP only: set tensorParallel and "
+            "pipelineParallel to 1 (or leave mode auto)"
+        )
+
+
+def build_mesh(device: torch.device, plan: PlanConfig | None, world_size: int) -> DeviceMesh:
+    """The 4-D mesh (pp, dp, fsdp, tp); without a plan, FSDP over every rank."""
+    if plan is None:
+        shape = (1, 1, world_size, 1)
+    else:
+        shape = (plan.pipeline_parallel, plan.data_parallel, plan.fsdp, plan.tensor_parallel)
+    return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def data_parallel_rank(plan: PlanConfig | None, rank: int, world_size: int) -> tuple[int, int]:
+    """(dp size, dp rank) of global ``rank`` in the (pp, dp, fsdp, tp) row-major layout."""
+    if plan is None:
+        return world_size, rank
+    size = plan.data_parallel * plan.fsdp
+    return size, (rank // plan.tensor_parallel) % size
+
+
+def data_parallel_coords(mesh: DeviceMesh) -> tuple[int, int]:
+    """(dp size, dp rank) over the flattened dp x fsdp dimensions."""
+    dp, fsdp = mesh["dp"], mesh["fsdp"]
+    size = dp.size() * fsdp.size()
+    return size, dp.get_local_rank() * fsdp.size() + fsdp.get_local_rank()
+
+
+# -- tensor parallel -----------------------------------------------------------------------------
+def _hf_config(model: nn.Module) -> Any:
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "num_attention_heads"):
+            return cfg
+    raise ConfigError(f"{type(model).__name__} has no Hugging Face config to read a TP plan from")
+
+
+def tp_plan(config: Any, tp: int) -> dict[str, ParallelStyle]:
+    """DTensor styles for one decoder layer (relative names), with sequence parallelism."""
+    base = getattr(config, "base_model_tp_plan", None)
+    if not base:
+        raise ConfigError(
+            f"{type(config).__name__} has no base_model_tp_plan: this architecture cannot run "
+            "with tensor parallelism; set tensorParallel to 1"
+        )
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % tp or kv % tp:
+        raise ConfigError(
+            f"tensor parallel {tp} does not divide {heads} attention heads and {kv} kv heads"
+        )
+    styles: dict[str, ParallelStyle] = {}
+    for pattern, kind in base.items():
+        if not pattern.startswith("layers.*."):
+            continue
+        name = pattern.removeprefix("layers.*.")
+        if kind == "colwise":
+            styles[name] = ColwiseParallel()
+        elif kind == "rowwise":
+            styles[name] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        else:
+            raise ConfigError(
+                f"the TP plan of {type(config).__name__} uses {kind!r} for {pattern}, which the "
+                "trainer does not apply: set tensorParallel to 1"
+            )
+    parents = {name.rsplit(".", 1)[0] for name in styles if "." in name}
+    for parent in sorted(parents):
+        if parent.endswith("attn"):
+            styles[parent] = PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)},
+                desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                use_local_output=True,
+            )
+        else:
+            styles[parent] = PrepareModuleInput(
+                input_layouts=(Shard(1),),
+                desired_input_layouts=(Replicate(),),
+                use_local_output=True,
+            )
+    return styles
+
+
+def _gather_sequence(_m: nn.Module, _args: Any, out: Any) -> Any:
+    return out.full_tensor() if isinstance(out, DTensor) else out
+
+
+def apply_tensor_parallel(container: nn.Module, config: Any, tp_mesh: DeviceMesh) -> None:
+    """TP + SP over ``tp_mesh`` for a module holding (some of) embed_tokens, layers, norm,
+    lm_head."""
+    tp = tp_mesh.size()
+    per_layer = tp_plan(config, tp)
+    for layer in decoder_layers(container):
+        plan = dict(per_layer)
+        for name, _child in layer.named_children():
+            if "norm" in name:
+                plan[name] = SequenceParallel()
+        parallelize_module(layer, tp_mesh, plan)
+    for name, module in container.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "embed_tokens":
+            parallelize_module(
+                module,
+                tp_mesh,
+                RowwiseParallel(
+                    input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+                ),
+            )
+        elif leaf == "norm" and not isinstance(module, nn.ModuleDict):
+            parallelize_module(module, tp_mesh, SequenceParallel())
+            module.register_forward_hook(_gather_sequence)
+        elif leaf == "lm_head":
+            parallelize_module(
+                module,
+                tp_mesh,
+                ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            )
+
+
+# -- activation checkpointing --------------------------------------------------------------------
+def _sac_save_ops() -> set[Any]:
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.max.default}
+    for name in (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
+        op = getattr(aten, name, None)
+        if op is not None:
+            ops.add(op.default)
+    return ops
+
+
+def _selective_context_fn() -> Callable[[], Any]:
+    """torchtitan's op-level SAC: save attention and every second matmul, recompute the rest."""
+    from torch.utils.checkpoint import (  # noqa: PLC0415
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+    )
+
+    save = _sac_save_ops()
+    mm = torch.ops.aten.mm.default
+    counts: dict[str, int] = defaultdict(int)
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        key = "recompute" if ctx.is_recompute else "forward"
+        if func == mm:
+            counts[key] += 1
+        keep = func in save and not (func == mm and counts[key] % 2 == 0)
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(policy)  # type: ignore[no-untyped-call]
+
+
+def _checkpointed(forward: Callable[..., Any], context_fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+
+    if context_fn is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute each decoder layer's activations in backward: ``selective`` keeps the
+    attention output and every second matmul output, ``full`` only the layer input.
+
+    The layer's ``forward`` is wrapped in place, so parameter names (checkpoints) do not change.
+    """
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ConfigError(f"unknown activation checkpointing mode {mode!r}")
+    for layer in decoder_layers(model):
+        context_fn = _selective_context_fn() if mode == "selective" else None
+        layer.forward = partial(_checkpointed, layer.forward, context_fn)
+
+
+def _maybe_compile(model: nn.Module) -> None:
+    if os.environ.get("FINETUNE_COMPILE", "0") != "1":
+        return
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+# -- FSDP ----------------------------------------------------------------------------------------
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    offload: bool,
+    reshard_last: bool = False,
+) -> None:
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(
+            layer,
+            mesh=mesh,
+            mp_policy=mp,
+            offload_policy=policy,
+            reshard_after_forward=reshard_last or i < len(layers) - 1,
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
+
+
+# -- pipeline ------------------------------------------------------------------------------------
+class PipelineStageModule(nn.Module):
+    """A contiguous slice of a decoder-only causal LM: embeddings on the first stage, decoder
+    layers, final norm and LM head on the last. ``forward(x, position_ids)`` takes token ids on
+    the first stage and hidden states elsewhere; the last stage returns float32 logits."""
+
+    def __init__(self, hf_model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
+        super().__init__()
+        base = hf_model.get_decoder()  # type: ignore[operator]
+        self.config: Any = hf_model.config
+        self.embed_tokens = base.embed_tokens if first else None
+        self.layers = nn.ModuleDict({str(i): base.layers[i] for i in layer_ids})
+        self.rotary_emb = base.rotary_emb
+        self.norm = base.norm if last else None
+        self.lm_head = hf_model.get_output_embeddings() if last else None  # type: ignore[operator]
+        #: Set when the stage is tensor parallel: activations cross stages as sequence shards.
+        self.tp_mesh: DeviceMesh | None = None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import (  # noqa: PLC0415
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        if self.embed_tokens is not None:
+            h = self.embed_tokens(x)
+        elif self.tp_mesh is not None:
+            # Stages pass plain tensors: the sequence shard of this TP rank.
+            h = DTensor.from_local(x, self.tp_mesh, [Shard(1)], run_check=False)
+        else:
+            h = x
+        mask_fn = (
+            create_causal_mask
+            if getattr(self.config, "sliding_window", None) is None
+            else create_sliding_window_causal_mask
+        )
+        mask = mask_fn(
+            config=self.config,
+            inputs_embeds=h,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        pos = self.rotary_emb(h, position_ids=position_ids)
+        for layer in self.layers.values():
+            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos)
+        if self.norm is not None and self.lm_head is not None:
+            logits: torch.Tensor = self.lm_head(self.norm(h)).float()
+            return logits
+        return h.to_local() if isinstance(h, DTensor) else h
+
+
+def stage_ids(pp_rank: int, pp: int, v: int) -> list[int]:
+    """Stages this rank owns: one, or v in loop order (r, r + p, ...)."""
+    return [pp_rank + k * pp for k in range(v)]
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
+    if num_layers % num_stages:
+        raise ConfigError(
+            f"{num_layers} decoder layers cannot be split evenly into {num_stages} pipeline "
+            "stages: choose pipelineParallel x virtual stages that divides the layer count"
+        )
+    per = num_layers // num_stages
+    return [list(range(s * per, (s + 1) * per)) for s in range(num_stages)]
+
+
+def _loss_fn(pipe: Pipeline) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from finetune_trainer.data import IGNORE  # noqa: PLC0415
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        summed = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        return summed * pipe.loss_scale[0]
+
+    return loss
+
+
+def build_pipeline(
+    hf_model: nn.Module,
+    plan: PlanConfig,
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    offload: bool,
+) -> Pipeline:
+    from torch.distributed.pipelining import PipelineStage  # noqa: PLC0415
+    from torch.distributed.pipelining.schedules import (  # noqa: PLC0415
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
+
+    pp, v = plan.pipeline_parallel, plan.virtual_stages
+    pp_mesh = mesh["pp"]
+    pp_rank = pp_mesh.get_local_rank()
+    num_stages = pp * v
+    parts = split_layers(len(decoder_layers(hf_model)), num_stages)
+    stage_modules: list[nn.Module] = []
+    stages: list[Any] = []
+    for sid in stage_ids(pp_rank, pp, v):
+        mod = PipelineStageModule(hf_model, parts[sid], sid == 0, sid == num_stages - 1)
+        mod.to(device)
+        if mesh["tp"].size() > 1:
+            mod.tp_mesh = mesh["tp"]
+        _parallelize_module(mod, plan, mesh, device, offload=offload, pipelined=True)
+        stage_modules.append(mod)
+        stages.append(PipelineStage(mod, sid, num_stages, device, group=pp_mesh.get_group()))
+    pipe = Pipeline(
+        stages=stage_modules,
+        schedule=None,
+        group=pp_mesh.get_group(),
+        is_first=pp_rank == 0,
+        is_last=pp_rank == pp - 1 or (v > 1 and num_stages - 1 in stage_ids(pp_rank, pp, v)),
+    )
+    n_micro = plan.gradient_accumulation
+    loss = _loss_fn(pipe)
+    if plan.pipeline_schedule == "interleaved-1f1b":
+        pipe.schedule = ScheduleInterleaved1F1B(
+            stages, n_microbatches=n_micro, loss_fn=loss, scale_grads=False
+        )
+    else:
+        cls = ScheduleGPipe if plan.pipeline_schedule == "gpipe" else Schedule1F1B
+        pipe.schedule = cls(stages[0], n_microbatches=n_micro, loss_fn=loss, scale_grads=False)
+    # With interleaving, stage 0 may not be on pp rank 0 only in other orders; in loop order the
+    # first stage is on rank 0.
+    pipe.is_first = 0 in stage_ids(pp_rank, pp, v)
+    pipe.is_last = num_stages - 1 in stage_ids(pp_rank, pp, v)
+    pipe.parts = _named_parts(stage_modules)
+    return pipe
+
+
+def _named_parts(stages: list[nn.Module]) -> nn.Module:
+    """A container with the stages' modules at their names in ``CausalLMLoss``
+    (model.model.layers.N, model.model.embed_tokens, model.model.norm, model.lm_head), so state
+    dicts line up."""
+    root, hf, base = nn.Module(), nn.Module(), nn.Module()
+    base.layers = nn.ModuleDict()
+    for st in stages:
+        assert isinstance(st, PipelineStageModule)
+        base.layers.update(dict(st.layers.items()))
+        if st.embed_tokens is not None:
+            base.embed_tokens = st.embed_tokens
+        if st.norm is not None:
+            base.norm = st.norm
+        if st.lm_head is not None:
+            hf.lm_head = st.lm_head
+    hf.model = base
+    root.model = hf
+    return root
+
+
+# -- putting it together ---------------------------------------------------------------------------
+def _parallelize_module(
+    model: nn.Module,
+    plan: PlanConfig | None,
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    offload: bool,
+    pipelined: bool = False,
+) -> None:
+    if mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, _hf_config(model), mesh["tp"])
+    apply_activation_checkpointing(model, plan.activation_checkpointing if plan else "none")
+    _maybe_compile(model)
+    dp_mesh = mesh["dp", "fsdp"] if mesh["dp"].size() > 1 else mesh["fsdp"]
+    if dp_mesh.size() > 1 or offload:
+        apply_fsdp(model, dp_mesh, device, offload=offload, reshard_last=pipelined)
 
 
 def apply_plan(
@@ -70,36 +527,41 @@ def apply_plan(
     rank: int,
     device: torch.device,
     plan: PlanConfig | None,
+    hf_model: nn.Module | None = None,
 ) -> Layout:
-    """Shard ``model`` in place for this rank and say how data is split."""
+    """Parallelize ``model`` in place for this rank and say how data is split.
+
+    ``model`` is the training module (wrapping ``hf_model``). With pipeline
+    parallelism the returned layout's ``pipeline`` holds this rank's stages (built from
+    ``hf_model``), and only those are trained.
+    """
     check_plan(plan, world_size)
     if world_size == 1:
+        apply_activation_checkpointing(model, plan.activation_checkpointing if plan else "none")
+        _maybe_compile(model)
         return Layout(world_size=1, dp_size=1, dp_rank=0, mesh=None)
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    if device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if plan is not None and plan.cpu_offload else OffloadPolicy()
-    layers = _decoder_layers(model)
-    for i, layer in enumerate(layers):
-        # The last layer's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(
-            layer,
-            mesh=mesh,
-            mp_policy=mp,
-            offload_policy=offload,
-            reshard_after_forward=i < len(layers) - 1,
-        )
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    return Layout(world_size=world_size, dp_size=world_size, dp_rank=rank, mesh=mesh)
+    mesh = build_mesh(device, plan, world_size)
+    dp_size, dp_rank = data_parallel_coords(mesh)
+    offload = plan is not None and plan.cpu_offload
+    layout = Layout(
+        world_size=world_size,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        mesh=mesh,
+        tp_size=mesh["tp"].size(),
+        pp_size=mesh["pp"].size(),
+        pp_rank=mesh["pp"].get_local_rank(),
+    )
+    if plan is not None and plan.pipeline_parallel > 1:
+        if hf_model is None:
+            raise ConfigError("pipeline parallelism needs the Hugging Face model to split")
+        layout.pipeline = build_pipeline(hf_model, plan, mesh, device, offload=offload)
+        return layout
+    _parallelize_module(model, plan, mesh, device, offload=offload)
+    return layout
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Recompute layer activations in backward (selective is treated as full for now)."""
-    if mode == "none":
-        return
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None:
-        raise ConfigError(f"{type(model).__name__} does not support activation checkpointing")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def trained_module(model: nn.Module, layout: Layout) -> nn.Module:
+    """The module whose parameters this rank trains (and checkpoints): ``model``, or with a
+    pipeline this rank's stages under the same parameter names."""
+    return layout.pipeline.parts if layout.pipeline is not None else model

@@ -35,7 +35,13 @@ from finetune_trainer.errors import ConfigError
 from finetune_trainer.lm import CausalLMLoss
 from finetune_trainer.loop import Loop, StepResult, lr_lambda, make_optimizer
 from finetune_trainer.models import DTYPES, check_model_source, load_model, load_tokenizer
-from finetune_trainer.parallelize import apply_activation_checkpointing, apply_plan, check_plan
+from finetune_trainer.parallelize import (
+    apply_activation_checkpointing,
+    apply_plan,
+    check_plan,
+    data_parallel_rank,
+    trained_module,
+)
 from finetune_trainer.planner.hardware import get_gpu
 from finetune_trainer.progress import Progress
 
@@ -88,7 +94,8 @@ def autocast_dtype(dtype: str, device: torch.device, *, sharded: bool) -> torch.
 
 def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
     """Checks that need no data and no model: they fail before anything starts."""
-    gbs, world = cfg.schedule.global_batch_size, env.world_size
+    gbs = cfg.schedule.global_batch_size
+    world, _ = data_parallel_rank(cfg.plan, env.rank, env.world_size)
     if gbs % world:
         lower, higher = gbs // world * world, (gbs // world + 1) * world
         raise ConfigError(
@@ -96,7 +103,7 @@ def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
             f"multiple of {world} (e.g. {lower or higher} or {higher}), or run on a number of "
             "GPUs that divides it"
         )
-    check_plan(cfg.plan, world)
+    check_plan(cfg.plan, env.world_size, lora=cfg.method.type == "lora")
     check_model_source(cfg.model)
     if cfg.checkpoint.dir:
         check_writable(cfg.checkpoint.dir, "checkpoint")
@@ -194,8 +201,15 @@ def export(
     cfg: TrainerConfig, env: DistEnv, module: torch.nn.Module, hf_model: Any, tok: Any
 ) -> Path:
     """Save the final model with ``save_pretrained`` (atomically: tmp folder, then rename)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    pipelined = cfg.plan is not None and cfg.plan.pipeline_parallel > 1
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=not pipelined)
     state: dict[str, Any] = dict(get_model_state_dict(module, options=opts))
+    if pipelined:
+        # Each pipeline rank holds its stages only: gather them all (rank 0 writes the model).
+        state = {k: v.cpu() for k, v in state.items()}
+        parts: list[dict[str, Any] | None] = [None] * env.world_size
+        dist.all_gather_object(parts, state)
+        state = {k: v for part in parts if part for k, v in part.items()}
     out = Path(cfg.output_dir)
     if env.rank == 0:
         dtype = DTYPES[cfg.model.dtype]
@@ -239,12 +253,12 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
 
     tok = rank0_first(env, lambda: load_tokenizer(cfg.model))
     train_ds, eval_ds = rank0_first(env, lambda: _prepare_data(cfg, tok))
-    dp_size = env.world_size
+    dp_size, dp_rank = data_parallel_rank(cfg.plan, env.rank, env.world_size)
     mbs = choose_micro_batch(cfg, dp_size, device)
     sampler = data_mod.StepSampler(
         num_rows=len(train_ds),
         global_batch_size=cfg.schedule.global_batch_size,
-        dp_rank=env.rank,
+        dp_rank=dp_rank,
         dp_size=dp_size,
         micro_batch_size=mbs,
         seed=cfg.schedule.seed,
@@ -262,15 +276,21 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
     model = load_model(cfg.model, seed=cfg.schedule.seed, dtype=torch.float32)
     model = _wrap_lora(cfg, model)
     hf_model = model.get_base_model() if cfg.method.type == "lora" else model
-    ac = (
-        cfg.plan.activation_checkpointing if cfg.plan else cfg.parallelism.activation_checkpointing
-    ) or "none"
-    apply_activation_checkpointing(hf_model, ac)
-    module = CausalLMLoss(hf_model)
+    if cfg.plan is None:  # with a plan, apply_plan checkpoints as the plan says
+        apply_activation_checkpointing(hf_model, cfg.parallelism.activation_checkpointing or "none")
+    module: torch.nn.Module = CausalLMLoss(hf_model)
     flops_per_token = _flops_per_token(hf_model, cfg.data.max_seq_length)
-    if device.type == "cuda":
+    if device.type == "cuda" and not (cfg.plan and cfg.plan.pipeline_parallel > 1):
         module.to(device)
-    apply_plan(module, world_size=env.world_size, rank=env.rank, device=device, plan=cfg.plan)
+    layout = apply_plan(
+        module,
+        world_size=env.world_size,
+        rank=env.rank,
+        device=device,
+        plan=cfg.plan,
+        hf_model=hf_model,
+    )
+    module = trained_module(module, layout)
     autocast = autocast_dtype(cfg.model.dtype, device, sharded=env.world_size > 1)
 
     optim = make_optimizer(module, cfg.optim.learning_rate, cfg.optim.weight_decay, device)
@@ -287,6 +307,8 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
         pad_id=tok.pad_token_id,
         autocast=autocast,
         max_grad_norm=cfg.optim.max_grad_norm,
+        layout=layout,
+        seq_len=cfg.data.max_seq_length,
     )
 
     ckpt = (
