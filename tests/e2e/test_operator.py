@@ -234,8 +234,14 @@ def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
         runPolicy={"backoffLimit": 0},
     )
     assert testbed.apply(job, "-n", ns).returncode == 0
-    failed = wait_phase(testbed, ns, "oom", "Failed")
-    assert failed["status"]["failure"]["reason"] == "OOMKilled"
+    wait_phase(testbed, ns, "oom", "Failed")
+    # The job fails on the backoff limit; the pod's own reason may arrive a moment later.
+    failed = testbed.wait_for(
+        lambda: (job := ftj(testbed, ns, "oom"))["status"]["failure"]["reason"] == "OOMKilled"
+        and job,
+        timeout=60,
+        desc="failure reason OOMKilled",
+    )
     assert failed["status"]["failure"]["exitCode"] == 137
     assert "oom-master-0" in failed["status"]["failure"]["message"]
     watched = finetune(testbed, "watch", "oom", "-n", ns)
