@@ -26,7 +26,8 @@ $(VENV)/.deps: pyproject.toml
 
 venv: $(VENV)/.deps ## Create the cached virtual environment and install this checkout into it
 	@# Point the cached environment's editable install at this checkout (cheap, no dependencies).
-	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null
+	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . >$(VENV)/.relink.log 2>&1 \
+		|| { cat $(VENV)/.relink.log; exit 1; }
 	@echo "venv: $(VENV)"
 
 run: venv ## The main job: fine-tune the tiny offline example on this machine (CPU or GPU)

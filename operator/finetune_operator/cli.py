@@ -167,6 +167,9 @@ def run(
     runs_dir: Annotated[
         Path, typer.Option(help="Where the run folder (config, default output) goes.")
     ] = Path("finetune-runs"),
+    metrics_port: Annotated[
+        int, typer.Option(help="Port of the trainer's /metrics (0: any free port).")
+    ] = 9090,
 ) -> None:
     """Fine-tune on this machine from a FineTuneJob, as its pods would in the cluster.
 
@@ -186,6 +189,7 @@ def run(
         name=job.name,
         default_output_dir=str(run_dir / "model"),
         plan=plan_config(planned) if planned else None,
+        metrics_port=metrics_port,
     )
     try:
         from finetune_trainer.launch import run_local  # noqa: PLC0415 - needs the trainer extra

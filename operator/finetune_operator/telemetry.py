@@ -50,6 +50,8 @@ def job_phase(key: str, phase: str | None) -> None:
 
 def serve(port: int) -> None:
     BUILD.labels(version=__version__).set(1)
+    for result in ("ok", "error"):
+        RECONCILES.labels(result=result)  # so rate(...{result="error"}) is 0, not empty
     for p in PHASES:
         JOBS.labels(phase=p).set(0)
     start_http_server(port)

@@ -133,6 +133,8 @@ def test_metrics_endpoint_names_and_types(one_rank: dict[str, Any]) -> None:
         "finetune_train_progress_ratio": "gauge",
         "finetune_gpu_memory_max_allocated_bytes": "gauge",
         "finetune_trainer_build_info": "gauge",
+        "finetune_eval_loss": "gauge",
+        "finetune_checkpoint_last_save_timestamp_seconds": "gauge",
     }
     for name, kind in expected.items():
         assert name in families, f"{name} missing from {sorted(families)}"

@@ -26,6 +26,8 @@ class TrainerMetrics:
     step_duration: Histogram
     dataloader_wait: Histogram
     checkpoint_save: Histogram
+    checkpoint_last_save: Gauge
+    eval_loss: Gauge
     mfu: Gauge
     progress: Gauge
     memory: Gauge
@@ -73,6 +75,14 @@ def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
             "Time to write one checkpoint",
             buckets=_SAVE_BUCKETS,
             registry=r,
+        ),
+        checkpoint_last_save=Gauge(
+            "finetune_checkpoint_last_save_timestamp_seconds",
+            "Unix time the latest complete checkpoint was written",
+            registry=r,
+        ),
+        eval_loss=Gauge(
+            "finetune_eval_loss", "Mean loss on the held-out eval set (nats/token)", registry=r
         ),
         mfu=Gauge(
             "finetune_train_mfu_ratio", "Model FLOPs utilisation (0-1) of the last step", registry=r

@@ -365,7 +365,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
             )
             every = cfg.schedule.eval_every_steps
             if every and step % every == 0 and step < total:
-                _eval(loop, eval_ds, mbs, progress, step, journal)
+                _eval(loop, eval_ds, mbs, progress, step, journal, metrics)
             if _agree(stop["flag"], device):
                 progress.message(f"SIGTERM at step {step}: saving a checkpoint and stopping")
                 code = EXIT_PREEMPTED
@@ -377,7 +377,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
             if ckpt is not None and last_saved != step:
                 _save(ckpt, step, module, optim, sched, metrics)
             return code
-        _eval(loop, eval_ds, mbs, progress, step, journal)
+        _eval(loop, eval_ds, mbs, progress, step, journal, metrics)
         if ckpt is not None and last_saved != step:
             _save(ckpt, step, module, optim, sched, metrics)
         out = export(cfg, env, module, hf_model, tok)
@@ -401,13 +401,15 @@ def _agree(flag: bool, device: torch.device) -> bool:
 def _save(ckpt: Checkpointer, step: int, module: Any, optim: Any, sched: Any, m: Any) -> None:
     _path, seconds = ckpt.save(step, module, optim, sched, {})
     m.checkpoint_save.observe(seconds)
+    m.checkpoint_last_save.set_to_current_time()
 
 
 def _eval(
-    loop: Loop, ds: Dataset, mbs: int, progress: Progress, step: int, journal: Journal
+    loop: Loop, ds: Dataset, mbs: int, progress: Progress, step: int, journal: Journal, m: Any
 ) -> None:
     loss = loop.evaluate(ds, mbs)
     if loss is not None:
+        m.eval_loss.set(loss)
         progress.message(f"step {step} eval_loss {loss:.4f}")
         journal.write(step=step, eval_loss=loss)
 
