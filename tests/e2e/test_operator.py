@@ -237,8 +237,9 @@ def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
     wait_phase(testbed, ns, "oom", "Failed")
     # The job fails on the backoff limit; the pod's own reason may arrive a moment later.
     failed = testbed.wait_for(
-        lambda: (job := ftj(testbed, ns, "oom"))["status"]["failure"]["reason"] == "OOMKilled"
-        and job,
+        lambda: (
+            (job := ftj(testbed, ns, "oom"))["status"]["failure"]["reason"] == "OOMKilled" and job
+        ),
         timeout=60,
         desc="failure reason OOMKilled",
     )
