@@ -91,3 +91,18 @@ def test_finetune_plan_exits_1_with_the_fix_when_nothing_fits(tmp_path: Path) ->
     assert result.returncode == 1
     assert "no plan fits" in result.stderr
     assert "Would fit" in result.stderr
+
+
+def test_pins_that_exclude_every_layout_get_a_message_not_a_crash() -> None:
+    """Found by the property test: offload excludes PP, and a batch of 3 fits no other layout."""
+    job = load_yaml(Path("examples/tiny-local.yaml"))
+    job = apply(
+        job,
+        {
+            "spec.resources": {"gpusPerNode": 8, "gpuType": "H100-80GB"},
+            "spec.hyperparameters.globalBatchSize": 3,
+            "spec.parallelism": {"cpuOffload": True},
+        },
+    )
+    with pytest.raises(PlanInfeasible, match="Would fit: removing the fixed parallelism settings"):
+        plan_job(parse(job).spec)

@@ -52,12 +52,13 @@ def _infeasible(
     what = _what(model, cluster, workload)
     if not con.is_empty():
         what += f" with {_fixed(con)}"
-    if res.structures == 0:
+    no_layout = res.structures == 0 or res.closest is None  # e.g. every layout excluded by a pin
+    if no_layout:
         head = (
             f"no valid parallel layout for {what}: the global batch must split evenly over the "
             f"data-parallel ranks (dp*fsdp = world/(tp*pp)), TP must divide the heads "
             f"({model.num_heads}/{model.num_kv_heads} kv) and fit a node, PP must divide "
-            f"{model.num_layers} layers"
+            f"{model.num_layers} layers (CPU offload excludes pipeline parallelism)"
         )
     else:
         assert closest is not None
@@ -72,7 +73,7 @@ def _infeasible(
                 f"{usable_host_memory(cluster.gpu) / GB:,.0f} GB usable"
             )
         head = f"{what} does not fit: the closest candidate ({closest.plan.summary}) needs {need}"
-    fixes = suggestions(model, cluster, workload, con, no_layout=res.structures == 0)
+    fixes = suggestions(model, cluster, workload, con, no_layout=no_layout)
     msg = head + (". Would fit: " + ", or ".join(fixes) if fixes else ". Nothing tried fits.")
     return PlanInfeasible(msg, tuple(fixes), closest)
 
