@@ -4,6 +4,7 @@ seconds and can be told (by pod annotation) to fail, be OOMKilled or stay Pendin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -308,30 +309,15 @@ def test_suspend_stops_the_pods_and_resume_brings_them_back(operator: Any) -> No
     job = gpu_job("pause", podMetadata={"annotations": {"testbed.finetune.dev/run-duration": "1h"}})
     assert testbed.apply(job, "-n", ns).returncode == 0
     wait_phase(testbed, ns, "pause", "Running")
-    testbed.kubectl(
-        "patch",
-        "ftj",
-        "pause",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":true}}}',
-        check=True,
-    )
+
+    def set_suspend(value: bool) -> None:
+        patch = json.dumps({"spec": {"runPolicy": {"suspend": value}}})
+        testbed.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p", patch, check=True)
+
+    set_suspend(True)
     wait_phase(testbed, ns, "pause", "Suspended")
     testbed.wait_for(lambda: not pods(testbed, ns, "pause"), timeout=120, desc="pods to go")
-    testbed.kubectl(
-        "patch",
-        "ftj",
-        "pause",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":false}}}',
-        check=True,
-    )
+    set_suspend(False)
     testbed.wait_for(lambda: pods(testbed, ns, "pause"), timeout=120, desc="pods to come back")
     wait_phase(testbed, ns, "pause", "Running")
 

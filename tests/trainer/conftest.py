@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,17 +107,10 @@ def trainer_env(journal: Path, nproc: int) -> dict[str, str]:
 
 
 def torchrun(config: Path, nproc: int, journal: Path) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "finetune_trainer.train",
-        "--config",
-        str(config),
-    ]
+    """The same torchrun command `finetune run` launches, with the test's environment."""
+    from finetune_trainer.launch import torchrun_command
+
+    cmd = torchrun_command(config, nproc)
     return subprocess.Popen(
         cmd,
         env=trainer_env(journal, nproc),
