@@ -129,9 +129,10 @@ def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Training progress from the master's metrics, and a level-triggered safety net."""
     job = _parse(body)
-    outcomes = controller.scrape_progress(
-        memo.kube, job, trainer_metrics_port()
-    ) or controller.refresh(memo.kube, job)
+    with telemetry.timed():
+        outcomes = controller.scrape_progress(
+            memo.kube, job, trainer_metrics_port()
+        ) or controller.refresh(memo.kube, job)
     _announce(memo.kube, body, outcomes)
 
 

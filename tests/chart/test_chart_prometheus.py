@@ -184,6 +184,10 @@ def test_every_dashboard_panel_has_data_from_a_real_run(
     try:
         tb.wait_for(lambda: fetch(f"http://127.0.0.1:{prom_port}/-/ready"), timeout=60,
                     interval=0.5, desc="Prometheus ready")  # fmt: skip
+        # A first scrape of the operator before the job exists, so its counters' increases count.
+        up = urllib.parse.urlencode({"query": 'up{job="finetune-operator"} == 1'})
+        tb.wait_for(lambda: get_json(f"{api}/query?{up}")["data"]["result"], timeout=60,
+                    interval=0.5, desc="Prometheus scraped the operator")  # fmt: skip
         start = time.time()
         # The operator's side: a FineTuneJob it reconciles while Prometheus watches.
         job = yaml.safe_load((REPO / "examples" / "tiny-local.yaml").read_text())
