@@ -1,31 +1,27 @@
 """The planner's peak memory per GPU against PyTorch's own accounting (FSDPMemTracker).
 
-Real Llama-3-8B / Mistral-7B-v0.3 widths (hidden, heads, FFN, vocab) with 8 decoder layers, built
-under FakeTensorMode (no real memory), sharded with the trainer's own ``apply_fsdp`` (the GPU
-mixed-precision policy: fp32 sharded parameters, bf16 unsharded) and
-``apply_activation_checkpointing`` on a fake process group that simulates 8 or 64 ranks from one
-CPU process. ``FSDPMemTracker`` works on CPU under FakeTensorMode; the mesh must be built outside
-the fake mode.
+Real Llama-3-8B / Mistral-7B-v0.3 / Qwen2-1.5B configurations (8 decoder layers where the full
+depth adds nothing but time), built under FakeTensorMode (no real memory), sharded with the
+trainer's own ``apply_fsdp`` (the GPU mixed-precision policy: fp32 sharded parameters, bf16
+unsharded) and ``apply_activation_checkpointing`` on a fake process group that simulates 8, 16
+or 64 ranks from one CPU process. ``FSDPMemTracker`` works on CPU under FakeTensorMode; the
+mesh must be built outside the fake mode.
 
-What the tracker sees and the planner does not model, found here:
+How it is compared: the tracker's peak (largest total over the step, by category) against the
+planner's peak minus its constant CUDA/NCCL overhead, within +-10%; the model states the
+formulas claim exactly (sharded fp32 params + Adam moments, and the sharded gradients under
+gradient accumulation) within 1%. Measured / predicted, torch 2.15: Llama-3-8B 32 layers fsdp8
+mbs1 none 0.99, 8 layers mbs2 full 1.00, mbs2 ga4 selective 1.00; Mistral-7B 8 layers mbs2 none
+0.99, 32 layers fsdp64 ga2 full 1.03; Qwen2-1.5B (tied embeddings) fsdp16 mbs4 selective 0.97.
+
+What the tracker does not see or the fake mode distorts:
 - AdamW with ``foreach=True`` or ``fused=True`` on DTensors under FakeTensorMode is booked as
   ~30-44 GiB of "OptState" per rank whatever the shard degree (a fake-mode artefact, not real
-  memory), so the optimizer runs ``foreach=False`` and its step is taken before tracking: the
-  measured peak is that of a forward + backward with the Adam states resident.
+  memory), so the optimizer runs ``foreach=False`` and its step is taken before tracking.
 - The loss is the trainer's ``CausalLMLoss`` without the boolean target mask (``hidden[keep]``
   has a data-dependent shape that FakeTensorMode rejects); every token is a target.
-
-Measured / predicted peak (planner peak minus its constant CUDA/NCCL overhead), 8 layers, torch
-2.15: Llama-3-8B fsdp8 mbs1 none 0.83, fsdp8 mbs2 full 0.79; Mistral-7B fsdp8 mbs2 none 0.98,
-fsdp64 mbs1 full 0.98 (all 32 layers, forward + backward peak: Llama mbs1 none 0.92, Mistral
-mbs2 none 1.05). The planner over-counts FSDP buffers for untied-head models (10 bytes x
-max(embedding, head), while the root unit holds both in bf16, 2.4 GiB for Llama-3-8B against
-4.9 predicted, and no separate fp32 gradient copy shows up) and under-counts the activations of
-no-recompute plans (it assumes FlashAttention's saved set; SDPA on the CPU path saves more). So
-±10% does not hold for every plan: the whole peak is asserted only within the band it meets
-across these plans (-25% .. +10%). The sharded fp32 parameters plus Adam moments (12 of the
-planner's 16 bytes/param / N; gradients are not resident at every peak), which the formulas
-claim exactly, are asserted within 1%.
+- FSDP2's unsharded bf16 gradients are not attributed to a category, so the LM head's gradient
+  and the root's end-of-backward buffers the planner charges are not checked here.
 """
 
 from __future__ import annotations
@@ -56,10 +52,9 @@ from finetune_trainer.planner import (  # noqa: E402
 
 pytestmark = pytest.mark.trainer
 
-LAYERS = 8
 SEQ = 2048
-#: (measured / predicted) must fall in this band for the whole peak; see the module docstring.
-PEAK_BAND = (0.75, 1.10)
+#: measured / predicted peak: the issue's +-10%.
+PEAK_BAND = (0.90, 1.10)
 STATES_TOLERANCE = 0.01
 
 
@@ -80,8 +75,12 @@ class _AllTargetsLoss(CausalLMLoss):
         return loss, targets.numel()
 
 
-def _measure(cfg: dict[str, Any], world: int, mbs: int, ac: str) -> dict[str, float]:
-    """Peak bytes per rank by FSDPMemTracker category, for one forward + backward."""
+def _measure(cfg: dict[str, Any], world: int, mbs: int, ac: str, ga: int) -> dict[str, float]:
+    """Peak bytes per rank by FSDPMemTracker category, for one forward + backward.
+
+    With ``ga`` > 1 the tracked micro-batch is the last one of an accumulation: the earlier
+    ones' reduced gradients are resident, as they are in the trainer's loop.
+    """
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -98,6 +97,8 @@ def _measure(cfg: dict[str, Any], world: int, mbs: int, ac: str) -> dict[str, fl
             model(ids, pos, ids)[0].backward()
             opt.step()  # Adam states now exist and are tracked from the start
             opt.zero_grad(set_to_none=True)
+            for _ in range(ga - 1):
+                model(ids, pos, ids)[0].backward()
             tracker = FSDPMemTracker(model, opt)
             tracker.track_inputs((ids, pos, ids))
             with tracker:
@@ -110,37 +111,47 @@ def _measure(cfg: dict[str, Any], world: int, mbs: int, ac: str) -> dict[str, fl
 
 
 CASES = [
-    ("meta-llama/Meta-Llama-3-8B", 8, 1, "none"),
-    ("meta-llama/Meta-Llama-3-8B", 8, 2, "full"),
-    ("mistralai/Mistral-7B-v0.3", 8, 2, "none"),
-    ("mistralai/Mistral-7B-v0.3", 64, 1, "full"),
+    # model, world (FSDP degree), micro-batch, recompute, gradient accumulation, layers
+    ("meta-llama/Meta-Llama-3-8B", 8, 1, "none", 1, 32),
+    ("meta-llama/Meta-Llama-3-8B", 8, 2, "full", 1, 8),
+    ("meta-llama/Meta-Llama-3-8B", 8, 2, "selective", 4, 8),
+    ("mistralai/Mistral-7B-v0.3", 8, 2, "none", 1, 8),
+    ("mistralai/Mistral-7B-v0.3", 64, 1, "full", 2, 32),
+    ("Qwen/Qwen2-1.5B", 16, 4, "selective", 1, 28),
 ]
 
 
-@pytest.mark.parametrize(("model_id", "world", "mbs", "ac"), CASES)
-def test_peak_memory_matches_fsdp_mem_tracker(model_id: str, world: int, mbs: int, ac: str) -> None:
+@pytest.mark.parametrize(("model_id", "world", "mbs", "ac", "ga", "layers"), CASES)
+def test_peak_memory_matches_fsdp_mem_tracker(
+    model_id: str, world: int, mbs: int, ac: str, ga: int, layers: int
+) -> None:
     cfg = hf_config(model_id)
-    cfg["num_hidden_layers"] = LAYERS
-    measured = _measure(cfg, world, mbs, ac)
+    cfg["num_hidden_layers"] = layers
+    measured = _measure(cfg, world, mbs, ac, ga)
 
     plan = Plan(
         model=ModelFacts.from_hf_config(cfg),
         cluster=Cluster.of("H100-80GB", nodes=world // 8, gpus_per_node=8),
-        workload=Workload(seq_len=SEQ, global_batch_size=world * mbs),
+        workload=Workload(seq_len=SEQ, global_batch_size=world * mbs * ga),
         data_parallel=1,
         fsdp=world,
         micro_batch_size=mbs,
-        gradient_accumulation=1,
+        gradient_accumulation=ga,
         activation_checkpointing=ac,  # type: ignore[arg-type]
     )
     est = estimate(plan)
     predicted = est.peak_memory_bytes - est.memory_breakdown["overhead"]
     ratio = measured["Total"] / predicted
-    print(f"{model_id} fsdp{world} mbs{mbs} ac={ac}: measured/predicted {ratio:.3f}")
+    print(f"{model_id} x{layers} fsdp{world} mbs{mbs} ga{ga} ac={ac}: measured/predicted "
+          f"{ratio:.3f} at {est.memory_breakdown}")  # fmt: skip
 
-    # Sharded fp32 params + Adam moments (grads are freed by zero_grad and re-created in
-    # backward; at the peak they are counted under "Sharded Grad" when present): 12 B/param / N.
-    states = measured["Sharded Param"] + measured["OptState"]
-    want_states = est.memory_breakdown["model_states"] * 12 / 16
-    assert states == pytest.approx(want_states, rel=STATES_TOLERANCE)
+    # The formulas' model states, exactly: fp32 shards of the parameters and both Adam moments
+    # (12 B/param / N) always; the fp32 sharded gradients (4 B/param / N) once an earlier
+    # micro-batch of the accumulation has reduced them.
+    n = plan.model.num_params
+    assert measured["Sharded Param"] + measured["OptState"] == pytest.approx(
+        12 * n / world, rel=STATES_TOLERANCE
+    )
+    if ga > 1:
+        assert measured["Sharded Grad"] == pytest.approx(4 * n / world, rel=STATES_TOLERANCE)
     assert PEAK_BAND[0] <= ratio <= PEAK_BAND[1], (ratio, measured, est.memory_breakdown)

@@ -267,7 +267,11 @@ def _sac_save_ops() -> set[Any]:
 
 
 def _selective_context_fn() -> Callable[[], Any]:
-    """torchtitan's op-level SAC: save attention and every second matmul, recompute the rest."""
+    """torchtitan's op-level SAC: save attention and every second matmul, recompute the rest.
+
+    The matmul count restarts with every call (a layer's forward and its recompute), so each
+    step saves the same tensors: the 1st, 3rd, ... matmul of the layer.
+    """
     from torch.utils.checkpoint import (  # noqa: PLC0415
         CheckpointPolicy,
         create_selective_checkpoint_contexts,
@@ -275,16 +279,20 @@ def _selective_context_fn() -> Callable[[], Any]:
 
     save = _sac_save_ops()
     mm = torch.ops.aten.mm.default
-    counts: dict[str, int] = defaultdict(int)
 
-    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        key = "recompute" if ctx.is_recompute else "forward"
-        if func == mm:
-            counts[key] += 1
-        keep = func in save and not (func == mm and counts[key] % 2 == 0)
-        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+    def contexts() -> Any:
+        counts: dict[str, int] = defaultdict(int)
 
-    return lambda: create_selective_checkpoint_contexts(policy)  # type: ignore[no-untyped-call]
+        def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+            key = "recompute" if ctx.is_recompute else "forward"
+            if func == mm:
+                counts[key] += 1
+            keep = func in save and not (func == mm and counts[key] % 2 == 0)
+            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(policy)  # type: ignore[no-untyped-call]
+
+    return contexts
 
 
 def _checkpointed(forward: Callable[..., Any], context_fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,5 +1,7 @@
 """Infeasible inputs fail with a message that says what would fit (each verified)."""
 
+import re
+
 import pytest
 
 from finetune_trainer.planner import (
@@ -36,10 +38,14 @@ def test_shorter_sequence_suggested() -> None:
     model = known_model("tiny-llama")
     cluster = Cluster.of("CPU", nodes=1, gpus_per_node=1)
     wl = Workload(seq_len=65536, global_batch_size=1)
-    with pytest.raises(PlanInfeasible, match=r"GiB per GPU.*maxSeqLength <= 32768") as info:
+    with pytest.raises(PlanInfeasible, match=r"GiB per GPU.*maxSeqLength <= \d+") as info:
         plan_parallelism(model, cluster, wl)
     assert not any("GPUs of" in s for s in info.value.suggestions)
-    plan_parallelism(model, cluster, wl.model_copy(update={"seq_len": 32768}))
+    shorter = int(re.search(r"maxSeqLength <= (\d+)", str(info.value)).group(1))  # type: ignore[union-attr]
+    # the suggestion is the longest power of two that fits
+    plan_parallelism(model, cluster, wl.model_copy(update={"seq_len": shorter}))
+    with pytest.raises(PlanInfeasible):
+        plan_parallelism(model, cluster, wl.model_copy(update={"seq_len": 2 * shorter}))
 
 
 def test_bigger_gpu_suggested() -> None:

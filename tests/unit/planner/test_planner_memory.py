@@ -35,53 +35,86 @@ def lay(**kw: object) -> Layout:
 @pytest.mark.parametrize(
     ("model_id", "ac", "expected"),
     [
-        # Llama-3-8B h=4096 q=4096 kv=1024 f=14336 a=32: 2*(4h+2q+2kv+4f) + 4a
-        ("meta-llama/Meta-Llama-3-8B", "none", 2 * (16384 + 8192 + 2048 + 57344) + 128),
-        # 2*(h + q + (q + 2kv + h + 2f + h)/2) + 4a
-        ("meta-llama/Meta-Llama-3-8B", "selective", 2 * (8192 + 43008 / 2) + 128),
+        # Llama-3-8B h=4096 q=4096 kv=1024 f=14336 a=32, HF layer: 2*(8h + 5q + 4f) + 4a
+        ("meta-llama/Meta-Llama-3-8B", "none", 2 * (32768 + 20480 + 57344) + 128),
+        # input h, attention out q, every 2nd matmul output of q, k, v, o, gate, up, down
+        ("meta-llama/Meta-Llama-3-8B", "selective", 2 * (4096 + 4096 + 4096 + 1024 + 14336 + 4096)
+         + 128),
         ("meta-llama/Meta-Llama-3-8B", "full", 2 * 4096),
-        # MPT-7B: plain MLP f=4h, MHA: 32h bytes (Korthikanti's 34h without dropout masks)
-        ("mosaicml/mpt-7b", "none", 32 * 4096 + 128),
+        # MPT-7B: plain MLP f=4h, MHA: 2*(8h + 5h + 2f) = 42h
+        ("mosaicml/mpt-7b", "none", 42 * 4096 + 128),
     ],
-)
+)  # fmt: skip
 def test_activation_bytes_per_token(model_id: str, ac: str, expected: float) -> None:
     assert activation_bytes_per_token(known_model(model_id), ac) == expected  # type: ignore[arg-type]
 
 
+P8B = 8_030_261_248
+LAYER8B = 218_112_000  # params of one Llama-3-8B decoder layer
+HEAD8B = 128256 * 4096
+ROOT8B = 2 * HEAD8B + 4096  # untied embedding + LM head + final norm
+ACT8B = 221_312  # bytes/token/layer without recompute (above)
+
+
 def test_llama8b_fsdp8_by_hand() -> None:
+    """Backward starting at the loss is the peak: every layer's activations and the logits."""
     wl = Workload(seq_len=2048, global_batch_size=16)
     m = estimate_memory(LLAMA8, H100, wl, lay(mbs=2))
     tokens = 2 * 2048
-    assert m.model_states == 16 * 8_030_261_248 / 8
-    assert m.fsdp_buffers == 10 * 128256 * 4096  # embedding/head is the largest unit
-    assert m.activations == (32 * 168064 + 4 * 4096) * tokens
-    assert m.loss_head == 10 * tokens * 128256
+    assert m.moment == "loss"
+    assert m.model_states == 12 * P8B / 8  # no gradient reduced yet (ga 1)
+    assert m.fsdp_buffers == 2 * ROOT8B + 2 * LAYER8B  # root and the last layer gathered
+    assert m.activations == (32 * ACT8B + 8 * 4096) * tokens
+    assert m.loss_head == 12 * tokens * 128256
     assert m.overhead == MEMORY_OVERHEAD_BYTES
     assert m.peak == pytest.approx(
         m.model_states + m.fsdp_buffers + m.activations + m.loss_head + m.overhead
     )
+    # with gradient accumulation the earlier micro-batches' gradients are resident
+    ga = estimate_memory(
+        LLAMA8, H100, Workload(seq_len=2048, global_batch_size=32), lay(mbs=2, ga=2)
+    )
+    assert ga.model_states == 16 * P8B / 8
+    assert ga.peak - m.peak == pytest.approx(4 * P8B / 8)
 
 
 def test_fused_loss_and_tp_sharding() -> None:
+    """A fused loss and full recompute leave a decoder layer's backward as the peak."""
     wl = Workload(seq_len=4096, global_batch_size=8, fused_loss=True)
-    m = estimate_memory(LLAMA8, H100, wl, lay(fsdp=4, tp=2, mbs=1, ac="full"))
+    m = estimate_memory(LLAMA8, H100, wl, lay(fsdp=4, tp=2, mbs=1, ga=2, ac="full"))
     tokens = 4096
-    assert m.loss_head == 2 * tokens * 128256
-    assert m.model_states == 16 * 8_030_261_248 / 8
-    # full recompute: 2h per layer input + one layer's full activations, sharded by tp (SP)
-    assert m.activations == pytest.approx((32 * 8192 + (168064 - 8192) + 4 * 4096) * tokens / 2)
+    assert m.moment == "layer"
+    assert m.loss_head == 0
+    assert m.model_states == 16 * P8B / 8
+    # root gathered, the head's gradient, the layer's gathered + prefetched + fp32 reduce-scatter
+    assert m.fsdp_buffers == pytest.approx((2 * ROOT8B + 2 * HEAD8B + 8 * LAYER8B) / 2)
+    # full recompute: 2h per layer input, one layer recomputed, two f-wide gradients; SP: / tp
+    assert m.activations == pytest.approx((32 * 8192 + (ACT8B - 8192) + 4 * 14336) * tokens / 2)
+
+
+def test_end_of_backward_when_activations_are_small() -> None:
+    """Tiny micro-batches: the root's gradient reduce-scatter with every gradient reduced."""
+    wl = Workload(seq_len=128, global_batch_size=8, fused_loss=True)
+    m = estimate_memory(LLAMA8, H100, wl, lay(mbs=1, ac="full"))
+    assert m.moment == "end"
+    assert m.model_states == 16 * P8B / 8
+    assert m.fsdp_buffers == (2 + 4) * ROOT8B
+    assert m.activations == 0
 
 
 def test_lora_and_offload_states() -> None:
     wl = Workload(seq_len=1024, global_batch_size=8, method="lora", lora_rank=16)
     m = estimate_memory(LLAMA8, H100, wl, lay())
     adapters = 32 * LLAMA8.lora_params_per_layer(16, wl.lora_targets)
-    assert m.model_states == (2 * 8_030_261_248 + 16 * adapters) / 8
-    assert m.fsdp_buffers == 4 * 128256 * 4096
+    assert m.model_states == (2 * P8B + 12 * adapters) / 8
+    ga = estimate_memory(LLAMA8, H100, wl.model_copy(update={"global_batch_size": 16}),
+                         lay(ga=2))  # fmt: skip
+    assert ga.model_states == (2 * P8B + 16 * adapters) / 8
     off = estimate_memory(
         LLAMA8, H100, Workload(seq_len=1024, global_batch_size=8), lay(offload=True)
     )
     assert off.model_states == 0
+    assert off.host == 16 * P8B / 8
 
 
 @pytest.mark.parametrize(

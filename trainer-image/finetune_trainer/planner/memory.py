@@ -1,36 +1,59 @@
 """Peak memory per GPU of a candidate plan.
 
-Formulas (bytes; P = parameters held by one pipeline stage, N = FSDP shard degree, t = TP):
+The peak is the largest of a few moments of a training step, each the sum of what is alive then
+(bytes; P = parameters held by one pipeline stage, N = FSDP shard degree x TP degree t):
+
 - Model states, full fine-tune with AdamW in mixed precision: 16 bytes/param (Rajbhandari et
   al. 2020, "ZeRO", Sec. 3.1). FSDP2 with fp32 sharded parameters and
-  MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) keeps 4P/N params + 4P/N grads +
-  8P/N Adam moments = 16P/N (ZeRO-3, Sec. 5.3); TP shards weights further by t.
-- LoRA: frozen base weights in bf16 (2P/(N t)) + 16 bytes per trainable adapter parameter
-  (r*(d_in+d_out) per adapted matrix, Hu et al. 2021).
+  MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) keeps 4P/N params + 8P/N Adam
+  moments all the time, and 4P/N sharded gradients once a backward has reduced them: during the
+  first micro-batch's backward only the gradients reduced so far exist (none at the loss, all at
+  the end); with gradient accumulation the previous micro-batches' gradients are resident
+  throughout (ZeRO-3, Sec. 5.3). TP shards everything by t.
+- LoRA: frozen base weights in bf16 (2P/N) + 16 bytes per trainable adapter parameter
+  (r*(d_in+d_out) per adapted matrix, Hu et al. 2021); frozen weights get no gradients.
 - CPU offload (FSDP2 CPUOffloadPolicy): sharded params, grads and optimizer states live in host
-  memory; only the transient unsharded units below stay on the GPU.
-- Transient FSDP buffers: the unsharded bf16 parameters of the current and the prefetched unit
-  (2 x 2 bytes/param), the unit's unsharded bf16 gradient (2) and its fp32 copy for the
-  reduce-scatter (4): 10 bytes per param of the largest unit (a decoder layer, or the
-  embedding / LM head) -- planner-calibration.md, "FSDP2 ... transient".
-- Activations per layer per token, 16-bit, counted tensor by tensor in the way of Korthikanti et
-  al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4), for a
-  block without dropout and with FlashAttention (no s x s tensors; the output and an fp32
-  logsumexp per head are saved instead):
-    none:      2*(4h + 2q + 2kv + 4f)  gated MLP (SwiGLU)  [Llama-3-8B: ~41 h bytes]
-               2*(4h + 2q + 2kv + 2f)  plain MLP          [q=kv=h, f=4h: 32 h = Korthikanti's 34
-                                                             without the two dropout masks]
-    selective: torchtitan's per-op SAC policy: save the block input, the attention output and
-               every second matmul output, recompute the rest (norms, activations, rope and
-               the other matmuls): 2*(h + q + (q + 2kv + h + mlp_up + h)/2)
-    full:      2h (the layer input only, Korthikanti Sec. 5), plus one layer's activations
-               while that layer is recomputed in backward.
+  memory; only the unsharded units below stay on the GPU.
+- FSDP2 units as the trainer's ``apply_fsdp`` builds them: one unit per decoder layer and the
+  root unit (embedding, final norm and LM head; the stage's own of these under PP). The root is
+  gathered in bf16 (2 bytes/param) for the whole step (FSDP2 does not reshard the root after
+  forward). Around a decoder layer's backward: its bf16 parameters, the next layer's prefetched
+  all-gather (2 + 2) and the fp32 copy of the previous layer's gradient for the reduce-scatter
+  (4): 8 bytes per layer parameter; at the loss only the last layer is gathered (it is not
+  resharded after forward: backward needs it first), 2 bytes. The LM head's bf16 gradient
+  (2 bytes/param) lives from the head's backward to the root's reduce-scatter at the end.
+  planner-calibration.md, "FSDP2 ... transient".
+- Activations per layer per token, counted tensor by tensor as Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4) do, for the Hugging
+  Face decoder layer the trainer runs (bf16 compute, no dropout, SDPA):
+    none:      each RMSNorm saves its fp32 upcast input and its bf16 normalized output (6h);
+               the two norm outputs feed the projections (2h each); attention saves q and the
+               key/value heads repeated to the query width (Transformers repeats them whenever an
+               attention mask is passed, which packing always does; the CPU kernel does the
+               same) and its output (4 x 2q) plus an fp32 log-sum-exp per head (4a); o_proj's
+               input is a contiguous copy of that output (2q); a gated MLP saves gate, SiLU(gate),
+               up and their product (4 x 2f), a plain one its two f-wide tensors (2 x 2f):
+               16h + 10q + 8f + 4a bytes  [Llama-3-8B: 54 h; FSDPMemTracker measures 53.8 h]
+    selective: the trainer's per-op SAC policy (torchtitan's): the layer input (2h), the
+               attention output and log-sum-exp (2q + 4a) and every second matmul output in
+               order q, k, v, o, (gate), up, down, starting with the first.
+    full:      2h (the layer input only, Korthikanti Sec. 5).
+  While a checkpointed layer is recomputed in backward its whole "none" set is alive again; the
+  backward of any layer also holds the gradients of two f-wide tensors (2 x 2f).
   Sequence parallelism shards all of them by t (Korthikanti Sec. 4.2.2: (sbh/t)*34).
 - Pipeline in-flight micro-batches on the first stage (Narayanan et al. 2021, Sec. 2.2;
   Korthikanti Sec. 4.2.3): 1F1B min(p, m); GPipe m; interleaved 1F1B min(p, m)*(1+(p-1)/(p v)).
-- Loss head (last stage): logits s*b*V*(2 bf16 + 4 fp32 upcast + 4 fp32 grad) bytes
-  (planner-calibration.md, "Loss head"); with a fused cross-entropy (e.g. flash-attn's
-  CrossEntropyLoss, llm-foundry's default `fused_crossentropy`) only the bf16 logits, 2 bytes.
+- Loss head (last stage): the final norm (6h) and the head's input (2h) per token, and per
+  logit 12 bytes while the cross-entropy's backward runs: log-softmax keeps its fp32 output
+  (4), and its incoming and outgoing fp32 gradients (4 + 4) are alive together (measured:
+  planner-calibration.md, "Loss head", counts 10 at the forward); with a fused cross-entropy
+  (e.g. flash-attn's CrossEntropyLoss, llm-foundry's `fused_crossentropy`) only the bf16
+  logits, 2 bytes.
+- Moments: "loss" (backward starts: every layer's activations, the loss head, the last layer
+  gathered), "layer" (the first decoder layer's backward: every layer's activations, that
+  layer's FSDP buffers, its recompute and gradients, the head's gradient), "end" (all sharded
+  gradients reduced, the root's bf16 gradient and its fp32 reduce-scatter copy).
+  Checked against FSDPMemTracker under FakeTensorMode in tests/trainer/test_memory_model.py.
 - CPU offload also needs the node's host RAM to hold every local rank's sharded states
   (at most USABLE_HOST_MEMORY_FRACTION of it: pinned buffers, the OS and data loaders need the
   rest).
@@ -48,17 +71,24 @@ from .layout import Layout
 from .model import ModelFacts, resolve_lora_targets
 from .workload import Recompute, Workload
 
-LOSS_BYTES_PER_LOGIT = 2 + 4 + 4
+LOSS_BYTES_PER_LOGIT = 4 + 4 + 4
 FUSED_LOSS_BYTES_PER_LOGIT = 2
+LOSS_HEAD_BYTES_PER_HIDDEN = 6 + 2  # final RMSNorm (fp32 input, bf16 output) + the head's input
 ADAM_MIXED_BYTES_PER_PARAM = 16  # ZeRO Sec. 3.1: 2 + 2 + 12, FSDP2 fp32: 4 + 4 + 8
+ADAM_RESIDENT_BYTES_PER_PARAM = 12  # fp32 parameters + two fp32 moments, without gradients
+GRAD_BYTES_PER_PARAM = 4  # fp32 sharded gradients
 LORA_FROZEN_BYTES_PER_PARAM = 2
-FSDP_TRANSIENT_BYTES_PER_PARAM_FULL = 2 * 2 + 2 + 4
-FSDP_TRANSIENT_BYTES_PER_PARAM_LORA = 2 * 2
+UNSHARDED_BYTES_PER_PARAM = 2  # bf16 all-gathered parameters (or gradients)
+LAYER_BACKWARD_BYTES_PER_PARAM_FULL = 2 + 2 + 4  # gathered, prefetched, fp32 reduce-scatter
+LAYER_BACKWARD_BYTES_PER_PARAM_LORA = 2 + 2  # frozen weights: no gradient to reduce
+ROOT_END_BYTES_PER_PARAM_FULL = (
+    2 + 4
+)  # bf16 gradient, its fp32 reduce-scatter copy (resharded first)
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryBreakdown:
-    """Bytes per GPU at the peak (the worst pipeline stage)."""
+    """Bytes per GPU at the peak (the worst moment of the worst pipeline stage)."""
 
     model_states: float
     fsdp_buffers: float
@@ -67,6 +97,7 @@ class MemoryBreakdown:
     overhead: float
     stage: str  # "only", "first" or "last"
     host: float = 0.0  # bytes of host memory this rank needs (CPU offload)
+    moment: str = "loss"  # "loss", "layer" or "end" (module docstring)
 
     @property
     def peak(self) -> float:
@@ -79,18 +110,22 @@ class MemoryBreakdown:
         )
 
 
+def _matmul_outputs(model: ModelFacts) -> list[int]:
+    """Widths of one decoder layer's matmul outputs in forward order."""
+    mlp = [model.intermediate_size] * (2 if model.gated_mlp else 1)
+    return [model.q_dim, model.kv_dim, model.kv_dim, model.hidden_size, *mlp, model.hidden_size]
+
+
 def activation_bytes_per_token(model: ModelFacts, ac: Recompute) -> float:
     """Saved bytes per token per decoder layer (see module docstring)."""
-    h, q, kv, f = model.hidden_size, model.q_dim, model.kv_dim, model.intermediate_size
-    lse = 4 * model.num_heads  # FlashAttention's fp32 logsumexp per head
+    h, q, f = model.hidden_size, model.q_dim, model.intermediate_size
+    lse = 4 * model.num_heads  # fp32 log-sum-exp per head
     if ac == "full":
         return 2.0 * h
-    mlp_up = 2 * f if model.gated_mlp else f
     if ac == "selective":
-        mm_outputs = q + 2 * kv + h + mlp_up + h
-        return 2.0 * (h + q + mm_outputs / 2) + lse
+        return 2.0 * (h + q + sum(_matmul_outputs(model)[::2])) + lse
     mlp_saved = 4 * f if model.gated_mlp else 2 * f
-    return 2.0 * (4 * h + 2 * q + 2 * kv + mlp_saved) + lse
+    return 2.0 * (8 * h + 5 * q + mlp_saved) + lse
 
 
 def recompute_transient_bytes_per_token(model: ModelFacts, ac: Recompute) -> float:
@@ -98,6 +133,11 @@ def recompute_transient_bytes_per_token(model: ModelFacts, ac: Recompute) -> flo
     if ac == "none":
         return 0.0
     return activation_bytes_per_token(model, "none") - activation_bytes_per_token(model, ac)
+
+
+def backward_working_bytes_per_token(model: ModelFacts) -> float:
+    """Activation gradients alive inside a decoder layer's backward: two f-wide, bf16."""
+    return 2.0 * 2 * model.intermediate_size
 
 
 def stage_params(model: ModelFacts, pp: int) -> tuple[int, int]:
@@ -111,6 +151,16 @@ def stage_params(model: ModelFacts, pp: int) -> tuple[int, int]:
     first = model.embedding_params + layers
     last = layers + model.hidden_size + model.vocab_size * model.hidden_size
     return first, last
+
+
+def root_params(model: ModelFacts, stage: str) -> tuple[int, int]:
+    """(root unit parameters, LM head parameters) of a stage: what is not in a decoder layer."""
+    head = model.vocab_size * model.hidden_size
+    if stage == "first":
+        return model.embedding_params, 0
+    if stage == "last":
+        return head + model.hidden_size, head
+    return model.embedding_params + model.head_params + model.hidden_size, head
 
 
 def lora_params(model: ModelFacts, workload: Workload, layers: int) -> int:
@@ -129,69 +179,86 @@ def in_flight_microbatches(lay: Layout) -> tuple[float, float]:
     return k, 1.0
 
 
-def estimate_memory(
-    model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layout
-) -> MemoryBreakdown:
+def _stage_moments(
+    model: ModelFacts, workload: Workload, lay: Layout, stage: str
+) -> list[MemoryBreakdown]:
     lora = workload.method == "lora"
     shard = lay.fsdp * lay.tp
-    layers_per_stage = model.num_layers // lay.pp
+    layers = model.num_layers // lay.pp
     first_p, last_p = stage_params(model, lay.pp)
+    params = last_p if stage == "last" else first_p
+    root, head = root_params(model, stage)
+    layer = model.params_per_layer
     tokens = lay.mbs * workload.seq_len  # per micro-batch on this data-parallel rank
     sp_tokens = tokens / lay.tp  # sequence parallel shards activations by t
+    k_first, k_last = in_flight_microbatches(lay)
+    k = k_last if stage == "last" else k_first
+
+    # model states: (resident during backward, after the backward's last reduce-scatter)
+    if lora:
+        adapters = float(lora_params(model, workload, layers))
+        base = LORA_FROZEN_BYTES_PER_PARAM * params + ADAM_RESIDENT_BYTES_PER_PARAM * adapters
+        grads = GRAD_BYTES_PER_PARAM * adapters
+    else:
+        base = float(ADAM_RESIDENT_BYTES_PER_PARAM * params)
+        grads = float(GRAD_BYTES_PER_PARAM * params)
+    during, after = (base + grads) / shard, (base + grads) / shard
+    if lay.ga == 1:
+        during = base / shard  # nothing reduced yet when the first backward starts
+    host = 0.0
+    if lay.offload:
+        host, during, after = after, 0.0, 0.0
+
     act_tok = activation_bytes_per_token(model, lay.ac)
     if lora and lay.ac != "full":
         # adapters save their rank-r intermediate (the input x is shared with the base linear)
         n_targets = len(resolve_lora_targets(model, workload.lora_targets))
         act_tok += 2.0 * workload.lora_rank * n_targets
-    transient_tok = recompute_transient_bytes_per_token(model, lay.ac)
-    k_first, k_last = in_flight_microbatches(lay)
-    lora_p = lora_params(model, workload, layers_per_stage) if lora else 0
+    saved = k * layers * act_tok * sp_tokens
+    gathered_root = UNSHARDED_BYTES_PER_PARAM * root / lay.tp
+    head_grad = 0.0 if lora else UNSHARDED_BYTES_PER_PARAM * head / lay.tp
 
-    unit_layer = model.params_per_layer
-    unit_emb = model.embedding_params
-    unit_head = model.vocab_size * model.hidden_size
-
-    best: MemoryBreakdown | None = None
-    stages = ("only",) if lay.pp == 1 else ("first", "last")
-    for stage in stages:
-        params = first_p if stage != "last" else last_p
-        if lora:
-            states = (LORA_FROZEN_BYTES_PER_PARAM * params + 16.0 * lora_p) / shard
-        else:
-            states = ADAM_MIXED_BYTES_PER_PARAM * params / shard
-        host = 0.0
-        if lay.offload:
-            states, host = 0.0, states
-        if stage == "only":
-            unit = max(unit_layer, unit_emb, unit_head)
-        elif stage == "first":
-            unit = max(unit_layer, unit_emb)
-        else:
-            unit = max(unit_layer, unit_head)
-        per_param = (
-            FSDP_TRANSIENT_BYTES_PER_PARAM_LORA if lora else FSDP_TRANSIENT_BYTES_PER_PARAM_FULL
-        )
-        buffers = per_param * unit / lay.tp
-        k = k_last if stage == "last" else k_first
-        acts = (k * layers_per_stage * act_tok + transient_tok) * sp_tokens
-        loss = 0.0
-        if stage != "first":
-            acts += 4.0 * model.hidden_size * sp_tokens  # final norm input and output
-            per_logit = FUSED_LOSS_BYTES_PER_LOGIT if workload.fused_loss else LOSS_BYTES_PER_LOGIT
-            loss = float(per_logit) * tokens * model.vocab_size
-        mb = MemoryBreakdown(
+    def moment(
+        name: str, states: float, buffers: float, acts: float, loss: float
+    ) -> MemoryBreakdown:
+        return MemoryBreakdown(
             model_states=states,
-            fsdp_buffers=float(buffers),
+            fsdp_buffers=buffers,
             activations=acts,
             loss_head=loss,
             overhead=float(cal.MEMORY_OVERHEAD_BYTES),
             stage=stage,
             host=host,
+            moment=name,
         )
-        if best is None or mb.peak > best.peak:
-            best = mb
-    assert best is not None
-    return best
+
+    per_layer = LAYER_BACKWARD_BYTES_PER_PARAM_LORA if lora else LAYER_BACKWARD_BYTES_PER_PARAM_FULL
+    in_layer = (
+        recompute_transient_bytes_per_token(model, lay.ac) + backward_working_bytes_per_token(model)
+    ) * sp_tokens
+    root_end = UNSHARDED_BYTES_PER_PARAM if lora else ROOT_END_BYTES_PER_PARAM_FULL
+    moments = [
+        moment("layer", during, gathered_root + head_grad + per_layer * layer / lay.tp,
+               saved + in_layer, 0.0),
+        moment("end", after, root_end * root / lay.tp, 0.0, 0.0),
+    ]  # fmt: skip
+    if stage != "first":
+        per_logit = FUSED_LOSS_BYTES_PER_LOGIT if workload.fused_loss else LOSS_BYTES_PER_LOGIT
+        final = LOSS_HEAD_BYTES_PER_HIDDEN * model.hidden_size * sp_tokens
+        moments.append(
+            moment("loss", during, gathered_root + UNSHARDED_BYTES_PER_PARAM * layer / lay.tp,
+                   saved + final, float(per_logit) * tokens * model.vocab_size)
+        )  # fmt: skip
+    return moments
+
+
+def estimate_memory(
+    model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layout
+) -> MemoryBreakdown:
+    """The peak: the largest moment of the worst stage (module docstring)."""
+    stages = ("only",) if lay.pp == 1 else ("first", "last")
+    moments = [m for stage in stages for m in _stage_moments(model, workload, lay, stage)]
+    return max(moments, key=lambda m: m.peak)
 
 
 def usable_memory(gpu: GPUSpec) -> float:
