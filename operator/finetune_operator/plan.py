@@ -45,6 +45,7 @@ def workload(spec: FineTuneJobSpec) -> Workload:
         method=spec.method.type,
         lora_rank=lora.r,
         lora_targets=tuple(lora.target_modules),
+        lora_dropout=float(lora.dropout),
     )
 
 

@@ -1,18 +1,20 @@
 """The planner's peak memory per GPU against PyTorch's own accounting (FSDPMemTracker).
 
 Real Llama-3-8B / Mistral-7B-v0.3 / Qwen2-1.5B configurations (8 decoder layers where the full
-depth adds nothing but time), built under FakeTensorMode (no real memory), sharded with the
-trainer's own ``apply_fsdp`` (the GPU mixed-precision policy: fp32 sharded parameters, bf16
-unsharded) and ``apply_activation_checkpointing`` on a fake process group that simulates 8, 16
-or 64 ranks from one CPU process. ``FSDPMemTracker`` works on CPU under FakeTensorMode; the
-mesh must be built outside the fake mode.
+depth adds nothing but time), shaped on the meta device (wrapped with peft for LoRA, in the
+dtype the trainer loads on a GPU), materialized as FakeTensors (no real memory) and
+parallelized by the trainer's own ``parallelize`` (TP with sequence parallel -> activation
+checkpointing -> FSDP2 with the GPU mixed-precision policy: fp32 sharded parameters, bf16
+unsharded) on a fake process group that simulates 8 to 64 ranks from one CPU process.
+``FSDPMemTracker`` works on CPU under FakeTensorMode; the device mesh's own tensors must stay
+real, so the mesh is built and the model parallelized outside the fake mode.
 
 How it is compared: the tracker's peak (largest total over the step, by category) against the
 planner's peak minus its constant CUDA/NCCL overhead, within +-10%; the model states the
 formulas claim exactly (sharded fp32 params + Adam moments, and the sharded gradients under
-gradient accumulation) within 1%. Measured / predicted, torch 2.15: Llama-3-8B 32 layers fsdp8
-mbs1 none 0.99, 8 layers mbs2 full 1.00, mbs2 ga4 selective 1.00; Mistral-7B 8 layers mbs2 none
-0.99, 32 layers fsdp64 ga2 full 1.03; Qwen2-1.5B (tied embeddings) fsdp16 mbs4 selective 0.97.
+gradient accumulation) within 1%. Measured / predicted, torch 2.15 (one case per line of
+CASES): 0.99, 1.00, 1.00, 1.00 (TP 2), 0.97 (LoRA, dropout), 1.00 (LoRA, SAC), 0.99, 1.03
+(FSDP 64), 1.00 (TP 4, SAC), 0.97 (Qwen2, tied embeddings).
 
 What the tracker does not see or the fake mode distorts:
 - AdamW with ``foreach=True`` or ``fused=True`` on DTensors under FakeTensorMode is booked as
@@ -26,6 +28,8 @@ What the tracker does not see or the fake mode distorts:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,14 +37,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.distributed as dist  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from peft import LoraConfig as PeftLoraConfig  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from conftest import trainer_config  # noqa: E402
+from finetune_trainer.config import PlanConfig, TrainerConfig  # noqa: E402
 from finetune_trainer.lm import CausalLMLoss  # noqa: E402
-from finetune_trainer.parallelize import apply_activation_checkpointing, apply_fsdp  # noqa: E402
+from finetune_trainer.parallelize import build_mesh, parallelize  # noqa: E402
 from finetune_trainer.planner import (  # noqa: E402
     Cluster,
     ModelFacts,
@@ -49,6 +56,7 @@ from finetune_trainer.planner import (  # noqa: E402
     estimate,
     hf_config,
 )
+from finetune_trainer.train import weights_dtype  # noqa: E402
 
 pytestmark = pytest.mark.trainer
 
@@ -75,29 +83,103 @@ class _AllTargetsLoss(CausalLMLoss):
         return loss, targets.numel()
 
 
-def _measure(cfg: dict[str, Any], world: int, mbs: int, ac: str, ga: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Case:
+    model_id: str
+    fsdp: int
+    mbs: int
+    ac: str
+    tp: int = 1
+    ga: int = 1
+    layers: int = 8
+    lora_dropout: float | None = None  # None: full fine-tune
+
+    @property
+    def world(self) -> int:
+        return self.fsdp * self.tp
+
+    def __str__(self) -> str:
+        method = "full" if self.lora_dropout is None else f"lora(dropout {self.lora_dropout})"
+        return (
+            f"{self.model_id.split('/')[-1]} x{self.layers} fsdp{self.fsdp} tp{self.tp} "
+            f"mbs{self.mbs} ga{self.ga} ac={self.ac} {method}"
+        )
+
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(
+            data_parallel=1,
+            fsdp=self.fsdp,
+            tensor_parallel=self.tp,
+            pipeline_parallel=1,
+            micro_batch_size=self.mbs,
+            gradient_accumulation=self.ga,
+            activation_checkpointing=self.ac,  # type: ignore[arg-type]
+        )
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _trainer_config(case: Case) -> TrainerConfig:
+    """The trainer's config of this case on a GPU in bf16 (decides the weights' dtype)."""
+    method: dict[str, Any] = {"type": "full"}
+    if case.lora_dropout is not None:
+        lora = {"r": 16, "alpha": 32, "dropout": case.lora_dropout, "target_modules": LORA_TARGETS}
+        method = {"type": "lora", "lora": lora}
+    doc = trainer_config(Path("model"), Path("run"), method=method)
+    doc["model"]["dtype"] = "bfloat16"
+    return TrainerConfig.model_validate(doc)
+
+
+def _build(case: Case, cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """(training module, trained parameters): the model's shapes on the meta device, wrapped
+    with peft the way the trainer does for LoRA, in the dtype the trainer loads on a GPU."""
+    config = AutoConfig.for_model(**cfg)
+    config._attn_implementation = "sdpa"
+    tc = _trainer_config(case)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=weights_dtype(tc, torch.device("cuda")))
+        if tc.method.lora is not None:
+            hf = get_peft_model(
+                hf,
+                PeftLoraConfig(
+                    r=tc.method.lora.r,
+                    lora_alpha=tc.method.lora.alpha,
+                    lora_dropout=tc.method.lora.dropout,
+                    target_modules=list(tc.method.lora.target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            ).get_base_model()
+    return hf, tc
+
+
+def _measure(case: Case, cfg: dict[str, Any]) -> dict[str, float]:
     """Peak bytes per rank by FSDPMemTracker category, for one forward + backward.
 
     With ``ga`` > 1 the tracked micro-batch is the last one of an accumulation: the earlier
     ones' reduced gradients are resident, as they are in the trainer's loop.
     """
-    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    dist.init_process_group("fake", rank=0, world_size=case.world, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        with FakeTensorMode():
-            config = AutoConfig.for_model(**cfg)
-            config._attn_implementation = "sdpa"
-            model = _AllTargetsLoss(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-            apply_activation_checkpointing(model, ac)
-            # device "cuda" selects the GPU mixed-precision policy; the mesh stays on CPU
-            apply_fsdp(model, mesh, torch.device("cuda"), offload=False)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-            ids = torch.randint(0, config.vocab_size, (mbs, SEQ))
-            pos = torch.arange(SEQ).expand(mbs, SEQ)
+        plan = case.plan_config()
+        mesh = build_mesh(torch.device("cpu"), plan, case.world)
+        hf, _ = _build(case, cfg)
+        # The mesh's own tensors are real; everything else becomes a FakeTensor.
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            hf.to_empty(device="cpu")
+            hf.tie_weights()
+            model = _AllTargetsLoss(hf)
+            with unset_fake_temporarily():
+                # the trainer's composition; device "cuda" selects the GPU mixed precision
+                parallelize(model, plan, mesh, torch.device("cuda"), offload=False)
+            trained = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(trained, lr=1e-4, foreach=False)
+            ids = torch.randint(0, cfg["vocab_size"], (case.mbs, SEQ))
+            pos = torch.arange(SEQ).expand(case.mbs, SEQ)
             model(ids, pos, ids)[0].backward()
             opt.step()  # Adam states now exist and are tracked from the start
             opt.zero_grad(set_to_none=True)
-            for _ in range(ga - 1):
+            for _ in range(case.ga - 1):
                 model(ids, pos, ids)[0].backward()
             tracker = FSDPMemTracker(model, opt)
             tracker.track_inputs((ids, pos, ids))
@@ -111,47 +193,72 @@ def _measure(cfg: dict[str, Any], world: int, mbs: int, ac: str, ga: int) -> dic
 
 
 CASES = [
-    # model, world (FSDP degree), micro-batch, recompute, gradient accumulation, layers
-    ("meta-llama/Meta-Llama-3-8B", 8, 1, "none", 1, 32),
-    ("meta-llama/Meta-Llama-3-8B", 8, 2, "full", 1, 8),
-    ("meta-llama/Meta-Llama-3-8B", 8, 2, "selective", 4, 8),
-    ("mistralai/Mistral-7B-v0.3", 8, 2, "none", 1, 8),
-    ("mistralai/Mistral-7B-v0.3", 64, 1, "full", 2, 32),
-    ("Qwen/Qwen2-1.5B", 16, 4, "selective", 1, 28),
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=8, mbs=1, ac="none", layers=32),
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=8, mbs=2, ac="full"),
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=8, mbs=2, ac="selective", ga=4),
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=4, tp=2, mbs=2, ac="none"),
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=8, mbs=2, ac="none", lora_dropout=0.05),
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=8, mbs=4, ac="selective", ga=2, lora_dropout=0.0),
+    Case("mistralai/Mistral-7B-v0.3", fsdp=8, mbs=2, ac="none"),
+    Case("mistralai/Mistral-7B-v0.3", fsdp=64, mbs=1, ac="full", ga=2, layers=32),
+    Case("mistralai/Mistral-7B-v0.3", fsdp=8, tp=4, mbs=4, ac="selective"),
+    Case("Qwen/Qwen2-1.5B", fsdp=16, mbs=4, ac="selective", layers=28),
 ]
 
 
-@pytest.mark.parametrize(("model_id", "world", "mbs", "ac", "ga", "layers"), CASES)
-def test_peak_memory_matches_fsdp_mem_tracker(
-    model_id: str, world: int, mbs: int, ac: str, ga: int, layers: int
-) -> None:
-    cfg = hf_config(model_id)
-    cfg["num_hidden_layers"] = layers
-    measured = _measure(cfg, world, mbs, ac, ga)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_peak_memory_matches_fsdp_mem_tracker(case: Case) -> None:
+    cfg = hf_config(case.model_id)
+    cfg["num_hidden_layers"] = case.layers
+    measured = _measure(case, cfg)
 
+    lora = case.lora_dropout is not None
+    per_node = min(8, case.world)
     plan = Plan(
         model=ModelFacts.from_hf_config(cfg),
-        cluster=Cluster.of("H100-80GB", nodes=world // 8, gpus_per_node=8),
-        workload=Workload(seq_len=SEQ, global_batch_size=world * mbs * ga),
+        cluster=Cluster.of("H100-80GB", nodes=case.world // per_node, gpus_per_node=per_node),
+        workload=Workload(
+            seq_len=SEQ,
+            global_batch_size=case.fsdp * case.mbs * case.ga,
+            method="lora" if lora else "full",
+            lora_targets=LORA_TARGETS,
+            lora_dropout=case.lora_dropout or 0.0,
+        ),
         data_parallel=1,
-        fsdp=world,
-        micro_batch_size=mbs,
-        gradient_accumulation=ga,
-        activation_checkpointing=ac,  # type: ignore[arg-type]
+        fsdp=case.fsdp,
+        tensor_parallel=case.tp,
+        micro_batch_size=case.mbs,
+        gradient_accumulation=case.ga,
+        activation_checkpointing=case.ac,  # type: ignore[arg-type]
     )
     est = estimate(plan)
     predicted = est.peak_memory_bytes - est.memory_breakdown["overhead"]
     ratio = measured["Total"] / predicted
-    print(f"{model_id} x{layers} fsdp{world} mbs{mbs} ga{ga} ac={ac}: measured/predicted "
-          f"{ratio:.3f} at {est.memory_breakdown}")  # fmt: skip
+    print(f"{case}: measured/predicted {ratio:.3f} at {est.memory_breakdown}")
 
-    # The formulas' model states, exactly: fp32 shards of the parameters and both Adam moments
-    # (12 B/param / N) always; the fp32 sharded gradients (4 B/param / N) once an earlier
-    # micro-batch of the accumulation has reduced them.
-    n = plan.model.num_params
-    assert measured["Sharded Param"] + measured["OptState"] == pytest.approx(
-        12 * n / world, rel=STATES_TOLERANCE
-    )
-    if ga > 1:
-        assert measured["Sharded Grad"] == pytest.approx(4 * n / world, rel=STATES_TOLERANCE)
+    # The formulas' model states, exactly: the sharded parameters (fp32, or bf16 frozen LoRA
+    # base weights) and both fp32 Adam moments of what is trained, always; the fp32 sharded
+    # gradients once an earlier micro-batch of the accumulation has reduced them.
+    n = trained = plan.model.num_params
+    if lora:  # fp32 adapters on top of the bf16 frozen weights
+        trained = case.layers * plan.model.lora_params_per_layer(16, LORA_TARGETS)
+    params = 2 * n + 4 * trained if lora else 4 * n
+    assert measured["Sharded Param"] == pytest.approx(params / case.world, rel=STATES_TOLERANCE)
+    assert measured["OptState"] == pytest.approx(8 * trained / case.world, rel=STATES_TOLERANCE)
+    if case.ga > 1:
+        assert measured["Sharded Grad"] == pytest.approx(
+            4 * trained / case.world, rel=STATES_TOLERANCE
+        )
     assert PEAK_BAND[0] <= ratio <= PEAK_BAND[1], (ratio, measured, est.memory_breakdown)
+
+
+def test_lora_base_weights_are_bf16_only_on_a_gpu() -> None:
+    """What the LoRA case above measures is what the trainer loads: frozen weights in bf16 on a
+    GPU (2 bytes each, as the planner counts), fp32 master weights everywhere else."""
+    lora = _trainer_config(Case("meta-llama/Meta-Llama-3-8B", 8, 1, "none", lora_dropout=0.0))
+    full = _trainer_config(Case("meta-llama/Meta-Llama-3-8B", 8, 1, "none"))
+    assert weights_dtype(lora, torch.device("cuda")) == torch.bfloat16
+    assert weights_dtype(lora, torch.device("cpu")) == torch.float32
+    assert weights_dtype(full, torch.device("cuda")) == torch.float32
+    fp32 = lora.model_copy(update={"model": lora.model.model_copy(update={"dtype": "float32"})})
+    assert weights_dtype(fp32, torch.device("cuda")) == torch.float32

@@ -462,7 +462,7 @@ def build_pipeline(
         mod.to(device)
         if mesh["tp"].size() > 1:
             mod.tp_mesh = mesh["tp"]
-        _parallelize_module(mod, plan, mesh, device, offload=offload, pipelined=True)
+        parallelize(mod, plan, mesh, device, offload=offload, pipelined=True)
         stage_modules.append(mod)
         stages.append(PipelineStage(mod, sid, num_stages, device, group=pp_mesh.get_group()))
     pipe = Pipeline(
@@ -510,7 +510,7 @@ def _named_parts(stages: list[nn.Module]) -> nn.Module:
 
 
 # -- putting it together ---------------------------------------------------------------------------
-def _parallelize_module(
+def parallelize(
     model: nn.Module,
     plan: PlanConfig | None,
     mesh: DeviceMesh,
@@ -519,6 +519,7 @@ def _parallelize_module(
     offload: bool,
     pipelined: bool = False,
 ) -> None:
+    """Tensor parallel -> activation checkpointing -> compile -> FSDP/HSDP, on ``mesh``."""
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(model, _hf_config(model), mesh["tp"])
     apply_activation_checkpointing(model, plan.activation_checkpointing if plan else "none")
@@ -565,7 +566,7 @@ def apply_plan(
             raise ConfigError("pipeline parallelism needs the Hugging Face model to split")
         layout.pipeline = build_pipeline(hf_model, plan, mesh, device, offload=offload)
         return layout
-    _parallelize_module(model, plan, mesh, device, offload=offload)
+    parallelize(model, plan, mesh, device, offload=offload)
     return layout
 
 

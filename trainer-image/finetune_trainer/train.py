@@ -92,6 +92,15 @@ def autocast_dtype(dtype: str, device: torch.device, *, sharded: bool) -> torch.
     return DTYPES[dtype]
 
 
+def weights_dtype(cfg: TrainerConfig, device: torch.device) -> torch.dtype:
+    """fp32 master weights, except a LoRA run's frozen base weights on a GPU computing in bf16:
+    they get no gradient and no optimizer state, so an fp32 copy would only double their
+    memory (the planner counts 2 bytes each). peft keeps the adapters in fp32."""
+    if cfg.method.type == "lora" and device.type == "cuda" and cfg.model.dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.float32
+
+
 def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
     """Checks that need no data and no model: they fail before anything starts."""
     gbs = cfg.schedule.global_batch_size
@@ -273,7 +282,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
     )
 
     # Model: fp32 master weights; bf16 compute (FSDP on GPU, autocast) where it is asked for.
-    model = load_model(cfg.model, seed=cfg.schedule.seed, dtype=torch.float32)
+    model = load_model(cfg.model, seed=cfg.schedule.seed, dtype=weights_dtype(cfg, device))
     model = _wrap_lora(cfg, model)
     hf_model = model.get_base_model() if cfg.method.type == "lora" else model
     if cfg.plan is None:  # with a plan, apply_plan checkpoints as the plan says

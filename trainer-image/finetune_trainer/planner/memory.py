@@ -10,8 +10,12 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   first micro-batch's backward only the gradients reduced so far exist (none at the loss, all at
   the end); with gradient accumulation the previous micro-batches' gradients are resident
   throughout (ZeRO-3, Sec. 5.3). TP shards everything by t.
-- LoRA: frozen base weights in bf16 (2P/N) + 16 bytes per trainable adapter parameter
-  (r*(d_in+d_out) per adapted matrix, Hu et al. 2021); frozen weights get no gradients.
+- LoRA: frozen base weights in bf16 (2P/N; the trainer loads them so on GPU) + 16 bytes per
+  trainable adapter parameter (r*(d_in+d_out) per adapted matrix, Hu et al. 2021); frozen
+  weights get no gradients. Activations: each adapter keeps its rank-r intermediate (2r), the
+  frozen norm weights need no normalized output (-2 x 2h), and with dropout every adapter keeps
+  its own dropped copy of its input and the mask (3 d_in). Under selective SAC the adapters'
+  A and B matmuls join the every-second-matmul count (and dropout is recomputed).
 - CPU offload (FSDP2 CPUOffloadPolicy): sharded params, grads and optimizer states live in host
   memory; only the unsharded units below stay on the GPU.
 - FSDP2 units as the trainer's ``apply_fsdp`` builds them: one unit per decoder layer and the
@@ -40,10 +44,14 @@ The peak is the largest of a few moments of a training step, each the sum of wha
     full:      2h (the layer input only, Korthikanti Sec. 5).
   While a checkpointed layer is recomputed in backward its whole "none" set is alive again; the
   backward of any layer also holds the gradients of two f-wide tensors (2 x 2f).
-  Sequence parallelism shards all of them by t (Korthikanti Sec. 4.2.2: (sbh/t)*34).
+  Tensor + sequence parallelism shards them by t (Korthikanti Sec. 4.2.2: (sbh/t)*34) except
+  what DTensor keeps at the full sequence: the all-gathered norm outputs the column-parallel
+  projections save (2 x 2h; Megatron re-gathers them in backward, PyTorch keeps them) and the
+  row-parallel outputs (o_proj, down_proj) before their reduce-scatter when SAC saves them.
 - Pipeline in-flight micro-batches on the first stage (Narayanan et al. 2021, Sec. 2.2;
   Korthikanti Sec. 4.2.3): 1F1B min(p, m); GPipe m; interleaved 1F1B min(p, m)*(1+(p-1)/(p v)).
-- Loss head (last stage): the final norm (6h) and the head's input (2h) per token, and per
+- Loss head (last stage): the final norm (6h, sequence parallel) and the head's input (2h, the
+  full sequence: the head is column-parallel with replicated logits) per token, and per
   logit 12 bytes while the cross-entropy's backward runs: log-softmax keeps its fp32 output
   (4), and its incoming and outgoing fp32 gradients (4 + 4) are alive together (measured:
   planner-calibration.md, "Loss head", counts 10 at the forward); with a fused cross-entropy
@@ -73,7 +81,8 @@ from .workload import Recompute, Workload
 
 LOSS_BYTES_PER_LOGIT = 4 + 4 + 4
 FUSED_LOSS_BYTES_PER_LOGIT = 2
-LOSS_HEAD_BYTES_PER_HIDDEN = 6 + 2  # final RMSNorm (fp32 input, bf16 output) + the head's input
+FINAL_NORM_BYTES_PER_HIDDEN = 6  # final RMSNorm: fp32 input, bf16 output (sequence parallel)
+HEAD_INPUT_BYTES_PER_HIDDEN = 2  # the LM head's input, gathered to the full sequence under TP
 ADAM_MIXED_BYTES_PER_PARAM = 16  # ZeRO Sec. 3.1: 2 + 2 + 12, FSDP2 fp32: 4 + 4 + 8
 ADAM_RESIDENT_BYTES_PER_PARAM = 12  # fp32 parameters + two fp32 moments, without gradients
 GRAD_BYTES_PER_PARAM = 4  # fp32 sharded gradients
@@ -110,34 +119,66 @@ class MemoryBreakdown:
         )
 
 
-def _matmul_outputs(model: ModelFacts) -> list[int]:
-    """Widths of one decoder layer's matmul outputs in forward order."""
-    mlp = [model.intermediate_size] * (2 if model.gated_mlp else 1)
-    return [model.q_dim, model.kv_dim, model.kv_dim, model.hidden_size, *mlp, model.hidden_size]
+MATMUL_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROWWISE = ("o_proj", "down_proj")  # under TP their local output is full-sequence, h wide
 
 
-def activation_bytes_per_token(model: ModelFacts, ac: Recompute) -> float:
-    """Saved bytes per token per decoder layer (see module docstring)."""
+def _matmul_outputs(
+    model: ModelFacts, tp: int = 1, adapted: tuple[str, ...] = (), rank: int = 0
+) -> list[float]:
+    """Bytes per token of one decoder layer's matmul outputs on one rank, in forward order; an
+    adapted linear is followed by its LoRA A (rank wide) and B (as wide as the linear)."""
+    widths: list[float] = []
+    for name in MATMUL_ORDER:
+        shape = model.linear_shapes.get(name)
+        if shape is None:
+            continue
+        widths.append(2.0 * shape[1] / (1 if name in ROWWISE else tp))
+        if name in adapted:
+            widths += [2.0 * rank, 2.0 * shape[1]]
+    return widths
+
+
+def activation_bytes_per_token(model: ModelFacts, ac: Recompute, tp: int = 1) -> float:
+    """Saved bytes per token per decoder layer on one rank (see module docstring)."""
     h, q, f = model.hidden_size, model.q_dim, model.intermediate_size
     lse = 4 * model.num_heads  # fp32 log-sum-exp per head
     if ac == "full":
-        return 2.0 * h
+        return 2.0 * h / tp
     if ac == "selective":
-        return 2.0 * (h + q + sum(_matmul_outputs(model)[::2])) + lse
+        return (2.0 * (h + q) + lse) / tp + sum(_matmul_outputs(model, tp)[::2])
     mlp_saved = 4 * f if model.gated_mlp else 2 * f
-    return 2.0 * (8 * h + 5 * q + mlp_saved) + lse
+    # the two norm outputs the projections read are all-gathered to the full sequence under SP
+    gathered = 2 * 2.0 * h
+    return (2.0 * (8 * h + 5 * q + mlp_saved) + lse - gathered) / tp + gathered
 
 
-def recompute_transient_bytes_per_token(model: ModelFacts, ac: Recompute) -> float:
+def lora_activation_bytes_per_token(model: ModelFacts, workload: Workload, ac: Recompute) -> float:
+    """What LoRA adds to (or spares from) a layer's saved bytes per token (module docstring)."""
+    if ac == "full":
+        return 0.0
+    targets = tuple(resolve_lora_targets(model, workload.lora_targets))
+    r = workload.lora_rank
+    if ac == "selective":  # the adapters' matmuls join the every-second count
+        with_adapters = sum(_matmul_outputs(model, 1, targets, r)[::2])
+        return with_adapters - sum(_matmul_outputs(model)[::2])
+    extra = 2.0 * r * len(targets)  # each adapter's rank-r intermediate
+    extra -= 2 * 2.0 * model.hidden_size  # frozen norm weights: no normalized output kept
+    if workload.lora_dropout > 0:
+        extra += 3.0 * sum(model.linear_shapes[t][0] for t in targets)  # dropped input + mask
+    return extra
+
+
+def recompute_transient_bytes_per_token(model: ModelFacts, ac: Recompute, tp: int = 1) -> float:
     """Extra bytes per token while one layer is being recomputed in backward."""
     if ac == "none":
         return 0.0
-    return activation_bytes_per_token(model, "none") - activation_bytes_per_token(model, ac)
+    return activation_bytes_per_token(model, "none", tp) - activation_bytes_per_token(model, ac, tp)
 
 
-def backward_working_bytes_per_token(model: ModelFacts) -> float:
+def backward_working_bytes_per_token(model: ModelFacts, tp: int = 1) -> float:
     """Activation gradients alive inside a decoder layer's backward: two f-wide, bf16."""
-    return 2.0 * 2 * model.intermediate_size
+    return 2.0 * 2 * model.intermediate_size / tp
 
 
 def stage_params(model: ModelFacts, pp: int) -> tuple[int, int]:
@@ -190,7 +231,6 @@ def _stage_moments(
     root, head = root_params(model, stage)
     layer = model.params_per_layer
     tokens = lay.mbs * workload.seq_len  # per micro-batch on this data-parallel rank
-    sp_tokens = tokens / lay.tp  # sequence parallel shards activations by t
     k_first, k_last = in_flight_microbatches(lay)
     k = k_last if stage == "last" else k_first
 
@@ -209,12 +249,14 @@ def _stage_moments(
     if lay.offload:
         host, during, after = after, 0.0, 0.0
 
-    act_tok = activation_bytes_per_token(model, lay.ac)
-    if lora and lay.ac != "full":
-        # adapters save their rank-r intermediate (the input x is shared with the base linear)
-        n_targets = len(resolve_lora_targets(model, workload.lora_targets))
-        act_tok += 2.0 * workload.lora_rank * n_targets
-    saved = k * layers * act_tok * sp_tokens
+    act_tok = activation_bytes_per_token(model, lay.ac, lay.tp)
+    transient_tok = recompute_transient_bytes_per_token(model, lay.ac, lay.tp)
+    if lora:
+        act_tok += lora_activation_bytes_per_token(model, workload, lay.ac)
+        transient_tok += lora_activation_bytes_per_token(
+            model, workload, "none"
+        ) - lora_activation_bytes_per_token(model, workload, lay.ac)
+    saved = k * layers * act_tok * tokens
     gathered_root = UNSHARDED_BYTES_PER_PARAM * root / lay.tp
     head_grad = 0.0 if lora else UNSHARDED_BYTES_PER_PARAM * head / lay.tp
 
@@ -233,9 +275,7 @@ def _stage_moments(
         )
 
     per_layer = LAYER_BACKWARD_BYTES_PER_PARAM_LORA if lora else LAYER_BACKWARD_BYTES_PER_PARAM_FULL
-    in_layer = (
-        recompute_transient_bytes_per_token(model, lay.ac) + backward_working_bytes_per_token(model)
-    ) * sp_tokens
+    in_layer = (transient_tok + backward_working_bytes_per_token(model, lay.tp)) * tokens
     root_end = UNSHARDED_BYTES_PER_PARAM if lora else ROOT_END_BYTES_PER_PARAM_FULL
     moments = [
         moment("layer", during, gathered_root + head_grad + per_layer * layer / lay.tp,
@@ -244,7 +284,9 @@ def _stage_moments(
     ]  # fmt: skip
     if stage != "first":
         per_logit = FUSED_LOSS_BYTES_PER_LOGIT if workload.fused_loss else LOSS_BYTES_PER_LOGIT
-        final = LOSS_HEAD_BYTES_PER_HIDDEN * model.hidden_size * sp_tokens
+        final = (FINAL_NORM_BYTES_PER_HIDDEN / lay.tp + HEAD_INPUT_BYTES_PER_HIDDEN) * (
+            model.hidden_size * tokens
+        )
         moments.append(
             moment("loss", during, gathered_root + UNSHARDED_BYTES_PER_PARAM * layer / lay.tp,
                    saved + final, float(per_logit) * tokens * model.vocab_size)

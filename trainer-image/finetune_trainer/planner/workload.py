@@ -31,6 +31,9 @@ class Workload(BaseModel):
     method: Method = "full"
     lora_rank: int = Field(default=16, ge=1)
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input (LoRA)"
+    )
     fused_loss: bool = Field(
         default=False,
         description="the trainer computes cross-entropy fused/chunked (gradient written in place"
