@@ -103,8 +103,8 @@ class Case:
     def __str__(self) -> str:
         method = "full" if self.lora_dropout is None else f"lora(dropout {self.lora_dropout})"
         return (
-            f"{self.model_id.split('/')[-1]} x{self.layers} dp{self.dp} fsdp{self.fsdp} tp{self.tp} "
-            f"mbs{self.mbs} ga{self.ga} ac={self.ac} {method}"
+            f"{self.model_id.split('/')[-1]} x{self.layers} dp{self.dp} fsdp{self.fsdp} "
+            f"tp{self.tp} mbs{self.mbs} ga{self.ga} ac={self.ac} {method}"
         )
 
     def plan_config(self) -> PlanConfig:
