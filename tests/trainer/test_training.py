@@ -3,6 +3,7 @@ standard-library alpaca data. One run per scenario, shared by the assertions abo
 
 from __future__ import annotations
 
+import shutil
 import signal
 import urllib.request
 from pathlib import Path
@@ -211,3 +212,78 @@ def test_lora_on_two_ranks_exports_a_merged_model(small_model_dir: Path, session
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])
     k = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(merged.state_dict()[k].float(), base.state_dict()[k].float())
+
+
+def _plan(tp: int = 1, pp: int = 1, schedule: str = "none") -> dict[str, Any]:
+    """A plan for 2 ranks; the rest data parallel (global batch 8, micro-batch 2)."""
+    fsdp = 2 // (tp * pp)
+    return {
+        "data_parallel": 1,
+        "fsdp": fsdp,
+        "tensor_parallel": tp,
+        "pipeline_parallel": pp,
+        "pipeline_schedule": schedule,
+        "virtual_stages": 1,
+        "micro_batch_size": 2,
+        "gradient_accumulation": 8 // (fsdp * 2),
+        "activation_checkpointing": "none",
+        "cpu_offload": False,
+    }
+
+
+def _exported(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [_plan(tp=2), _plan(pp=2, schedule="1f1b")],
+    ids=["tp2", "pp2-1f1b"],
+)
+def test_tp_and_pp_runs_resume_and_export(
+    small_model_dir: Path, session_dir: Path, layout: dict[str, Any]
+) -> None:
+    """Tensor- and pipeline-parallel runs save checkpoints, resume from one with the same
+    losses as the run that went on, and export the same complete Hugging Face model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = f"tp{layout['tensor_parallel']}pp{layout['pipeline_parallel']}"
+    whole, part = session_dir / f"{name}-whole", session_dir / f"{name}-resumed"
+    configs = {}
+    for run in (whole, part):
+        cfg = trainer_config(small_model_dir, run, schedule__max_steps=6)
+        cfg["hardware"]["procs_per_node"] = 2
+        cfg["plan"] = layout
+        cfg["checkpoint"].update(every_steps=3, keep_last=3)
+        configs[run] = write_config(cfg, run / "config.json")
+    run_trainer(configs[whole], 2, whole / "journal.jsonl")
+    assert sorted(p.name for p in (whole / "ckpt").iterdir()) == [
+        "step-00000003",
+        "step-00000006",
+    ]
+    # The second run starts from the first run's step-3 checkpoint.
+    (part / "ckpt").mkdir(parents=True)
+    shutil.copytree(whole / "ckpt" / "step-00000003", part / "ckpt" / "step-00000003")
+    log = run_trainer(configs[part], 2, part / "journal.jsonl")
+    assert "at step 3" in log
+    reference, resumed = losses(whole / "journal.jsonl"), losses(part / "journal.jsonl")
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], abs=RESUME_TOLERANCE), step
+
+    a, b = _exported(whole / "model"), _exported(part / "model")
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir).state_dict()
+    tied = {"lm_head.weight"} if "lm_head.weight" not in a else set()
+    assert set(a) == set(b) == set(base) - tied, "every weight, once, from every rank"
+    for key, value in a.items():
+        assert value.shape == base[key].shape, key
+        assert torch.allclose(value, b[key], atol=RESUME_TOLERANCE), key
+    assert not torch.equal(a["model.norm.weight"], base["model.norm.weight"]), "trained"
+    merged = AutoModelForCausalLM.from_pretrained(part / "model")
+    assert merged.config.num_hidden_layers == len({k.split(".")[2] for k in a if ".layers." in k})
