@@ -339,9 +339,36 @@ def logs(
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
 ) -> None:
     """Print the trainer's log from the master pod."""
+    from finetune_operator.kube import LogsUnavailableError  # noqa: PLC0415
+    from finetune_operator.status import pod_problem  # noqa: PLC0415
+
     client, job, ns = _fetch(name, namespace)
+    phase = job.status.phase if job.status and job.status.phase else "Pending"
     pod = f"{job.name}-master-0"
-    stream = client.logs(ns, pod, follow=follow, tail=tail)
+    master = [p for p in client.pods(ns, job.name) if p["metadata"]["name"] == pod]
+    if not master:
+        when = "" if phase in ("Succeeded", "Failed") else " yet"
+        err.print(
+            f"[red]error[/]: FineTuneJob {escape(name)} has no trainer pod{when} (phase "
+            f"{phase}); see what happened with: finetune describe {escape(name)} -n {ns}"
+        )
+        raise typer.Exit(1)
+    if master[0].get("status", {}).get("phase", "Pending") == "Pending":
+        problem = pod_problem(master)
+        why = f": {problem.message}" if problem else ""
+        err.print(
+            f"[red]error[/]: the trainer pod {pod} has not started yet{escape(why)}; follow it "
+            f"with: finetune watch {escape(name)} -n {ns}"
+        )
+        raise typer.Exit(1)
+    try:
+        stream = client.logs(ns, pod, follow=follow, tail=tail)
+    except LogsUnavailableError as exc:
+        err.print(
+            f"[red]error[/]: cannot read the log of pod {pod} (FineTuneJob {escape(name)}, "
+            f"phase {phase}): {escape(exc.reason)}"
+        )
+        raise typer.Exit(1) from None
     for chunk in stream.stream() if follow else [stream.data]:
         sys.stdout.write(chunk.decode("utf-8", errors="replace"))
         sys.stdout.flush()

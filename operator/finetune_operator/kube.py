@@ -6,6 +6,7 @@ PyTorchJob and its pods, and the master pod's metrics endpoint.
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 from datetime import UTC, datetime
@@ -44,6 +45,23 @@ def current_namespace() -> str:
     except (config.ConfigException, OSError):
         return "default"
     return str(context.get("context", {}).get("namespace") or "default")
+
+
+class LogsUnavailableError(Exception):
+    """The API server could not give a pod's log (no such pod yet, or its node did not answer)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _api_reason(exc: client.ApiException) -> str:
+    """The ``message`` of a Kubernetes Status body, else the HTTP reason."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.body or exc.reason)
 
 
 class Kube:
@@ -99,15 +117,26 @@ class Kube:
         return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
     def logs(self, namespace: str, pod: str, *, follow: bool, tail: int | None) -> Any:
-        """The trainer container's log lines (an iterator of bytes when following)."""
-        return self._core.read_namespaced_pod_log(
-            pod,
-            namespace,
-            container="pytorch",
-            follow=follow,
-            tail_lines=tail,
-            _preload_content=False,
-        )
+        """The trainer container's log lines (an iterator of bytes when following).
+
+        Raises LogsUnavailableError with the API server's reason when there is no log to read.
+        """
+        try:
+            resp: Any = self._core.read_namespaced_pod_log(
+                pod,
+                namespace,
+                container="pytorch",
+                follow=follow,
+                tail_lines=tail,
+                _preload_content=False,
+            )
+        except client.ApiException as exc:
+            raise LogsUnavailableError(int(exc.status or 0), _api_reason(exc)) from exc
+        if not 200 <= resp.status < 300:  # not raised by the client without preloading
+            raise LogsUnavailableError(
+                resp.status, _api_reason(client.ApiException(http_resp=resp))
+            )
+        return resp
 
     def pytorchjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, namespace, name)

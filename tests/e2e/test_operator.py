@@ -270,6 +270,28 @@ def test_more_gpus_than_exist_says_unschedulable(operator: Any) -> None:
 
     testbed.wait_for(unschedulable, timeout=120, desc="an Unschedulable condition")
 
+    # The trainer's log: the user hears why there is none, not a traceback or nothing. The
+    # master pod is either waiting for GPUs, or bound to a kwok node, which runs no kubelet
+    # for the API server to fetch the log from (it says so in its own words).
+    def settled_master() -> dict[str, Any] | None:
+        """The master once it is Running (for an hour) or Unschedulable (for good)."""
+        found = [p for p in pods(testbed, ns, "big") if p["metadata"]["name"] == "big-master-0"]
+        status = found[0].get("status", {}) if found else {}
+        conditions = status.get("conditions") or []
+        stuck = any(c.get("reason") == "Unschedulable" for c in conditions)
+        return found[0] if status.get("phase") == "Running" or stuck else None
+
+    master = testbed.wait_for(settled_master, timeout=60, desc="the master pod settled")
+    logs = finetune(testbed, "logs", "big", "-n", ns)
+    assert logs.returncode == 1
+    if master["status"]["phase"] == "Pending":
+        assert "the trainer pod big-master-0 has not started yet" in logs.stderr
+        assert "finetune watch big" in logs.stderr
+    else:
+        assert "cannot read the log of pod big-master-0 (FineTuneJob big" in logs.stderr
+        assert "containerLogs" in logs.stderr
+    assert "Traceback" not in logs.stderr
+
 
 def test_infeasible_plan_fails_fast_without_children(operator: Any) -> None:
     testbed, ns = operator.testbed, operator.namespace
@@ -283,6 +305,10 @@ def test_infeasible_plan_fails_fast_without_children(operator: Any) -> None:
     assert failed["status"]["failure"]["reason"] == "PlanInfeasible"
     assert "Would fit" in failed["status"]["failure"]["message"]
     assert testbed.kubectl("get", "pytorchjob", "toobig", "-n", ns).returncode != 0
+    logs = finetune(testbed, "logs", "toobig", "-n", ns)
+    assert logs.returncode == 1
+    assert "has no trainer pod (phase Failed)" in logs.stderr
+    assert "finetune describe toobig" in logs.stderr
 
 
 def test_delete_takes_the_children(operator: Any) -> None:

@@ -42,13 +42,18 @@ from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType  # noqa: E402
 from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from conftest import trainer_config  # noqa: E402
 from finetune_trainer.config import PlanConfig, TrainerConfig  # noqa: E402
 from finetune_trainer.lm import CausalLMLoss  # noqa: E402
-from finetune_trainer.parallelize import build_mesh, parallelize  # noqa: E402
+from finetune_trainer.parallelize import (  # noqa: E402
+    apply_activation_checkpointing,
+    build_mesh,
+    parallelize,
+)
 from finetune_trainer.planner import (  # noqa: E402
     Cluster,
     ModelFacts,
@@ -62,6 +67,7 @@ from finetune_trainer.train import weights_dtype  # noqa: E402
 pytestmark = pytest.mark.trainer
 
 SEQ = 2048
+_ACTIVATION = _MemRefType.ACT
 #: measured / predicted peak: the issue's +-10%.
 PEAK_BAND = (0.90, 1.10)
 STATES_TOLERANCE = 0.01
@@ -264,3 +270,33 @@ def test_lora_base_weights_are_bf16_only_on_a_gpu() -> None:
     assert weights_dtype(full, torch.device("cuda")) == torch.float32
     fp32 = lora.model_copy(update={"model": lora.model.model_copy(update={"dtype": "float32"})})
     assert weights_dtype(fp32, torch.device("cuda")) == torch.float32
+
+
+def test_selective_checkpointing_saves_the_same_every_step() -> None:
+    """The SAC policy saves every second matmul counted from each layer call's first, so every
+    step keeps the same tensors (a count carried over between calls flips which half is
+    saved on every other step, and the memory with it)."""
+    cfg = hf_config("meta-llama/Meta-Llama-3-8B")
+    cfg["num_hidden_layers"] = 2
+    config = AutoConfig.for_model(**cfg)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    saved = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        hf.to_empty(device="cpu")
+        model = _AllTargetsLoss(hf)
+        apply_activation_checkpointing(hf, "selective")
+        ids = torch.randint(0, cfg["vocab_size"], (1, 256))
+        pos = torch.arange(256).expand(1, 256)
+        for _ in range(3):
+            tracker = MemTracker()
+            tracker.track_external(model)
+            with tracker:
+                loss = model(ids, pos, ids)[0]
+                now = tracker.get_tracker_snapshot("current")
+                saved.append(sum(d[_ACTIVATION] for d in now.values()))
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+    assert saved[0] > 0
+    assert saved == [saved[0]] * 3
