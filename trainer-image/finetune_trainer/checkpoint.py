@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -85,19 +87,22 @@ def latest(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-#: Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"):
-#: pipeline ranks hold different parameters, and a nested ``param_groups`` list would be
-#: written once for all ranks (DCP keeps one copy of equal keys) and restored wrongly.
-_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+#: Checkpoint layouts. 2: optimizer state keyed by parameter name ("state.<fqn>.exp_avg",
+#: "param_groups.<fqn>.lr"): pipeline ranks hold different parameters, and a nested
+#: ``param_groups`` list is written once for all ranks (DCP keeps one copy of equal keys) and
+#: restored wrongly. 1 (before the format was recorded): nested, still read.
+FORMAT = 2
+_OPTIONS = {1: StateDictOptions(), 2: StateDictOptions(flatten_optimizer_state_dict=True)}
 
 
 class _AppState(Stateful):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, fmt: int) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.options = _OPTIONS[fmt]
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -106,7 +111,7 @@ class _AppState(Stateful):
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optim"],
-            options=_OPTIONS,
+            options=self.options,
         )
 
 
@@ -127,6 +132,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _reason(exc: BaseException) -> str:
+    """The last ``SomethingError: message`` line of an exception that carries a remote
+    traceback (DCP's CheckpointException does), else its first line."""
+    found = re.findall(r"^\s*(?:\w+\.)*\w+(?:Error|Exception): .*$", str(exc), re.MULTILINE)
+    return found[-1].strip() if found else (str(exc).splitlines() or [repr(exc)])[0]
 
 
 def _barrier() -> None:
@@ -158,11 +170,17 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        dcp_save({"app": _AppState(model, optimizer)}, checkpoint_id=str(tmp))
+        dcp_save({"app": _AppState(model, optimizer, FORMAT)}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
         if self.rank == 0:
             torch.save(
-                {"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt"
+                {
+                    "step": step,
+                    "format": FORMAT,
+                    "scheduler": scheduler.state_dict(),
+                    **extra,
+                },
+                tmp / "trainer.pt",
             )
         _barrier()
         if self.rank == 0:
@@ -183,9 +201,23 @@ class Checkpointer:
         self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:
         """Restore everything saved at ``path``; returns the trainer state (step, extras)."""
-        state = {"app": _AppState(model, optimizer)}
-        dcp_load(state, checkpoint_id=str(path))
         trainer = torch.load(path / "trainer.pt", weights_only=False)
+        fmt = int(trainer.get("format", 1))
+        if fmt not in _OPTIONS:
+            raise ConfigError(
+                f"checkpoint {path} has format {fmt}, newer than this trainer reads "
+                f"({FORMAT}): run the trainer image that wrote it, or set checkpoint.resume to "
+                "never to start over"
+            )
+        try:
+            dcp_load({"app": _AppState(model, optimizer, fmt)}, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+            raise ConfigError(
+                f"cannot resume from checkpoint {path}: {_reason(exc)}. It was written by another "
+                "model or plan (parameters, sharding, pipeline split must match); restore the "
+                "same spec, or move the checkpoint away (or set checkpoint.resume to never) to "
+                "start over"
+            ) from exc
         scheduler.load_state_dict(trainer["scheduler"])
         rng = path / f"rng-{self.rank}.pt"
         if rng.is_file():
