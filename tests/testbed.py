@@ -142,6 +142,14 @@ class Testbed:
     def logs_dir(self) -> Path | None:
         return self.state_dir / "logs" if self.state_dir else None
 
+    def trainer_log_lines(self) -> list[str]:
+        """What kwok serves as the log of every training container (hack/cluster writes it in
+        the CRI log format: time, stream, tag, line)."""
+        path = self.state_dir / "trainer.log" if self.state_dir else None
+        if path is None or not path.is_file():
+            return []
+        return [line.split(" ", 3)[3] for line in path.read_text().splitlines()]
+
 
 def _cluster(
     *args: str, env: dict | None = None, timeout: float = 3600
