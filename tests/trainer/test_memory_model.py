@@ -38,8 +38,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.distributed as dist  # noqa: E402
-from peft import LoraConfig as PeftLoraConfig  # noqa: E402
-from peft import get_peft_model  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType  # noqa: E402
@@ -62,7 +60,7 @@ from finetune_trainer.planner import (  # noqa: E402
     estimate,
     hf_config,
 )
-from finetune_trainer.train import weights_dtype  # noqa: E402
+from finetune_trainer.train import weights_dtype, wrap_lora  # noqa: E402
 
 pytestmark = pytest.mark.trainer
 
@@ -139,26 +137,17 @@ def _trainer_config(case: Case) -> TrainerConfig:
     return TrainerConfig.model_validate(doc)
 
 
-def _build(case: Case, cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """(training module, trained parameters): the model's shapes on the meta device, wrapped
-    with peft the way the trainer does for LoRA, in the dtype the trainer loads on a GPU."""
+def _build(case: Case, cfg: dict[str, Any]) -> Any:
+    """The Hugging Face model's shapes on the meta device, in the dtype the trainer loads on a
+    GPU, wrapped with peft by the trainer's own ``wrap_lora`` for LoRA."""
     config = AutoConfig.for_model(**cfg)
     config._attn_implementation = "sdpa"
     tc = _trainer_config(case)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, dtype=weights_dtype(tc, torch.device("cuda")))
         if tc.method.lora is not None:
-            hf = get_peft_model(
-                hf,
-                PeftLoraConfig(
-                    r=tc.method.lora.r,
-                    lora_alpha=tc.method.lora.alpha,
-                    lora_dropout=tc.method.lora.dropout,
-                    target_modules=list(tc.method.lora.target_modules),
-                    task_type="CAUSAL_LM",
-                ),
-            ).get_base_model()
-    return hf, tc
+            hf = wrap_lora(tc, hf).get_base_model()
+    return hf
 
 
 def _measure(case: Case, cfg: dict[str, Any]) -> dict[str, float]:
@@ -171,7 +160,7 @@ def _measure(case: Case, cfg: dict[str, Any]) -> dict[str, float]:
     try:
         plan = case.plan_config()
         mesh = build_mesh(torch.device("cpu"), plan, case.world)
-        hf, _ = _build(case, cfg)
+        hf = _build(case, cfg)
         # The mesh's own tensors are real; everything else becomes a FakeTensor.
         with FakeTensorMode(allow_non_fake_inputs=True):
             hf.to_empty(device="cpu")

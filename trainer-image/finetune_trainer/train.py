@@ -162,7 +162,7 @@ def _prepare_data(cfg: TrainerConfig, tok: Any) -> tuple[Dataset, Dataset]:
     return train, evaluation
 
 
-def _wrap_lora(cfg: TrainerConfig, model: Any) -> Any:
+def wrap_lora(cfg: TrainerConfig, model: Any) -> Any:
     if cfg.method.type != "lora":
         return model
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - only LoRA runs need peft
@@ -245,7 +245,7 @@ def _export_merged_lora(
     cfg: TrainerConfig, hf_model: Any, state: dict[str, Any], tmp: Path, dtype: torch.dtype
 ) -> None:
     """LoRA: merge the adapters into a fresh copy of the base model and save that."""
-    fresh = _wrap_lora(cfg, load_model(cfg.model, seed=cfg.schedule.seed, dtype=torch.float32))
+    fresh = wrap_lora(cfg, load_model(cfg.model, seed=cfg.schedule.seed, dtype=torch.float32))
     fresh.get_base_model().load_state_dict(state)
     merged = fresh.merge_and_unload().to(dtype)
     merged.config.dtype = dtype
@@ -283,7 +283,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
 
     # Model: fp32 master weights; bf16 compute (FSDP on GPU, autocast) where it is asked for.
     model = load_model(cfg.model, seed=cfg.schedule.seed, dtype=weights_dtype(cfg, device))
-    model = _wrap_lora(cfg, model)
+    model = wrap_lora(cfg, model)
     hf_model = model.get_base_model() if cfg.method.type == "lora" else model
     if cfg.plan is None:  # with a plan, apply_plan checkpoints as the plan says
         apply_activation_checkpointing(hf_model, cfg.parallelism.activation_checkpointing or "none")

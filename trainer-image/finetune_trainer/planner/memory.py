@@ -83,8 +83,9 @@ LOSS_BYTES_PER_LOGIT = 4 + 4 + 4
 FUSED_LOSS_BYTES_PER_LOGIT = 2
 FINAL_NORM_BYTES_PER_HIDDEN = 6  # final RMSNorm: fp32 input, bf16 output (sequence parallel)
 HEAD_INPUT_BYTES_PER_HIDDEN = 2  # the LM head's input, gathered to the full sequence under TP
-ADAM_MIXED_BYTES_PER_PARAM = 16  # ZeRO Sec. 3.1: 2 + 2 + 12, FSDP2 fp32: 4 + 4 + 8
-ADAM_RESIDENT_BYTES_PER_PARAM = 12  # fp32 parameters + two fp32 moments, without gradients
+# Mixed-precision AdamW, 16 bytes/param (ZeRO Sec. 3.1: 2 + 2 + 12; FSDP2 fp32: 4 + 4 + 8), in
+# what is always resident and the gradients that come and go:
+ADAM_RESIDENT_BYTES_PER_PARAM = 12  # fp32 parameters + two fp32 moments
 GRAD_BYTES_PER_PARAM = 4  # fp32 sharded gradients
 LORA_FROZEN_BYTES_PER_PARAM = 2
 UNSHARDED_BYTES_PER_PARAM = 2  # bf16 all-gathered parameters (or gradients)
@@ -234,7 +235,7 @@ def _stage_moments(
     k_first, k_last = in_flight_microbatches(lay)
     k = k_last if stage == "last" else k_first
 
-    # model states: (resident during backward, after the backward's last reduce-scatter)
+    # model states during the backward, and after its last reduce-scatter
     if lora:
         adapters = float(lora_params(model, workload, layers))
         base = LORA_FROZEN_BYTES_PER_PARAM * params + ADAM_RESIDENT_BYTES_PER_PARAM * adapters
@@ -242,9 +243,9 @@ def _stage_moments(
     else:
         base = float(ADAM_RESIDENT_BYTES_PER_PARAM * params)
         grads = float(GRAD_BYTES_PER_PARAM * params)
-    during, after = (base + grads) / shard, (base + grads) / shard
-    if lay.ga == 1:
-        during = base / shard  # nothing reduced yet when the first backward starts
+    after = (base + grads) / shard
+    # the first micro-batch's backward has reduced nothing yet; later ones find gradients
+    during = base / shard if lay.ga == 1 else after
     host = 0.0
     if lay.offload:
         host, during, after = after, 0.0, 0.0
