@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator import api, manifest
 from finetune_operator.kube import REPLICA_TYPE_LABEL, Kube, WriteConflictError
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
-from finetune_operator.progress import parse_progress
+from finetune_operator.progress import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     TERMINAL,
     FineTuneJobStatus,
@@ -171,10 +171,14 @@ def scrape_progress(
     )
     text = kube.metrics(master, metrics_port) if master else None
     progress = parse_progress(text, now()) if text else None
-    if progress is None:
+    if progress is None or text is None:
         return []
+    update: dict[str, object] = {"progress": progress}
+    saved = parse_checkpoint(text, job.spec.checkpoint.storage)
+    if saved is not None:
+        update["checkpoint"] = saved
 
     def with_progress(j: api.FineTuneJob) -> FineTuneJobStatus:
-        return (j.status or FineTuneJobStatus()).model_copy(update={"progress": progress})
+        return (j.status or FineTuneJobStatus()).model_copy(update=update)
 
     return _written(_write(kube, job, with_progress))

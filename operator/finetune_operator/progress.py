@@ -1,10 +1,14 @@
-"""Training progress from the master pod's Prometheus metrics (pure: text in, Progress out)."""
+"""Training progress and the latest checkpoint from the master pod's Prometheus metrics (pure:
+text in, status parts out)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_operator.status import Progress
+from finetune_operator.status import CheckpointStatus, Progress
+from finetune_trainer.config import checkpoint_dirname
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -44,3 +48,18 @@ def parse_progress(text: str, now: str) -> Progress | None:
         updated_at=now,
         summary=summary,
     )
+
+
+def parse_checkpoint(text: str, storage: str | None) -> CheckpointStatus | None:
+    """The latest complete checkpoint the trainer reports; None before the first one.
+
+    ``storage`` is spec.checkpoint.storage: the checkpoint's location is its step's folder there.
+    """
+    values = _samples(text)
+    step = int(values.get("finetune_checkpoint_last_step", 0))
+    if step <= 0:
+        return None
+    stamp = values.get("finetune_checkpoint_last_save_timestamp_seconds", 0.0)
+    when = datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if stamp else None
+    latest = f"{storage.rstrip('/')}/{checkpoint_dirname(step)}" if storage else None
+    return CheckpointStatus(latest=latest, step=step, time=when)

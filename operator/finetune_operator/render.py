@@ -84,6 +84,11 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> RenderableType:
         p = status.progress
         eta = f", ETA {p.eta_seconds}s" if p.eta_seconds is not None else ""
         head.add_row("Progress", f"{p.summary or p.step}, loss {p.loss}{eta}")
+    if status and status.checkpoint and status.checkpoint.step is not None:
+        saved = status.checkpoint
+        where = f" in {saved.latest}" if saved.latest else ""
+        when = f" ({age(saved.time)} ago)" if saved.time else ""
+        head.add_row("Checkpoint", f"step {saved.step}{where}{when}")
     if status and status.failure:
         head.add_row("Failure", Text(f"{status.failure.reason}: {status.failure.message}", "red"))
     if status and status.conditions:

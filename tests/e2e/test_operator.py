@@ -201,6 +201,8 @@ def test_progress_is_scraped_from_the_trainer_metrics(operator: Any) -> None:
         trainer.tokens.inc(60_000)
         for _ in range(30):
             trainer.step_duration.observe(2.0)
+        trainer.checkpoint_last_step.set(20)
+        trainer.checkpoint_last_save.set(1_795_392_000)  # 2026-11-23T00:00:00Z
         patch = '{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}'
         testbed.kubectl(
             "patch",
@@ -225,6 +227,10 @@ def test_progress_is_scraped_from_the_trainer_metrics(operator: Any) -> None:
     assert done["loss"] == "2.5000"
     assert done["etaSeconds"] == 140
     assert done["summary"] in testbed.kubectl("get", "ftj", "progress", "-n", ns).stdout
+    saved = ftj(testbed, ns, "progress")["status"]["checkpoint"]
+    assert saved == {"step": 20, "time": "2026-11-23T00:00:00Z"}  # no storage in this spec
+    described = finetune(testbed, "describe", "progress", "-n", ns)
+    assert "step 20 (" in described.stdout
 
 
 def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:

@@ -136,6 +136,7 @@ def test_metrics_endpoint_names_and_types(one_rank: dict[str, Any]) -> None:
         "finetune_trainer_build_info": "gauge",
         "finetune_eval_loss": "gauge",
         "finetune_checkpoint_last_save_timestamp_seconds": "gauge",
+        "finetune_checkpoint_last_step": "gauge",
     }
     for name, kind in expected.items():
         assert name in families, f"{name} missing from {sorted(families)}"

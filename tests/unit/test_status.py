@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.progress import parse_progress
+from finetune_operator.progress import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     Failure,
     FineTuneJobStatus,
@@ -192,6 +192,21 @@ def test_no_progress_before_the_first_step() -> None:
         )
         is None
     )
+
+
+def test_latest_checkpoint_from_metrics() -> None:
+    text = METRICS + (
+        "# TYPE finetune_checkpoint_last_step gauge\nfinetune_checkpoint_last_step 400.0\n"
+        "# TYPE finetune_checkpoint_last_save_timestamp_seconds gauge\n"
+        "finetune_checkpoint_last_save_timestamp_seconds 1.7956512e+09\n"
+    )
+    saved = parse_checkpoint(text, "pvc://ckpts/run-1/")
+    assert saved is not None
+    assert saved.step == 400
+    assert saved.latest == "pvc://ckpts/run-1/step-00000400"
+    assert saved.time == "2026-11-26T00:00:00Z"
+    assert parse_checkpoint(text, None).latest is None  # type: ignore[union-attr]
+    assert parse_checkpoint(METRICS, "pvc://ckpts/run-1") is None  # none taken yet
 
 
 def test_a_late_pod_tells_why_a_job_hit_its_backoff_limit() -> None:

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 
+from finetune_trainer.config import checkpoint_dirname
 from finetune_trainer.errors import ConfigError
 
 MARKER = "COMPLETE"
@@ -64,7 +65,7 @@ def check_writable(path: str | Path, what: str) -> None:
 
 
 def _dirname(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
+    return checkpoint_dirname(step)
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:

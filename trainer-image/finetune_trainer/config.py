@@ -135,6 +135,12 @@ class PlanConfig(_Config):
     cpu_offload: bool = False
 
 
+def checkpoint_dirname(step: int) -> str:
+    """The folder of the checkpoint taken at ``step`` under ``CheckpointConfig.dir`` (the
+    operator reports it in status.checkpoint.latest)."""
+    return f"step-{step:08d}"
+
+
 class CheckpointConfig(_Config):
     dir: str | None = None
     every_steps: int = Field(default=500, ge=1)

@@ -27,6 +27,7 @@ class TrainerMetrics:
     dataloader_wait: Histogram
     checkpoint_save: Histogram
     checkpoint_last_save: Gauge
+    checkpoint_last_step: Gauge
     eval_loss: Gauge
     mfu: Gauge
     progress: Gauge
@@ -79,6 +80,11 @@ def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
         checkpoint_last_save=Gauge(
             "finetune_checkpoint_last_save_timestamp_seconds",
             "Unix time the latest complete checkpoint was written",
+            registry=r,
+        ),
+        checkpoint_last_step=Gauge(
+            "finetune_checkpoint_last_step",
+            "Optimizer step of the latest complete checkpoint",
             registry=r,
         ),
         eval_loss=Gauge(

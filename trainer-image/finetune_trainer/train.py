@@ -326,6 +326,7 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
         else None
     )
     step = 0
+    found = None
     if ckpt is not None and cfg.checkpoint.resume == "auto":
         found = latest(ckpt.root)
         if found is not None:
@@ -335,6 +336,9 @@ def run(cfg: TrainerConfig, env: DistEnv) -> int:
 
     # Metrics on each node's local rank 0; everything is computed on every rank.
     metrics = metrics_mod.create(torch.__version__, version("transformers"))
+    if found is not None:  # the latest checkpoint is the one this run resumed from
+        metrics.checkpoint_last_step.set(step)
+        metrics.checkpoint_last_save.set(found.stat().st_mtime)
     if env.local_rank == 0:
         try:
             metrics_mod.serve(metrics, cfg.metrics.port)
@@ -411,6 +415,7 @@ def _save(ckpt: Checkpointer, step: int, module: Any, optim: Any, sched: Any, m:
     _path, seconds = ckpt.save(step, module, optim, sched, {})
     m.checkpoint_save.observe(seconds)
     m.checkpoint_last_save.set_to_current_time()
+    m.checkpoint_last_step.set(step)
 
 
 def _eval(
