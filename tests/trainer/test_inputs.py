@@ -10,8 +10,18 @@ from typing import Any
 import pytest
 
 from conftest import trainer_config, write_config
+from finetune_trainer.config import DataConfig, ModelConfig
 
 pytestmark = pytest.mark.trainer
+
+#: Alpaca rows of up to 512 tokens (the column names are the format's own).
+ALPACA_512 = DataConfig(
+    kind="builtin",
+    name_or_path="x",
+    format="alpaca",
+    max_seq_length=512,
+    columns={"instruction": "instruction", "input": "input", "output": "output"},
+)
 
 
 def _run(cfg: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -100,7 +110,6 @@ def test_packed_loss_equals_unpacked(small_model_dir: Path) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.config import DataConfig, ModelConfig
     from finetune_trainer.data import collate, pack, rows_at, tokenize
     from finetune_trainer.lm import CausalLMLoss
     from finetune_trainer.models import load_tokenizer
@@ -121,13 +130,7 @@ def test_packed_loss_equals_unpacked(small_model_dir: Path) -> None:
             },
         ]
     )
-    cfg = DataConfig(
-        kind="builtin",
-        name_or_path="x",
-        format="alpaca",
-        max_seq_length=512,
-        columns={"instruction": "instruction", "input": "input", "output": "output"},
-    )
+    cfg = ALPACA_512
     tokens = tokenize(docs, cfg, tok, num_proc=None)
     packed = pack(tokens, 512)
     assert len(packed) == 1
@@ -152,19 +155,12 @@ def test_packed_loss_equals_unpacked(small_model_dir: Path) -> None:
 def test_prompt_tokens_are_masked(small_model_dir: Path) -> None:
     from datasets import Dataset
 
-    from finetune_trainer.config import DataConfig, ModelConfig
     from finetune_trainer.data import IGNORE, tokenize
     from finetune_trainer.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(kind="local", name_or_path=str(small_model_dir)))
     docs = Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": "hi"}])
-    cfg = DataConfig(
-        kind="builtin",
-        name_or_path="x",
-        format="alpaca",
-        max_seq_length=512,
-        columns={"instruction": "instruction", "input": "input", "output": "output"},
-    )
+    cfg = ALPACA_512
     row = tokenize(docs, cfg, tok, num_proc=None)[0]
     targets = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE]
     assert tok.decode(targets).strip() == "hi</s>"
