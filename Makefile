@@ -1,13 +1,14 @@
 # finetune-operator developer entry points. `make help` lists them.
 # Every target sets up what it needs: a virtual environment cached outside the repo, keyed by
-# the hash of pyproject.toml, so a warm machine starts in seconds.
+# the hash of pyproject.toml's [project] table (the dependencies; tool settings do not count),
+# so a warm machine starts in seconds.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PYTHON ?= python3
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/finetune-operator
 EXTRAS ?= operator,trainer,dev
 comma := ,
-VENV_KEY := $(shell cat pyproject.toml | sha256sum | cut -c1-12)-$(subst $(comma),-,$(EXTRAS))
+VENV_KEY := $(shell sed -n '/^\[project\]/,/^\[tool\./p' pyproject.toml | sha256sum | cut -c1-12)-$(subst $(comma),-,$(EXTRAS))
 VENV ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
