@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from finetune_operator import __version__, api, crd
+from finetune_operator import __version__, api, crd, kubeyaml
 from finetune_operator.plan import plan_config, plan_job
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import to_trainer_config
@@ -46,13 +46,16 @@ class UnreadableError(Exception):
 
 
 def load_documents(path: str) -> list[Document]:
-    """Every YAML document in ``path`` (``-`` reads standard input)."""
+    """Every YAML document in ``path`` (``-`` reads standard input), read as kubectl reads it
+    (so ``learningRate: 2e-5`` is the number the API server refuses, not a string)."""
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UnreadableError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = kubeyaml.load_all(text)
+    except kubeyaml.NotJSONError as exc:
+        raise UnreadableError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
