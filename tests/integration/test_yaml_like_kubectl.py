@@ -34,14 +34,13 @@ CASES = [
     ("not-octal", "gpuType: CPU", "gpuType: 012345678", False),
     ("base-60", "gpuType: CPU", "gpuType: 1:20", False),  # a string, but no such GPU either way
     ("tilde-null", "evalEverySteps: 20", "evalEverySteps: ~", True),
-    ("date", "name: tiny-local", "name: 2024-01-01", True),
+    ("date", "format: alpaca", "format: alpaca\n    split: 2024-01-01", True),
 ]
 
 
 def _manifest(line: str, replacement: str, name: str) -> str:
     assert line in EXAMPLE, f"the example no longer has {line!r}"
-    text = EXAMPLE.replace(line, replacement, 1)
-    return text if "name: 2024" in text else text.replace("name: tiny-local", f"name: {name}")
+    return EXAMPLE.replace(line, replacement, 1).replace("name: tiny-local", f"name: {name}")
 
 
 @pytest.fixture(scope="module")
