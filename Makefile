@@ -13,7 +13,7 @@ VENV ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help run venv lint fmt typecheck crds crds-check test test-unit cluster-up cluster-down
+.PHONY: help run venv lint fmt typecheck crds crds-check test test-unit test-fast cluster-up cluster-down
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,6 +54,9 @@ crds-check: venv ## Fail if the committed CRD differs from the generated one
 
 test-unit: venv ## Pure unit tests only (seconds)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-fast: venv ## Inner loop: unit tests + the API-server tier (hack/cluster up --api-only), no e2e
+	FINETUNE_TESTBED=api PATH="$(BIN):$$PATH" $(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 test: lint typecheck crds-check ## The whole suite: quality gates, then every test tier
 	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)

@@ -27,12 +27,17 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dm
 
+from finetune_trainer import names as n
+
 UID = "finetune-operator"
 OUTPUT = Path(__file__).resolve().parent / "finetune-operator" / "dashboards" / f"{UID}.json"
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 #: The selector every trainer query starts from (Grafana fills in the variables).
-JOB = 'namespace=~"$namespace", finetunejob=~"$job"'
+JOB = f'namespace=~"$namespace", {n.METRIC_JOB_LABEL}=~"$job"'
 RATE = "$__rate_interval"
+#: What trainer series are grouped by, and how a job is named in a legend.
+BY_JOB = f"namespace, {n.METRIC_JOB_LABEL}"
+JOB_NAME = "{{" + n.METRIC_JOB_LABEL + "}}"
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,15 @@ def stat(
 
 
 def by_job(metric: str, agg: str = "max") -> str:
-    return f"{agg} by (namespace, finetunejob) ({metric}{{{JOB}}})"
+    return f"{agg} by ({BY_JOB}) ({metric}{{{JOB}}})"
 
 
 def quantile(q: float, histogram: str) -> Query:
     expr = (
-        f"histogram_quantile({q}, sum by (namespace, finetunejob, le) "
-        f"(rate({histogram}_bucket{{{JOB}}}[{RATE}])))"
+        f"histogram_quantile({q}, sum by ({BY_JOB}, le) "
+        f"(rate({n.bucket(histogram)}{{{JOB}}}[{RATE}])))"
     )
-    return Query(expr, f"{{{{finetunejob}}}} p{round(q * 100)}")
+    return Query(expr, f"{JOB_NAME} p{round(q * 100)}")
 
 
 def variables() -> list[gd.DatasourceVariable | gd.QueryVariable]:
@@ -127,7 +132,7 @@ def variables() -> list[gd.DatasourceVariable | gd.QueryVariable]:
         gd.QueryVariable("namespace")
         .label("Namespace")
         .datasource(DATASOURCE)
-        .query("label_values(finetune_train_steps_total, namespace)")
+        .query(f"label_values({n.total(n.TRAIN_STEPS)}, namespace)")
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
@@ -138,7 +143,10 @@ def variables() -> list[gd.DatasourceVariable | gd.QueryVariable]:
         gd.QueryVariable("job")
         .label("FineTuneJob")
         .datasource(DATASOURCE)
-        .query('label_values(finetune_train_steps_total{namespace=~"$namespace"}, finetunejob)')
+        .query(
+            f'label_values({n.total(n.TRAIN_STEPS)}{{namespace=~"$namespace"}}, '
+            f"{n.METRIC_JOB_LABEL})"
+        )
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
@@ -150,7 +158,7 @@ def variables() -> list[gd.DatasourceVariable | gd.QueryVariable]:
 
 
 def build() -> dm.Dashboard:
-    legend = "{{namespace}}/{{finetunejob}}"
+    legend = "{{namespace}}/" + JOB_NAME
     d = (
         gd.Dashboard("FineTune jobs")
         .uid(UID)
@@ -172,7 +180,7 @@ def build() -> dm.Dashboard:
             "FineTuneJobs by phase",
             "How many FineTuneJobs the operator knows in each phase.",
             "short",
-            [Query("sum by (phase) (finetune_operator_jobs)", "{{phase}}")],
+            [Query(f"sum by (phase) ({n.OPERATOR_JOBS})", "{{phase}}")],
             width=12,
         )
     )
@@ -181,7 +189,7 @@ def build() -> dm.Dashboard:
             "Progress",
             "Optimizer steps done over total steps.",
             "percentunit",
-            [Query(by_job("finetune_train_progress_ratio"), legend)],
+            [Query(by_job(n.TRAIN_PROGRESS), legend)],
             min_value=0,
             max_value=1,
         )
@@ -192,7 +200,7 @@ def build() -> dm.Dashboard:
             "Training loss",
             "Mean loss per target token of the last optimizer step (nats).",
             "none",
-            [Query(by_job("finetune_train_loss"), legend)],
+            [Query(by_job(n.TRAIN_LOSS), legend)],
         )
     )
     d = d.with_panel(
@@ -200,7 +208,7 @@ def build() -> dm.Dashboard:
             "Eval loss",
             "Mean loss per target token on the held-out split, at each evaluation (nats).",
             "none",
-            [Query(by_job("finetune_eval_loss"), legend)],
+            [Query(by_job(n.EVAL_LOSS), legend)],
         )
     )
     d = d.with_panel(
@@ -210,8 +218,7 @@ def build() -> dm.Dashboard:
             "short",
             [
                 Query(
-                    f"max by (namespace, finetunejob) "
-                    f"(rate(finetune_train_tokens_total{{{JOB}}}[{RATE}]))",
+                    f"max by ({BY_JOB}) (rate({n.total(n.TRAIN_TOKENS)}{{{JOB}}}[{RATE}]))",
                     legend,
                 )
             ],
@@ -222,7 +229,7 @@ def build() -> dm.Dashboard:
             "Model FLOPs utilisation",
             "Achieved model FLOPs over the accelerators' peak (0 when the peak is unknown).",
             "percentunit",
-            [Query(by_job("finetune_train_mfu_ratio"), legend)],
+            [Query(by_job(n.TRAIN_MFU), legend)],
             min_value=0,
         )
     )
@@ -232,8 +239,8 @@ def build() -> dm.Dashboard:
             "Wall time of one optimizer step: median and 95th percentile.",
             "s",
             [
-                quantile(0.5, "finetune_train_step_duration_seconds"),
-                quantile(0.95, "finetune_train_step_duration_seconds"),
+                quantile(0.5, n.TRAIN_STEP_DURATION),
+                quantile(0.95, n.TRAIN_STEP_DURATION),
             ],
         )
     )
@@ -242,7 +249,7 @@ def build() -> dm.Dashboard:
             "Learning rate",
             "Learning rate of the last step.",
             "none",
-            [Query(by_job("finetune_train_learning_rate"), legend)],
+            [Query(by_job(n.TRAIN_LEARNING_RATE), legend)],
         )
     )
     d = d.with_row(gd.Row("Resources"))
@@ -253,9 +260,8 @@ def build() -> dm.Dashboard:
             "bytes",
             [
                 Query(
-                    f"max by (namespace, finetunejob, rank) "
-                    f"(finetune_gpu_memory_max_allocated_bytes{{{JOB}}})",
-                    "{{finetunejob}} rank {{rank}}",
+                    f"max by ({BY_JOB}, rank) ({n.GPU_MEMORY}{{{JOB}}})",
+                    JOB_NAME + " rank {{rank}}",
                 )
             ],
         )
@@ -267,10 +273,10 @@ def build() -> dm.Dashboard:
             "s",
             [
                 Query(
-                    f"sum by (namespace, finetunejob) "
-                    f"(rate(finetune_dataloader_wait_seconds_sum{{{JOB}}}[{RATE}])) / "
-                    f"sum by (namespace, finetunejob) "
-                    f"(rate(finetune_dataloader_wait_seconds_count{{{JOB}}}[{RATE}]))",
+                    f"sum by ({BY_JOB}) "
+                    f"(rate({n.hsum(n.DATALOADER_WAIT)}{{{JOB}}}[{RATE}])) / "
+                    f"sum by ({BY_JOB}) "
+                    f"(rate({n.count(n.DATALOADER_WAIT)}{{{JOB}}}[{RATE}]))",
                     legend,
                 )
             ],
@@ -283,8 +289,7 @@ def build() -> dm.Dashboard:
             "s",
             [
                 Query(
-                    f"time() - max by (namespace, finetunejob) "
-                    f"(finetune_checkpoint_last_save_timestamp_seconds{{{JOB}}})",
+                    f"time() - max by ({BY_JOB}) ({n.CHECKPOINT_LAST_SAVE}{{{JOB}}})",
                     legend,
                 )
             ],
@@ -296,7 +301,7 @@ def build() -> dm.Dashboard:
             "Checkpoint save time",
             "Time to write one checkpoint (95th percentile).",
             "s",
-            [quantile(0.95, "finetune_checkpoint_save_duration_seconds")],
+            [quantile(0.95, n.CHECKPOINT_SAVE_DURATION)],
         )
     )
     d = d.with_row(gd.Row("Operator"))
@@ -307,7 +312,7 @@ def build() -> dm.Dashboard:
             "reqps",
             [
                 Query(
-                    f"sum by (result) (rate(finetune_operator_reconcile_total[{RATE}]))",
+                    f"sum by (result) (rate({n.total(n.OPERATOR_RECONCILE)}[{RATE}]))",
                     "{{result}}",
                 )
             ],
@@ -321,7 +326,7 @@ def build() -> dm.Dashboard:
             [
                 Query(
                     f"histogram_quantile({q}, sum by (le) "
-                    f"(rate(finetune_operator_reconcile_duration_seconds_bucket[{RATE}])))",
+                    f"(rate({n.bucket(n.OPERATOR_RECONCILE_DURATION)}[{RATE}])))",
                     f"p{round(q * 100)}",
                 )
                 for q in (0.5, 0.99)

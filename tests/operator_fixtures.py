@@ -43,6 +43,9 @@ def crd(testbed: Any) -> Any:
 def namespace(crd: Any) -> Iterator[str]:
     name = f"ftj-{uuid.uuid4().hex[:8]}"
     crd.kubectl("create", "namespace", name, check=True)
+    # Pods need the namespace's default ServiceAccount. The controller-manager makes it, but
+    # not at once, and not at all in an --api-only test bed: make it (AlreadyExists is fine).
+    crd.kubectl("create", "serviceaccount", "default", "-n", name)
     yield name
     crd.kubectl("delete", "namespace", name, "--wait=false")
 

@@ -9,6 +9,11 @@ Register it with ``pytest_plugins = ["testbed"]`` (tests/ is on sys.path). Fixtu
     unless a test bed was already up, which it reuses and leaves running. With
     ``KUBECONFIG`` set it uses that cluster and starts nothing.
 
+    With ``FINETUNE_TESTBED=api`` (``make test-fast``) it runs ``hack/cluster up --api-only``
+    instead: etcd and kube-apiserver with the PyTorchJob CRD, up in seconds (a test bed that
+    is already up, of either kind, is reused). Tests marked ``e2e`` then skip, saying so;
+    ``Testbed.api_only`` tells a test which kind it got.
+
 ``kube_namespace`` (function)
     A fresh namespace name (its default ServiceAccount exists, so pods can be created),
     deleted without waiting after the test.
@@ -48,6 +53,9 @@ class Testbed:
     external: bool = False
     state_dir: Path | None = None
     binaries: dict[str, str] = field(default_factory=dict)
+    #: Only etcd and kube-apiserver run: no controllers (no default ServiceAccounts, no garbage
+    #: collection, no namespace deletion), no scheduler, no nodes, no training-operator.
+    api_only: bool = False
 
     # ------------------------------------------------------------------ processes
     def env(self, **extra: str) -> dict[str, str]:
@@ -176,7 +184,21 @@ def _load_testbed() -> Testbed:
         external=bool(info.get("external")),
         state_dir=Path(info["state_dir"]) if info.get("state_dir") else None,
         binaries=b,
+        api_only=bool(info.get("api_only")),
     )
+
+
+#: ``FINETUNE_TESTBED=api``: only the API tier of the test bed (``hack/cluster up --api-only``).
+API_ONLY = os.environ.get("FINETUNE_TESTBED", "") == "api"
+SKIP_E2E = (
+    "FINETUNE_TESTBED=api starts only the API server; this test needs the whole simulated "
+    "cluster (controllers, scheduler, kwok nodes, training-operator): run it with `make test`"
+)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if API_ONLY and item.get_closest_marker("e2e") is not None:
+        pytest.skip(SKIP_E2E)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -189,7 +211,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "testbed" in getattr(i, "fixturenames", ()) for i in session.items
     ):
         return
-    args = ["build", "--tools"] if os.environ.get("KUBECONFIG") else ["build"]
+    if os.environ.get("KUBECONFIG"):
+        args = ["build", "--tools"]
+    else:
+        args = ["build", "--api-only"] if API_ONLY else ["build"]
     capman = session.config.pluginmanager.getplugin("capturemanager")
     t0 = time.monotonic()
     with capman.global_and_fixture_disabled() if capman else _NullContext():
@@ -215,16 +240,19 @@ def testbed():
     started = False
     if not os.environ.get("KUBECONFIG"):
         already = _cluster("status").returncode == 0
-        if not already:
-            t0 = time.monotonic()
-            p = _cluster("up")
-            if p.returncode != 0:
-                pytest.fail(
-                    f"hack/cluster up failed (rc={p.returncode}):\n{p.stderr[-8000:]}",
-                    pytrace=False,
-                )
-            started = True
-            print(f"\n[testbed] up in {time.monotonic() - t0:.1f}s")
+        # `up` is idempotent: it returns at once when what is asked for runs already, and adds
+        # the rest of the test bed to one started with --api-only.
+        up = ["up", "--api-only"] if API_ONLY else ["up"]
+        t0 = time.monotonic()
+        p = _cluster(*up)
+        if p.returncode != 0:
+            pytest.fail(
+                f"hack/cluster {' '.join(up)} failed (rc={p.returncode}):\n{p.stderr[-8000:]}",
+                pytrace=False,
+            )
+        started = not already
+        if started:
+            print(f"\n[testbed] {' '.join(up)} in {time.monotonic() - t0:.1f}s")
     else:
         p = _cluster("up")  # builds kubectl/helm/kubeconform only; starts nothing
         if p.returncode != 0:
@@ -243,6 +271,8 @@ def testbed():
 
 @pytest.fixture(scope="session")
 def gpu_testbed(testbed: Testbed):
+    if testbed.api_only:
+        pytest.skip(SKIP_E2E)
     if not testbed.has_crd("pytorchjobs.kubeflow.org"):
         pytest.skip("cluster has no PyTorchJob CRD (Kubeflow training-operator)")
     if not testbed.has_gpu_nodes():
@@ -255,6 +285,8 @@ def kube_namespace(testbed: Testbed):
     name = f"t-{uuid.uuid4().hex[:10]}"
     testbed.kubectl("create", "namespace", name, check=True)
     # Pods need the namespace's default ServiceAccount (made by the controller-manager).
+    if testbed.api_only:
+        testbed.kubectl("create", "serviceaccount", "default", "-n", name, check=True)
     testbed.wait_for(
         lambda: testbed.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
         timeout=60,

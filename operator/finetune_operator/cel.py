@@ -1,7 +1,7 @@
 """CEL validation rules, written once and enforced in two places.
 
 Each rule is a Kubernetes ``x-kubernetes-validations`` entry. The CRD generator copies the rules
-into the schema, so the API server enforces them; :func:`evaluate` runs the very same expressions
+into the schema, so the API server enforces them; :func:`holds` runs the very same expressions
 with cel-python, so ``finetune validate`` and every parse of a spec in Python give the same verdict
 without a cluster. Rules must therefore stay inside the CEL subset both implementations share
 (standard macros, ``has``, ``size``, ``matches``, ``contains``, ``double()``, ``int()``).

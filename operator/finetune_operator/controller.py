@@ -2,7 +2,8 @@
 
 Level-based and idempotent: every call computes the desired state from the spec and what the
 cluster shows, so a retry, a missed event or an operator restart converges to the same place.
-Kubernetes calls go through :class:`finetune_operator.kube.Kube`; everything else is pure.
+Kubernetes calls go through :class:`Cluster`, the little the controller needs from Kubernetes
+(:class:`finetune_operator.kube.Kube` is the real one); everything else is pure.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_operator import api, manifest
-from finetune_operator.kube import REPLICA_TYPE_LABEL, Kube, WriteConflictError
+from finetune_operator.objects import Pod, PyTorchJob
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
-from finetune_operator.progress import parse_checkpoint, parse_progress
+from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     TERMINAL,
     FineTuneJobStatus,
@@ -30,18 +31,49 @@ from finetune_operator.translate import to_trainer_config
 POD_OUTPUT_DIR = f"{manifest.CACHE_DIR}/output"
 
 
+class WriteConflictError(Exception):
+    """The object changed since it was read: read it again and recompute."""
+
+
+class Cluster(Protocol):
+    """What the controller needs from Kubernetes."""
+
+    def finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The FineTuneJob document as stored now; None if it is gone."""
+
+    def pytorchjob(self, namespace: str, name: str) -> PyTorchJob | None:
+        """The PyTorchJob ``name``; None if there is none."""
+
+    def pods(self, namespace: str, job_name: str) -> list[Pod]:
+        """The pods of the PyTorchJob ``job_name``."""
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or update ``obj`` (server-side apply); the object as stored."""
+
+    def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """Write ``status`` over the FineTuneJob read as ``document``; the object as stored.
+
+        Raises WriteConflictError if the object changed since ``document`` was read.
+        """
+
+    def metrics(self, pod: Pod, port: int) -> str | None:
+        """The /metrics text ``pod`` serves on ``port``; None if it does not answer."""
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one reconcile did: the phase before and after, and the status written (if any)."""
+    """What one status write did: the phase before and after, the status, whether it changed,
+    and the job as it now stands (its resourceVersion is the one the write left)."""
 
     before: str | None
     after: str | None
     status: FineTuneJobStatus
     changed: bool
+    job: api.FineTuneJob
 
 
 #: Attempts at a status write that races with another writer before giving up (kopf retries).
@@ -49,40 +81,49 @@ ATTEMPTS = 5
 Compute = Callable[[api.FineTuneJob], FineTuneJobStatus]
 
 
-def _write(kube: Kube, job: api.FineTuneJob, compute: Compute) -> Outcome | None:
+def _write(kube: Cluster, job: api.FineTuneJob, compute: Compute) -> Outcome | None:
     """Compute the status from ``job`` and write it if it changed.
 
     On a conflict (someone wrote in between), read the job again and recompute: the status is
-    always derived from a fresh read, never merged into a stale one.
+    always derived from a fresh read, never merged into a stale one. After ATTEMPTS conflicts in a
+    row, raise WriteConflictError (kopf retries the handler). None if the job was deleted.
     """
     for _ in range(ATTEMPTS):
         before = job.status
         status = compute(job)
+        phase = before.phase if before else None
         if status == before:
-            return Outcome(before.phase if before else None, status.phase, status, False)
+            return Outcome(phase, status.phase, status, False, job)
         wire = status.model_dump(by_alias=True, exclude_none=True, mode="json")
         try:
-            kube.replace_status(job.to_document(), wire)
+            written = kube.replace_status(job.to_document(), wire)
         except WriteConflictError:
             fresh = kube.finetunejob(job.metadata.namespace or "", job.name)
             if fresh is None:
                 return None  # deleted meanwhile
             job = api.parse(fresh)
             continue
-        return Outcome(before.phase if before else None, status.phase, status, True)
+        version = written.get("metadata", {}).get("resourceVersion")
+        meta = job.metadata.model_copy(update={"resource_version": version})
+        return Outcome(
+            phase,
+            status.phase,
+            status,
+            True,
+            job.model_copy(update={"status": status, "metadata": meta}),
+        )
     raise WriteConflictError(f"status of {job.name} kept changing under us; will retry")
 
 
 def _observe(
-    kube: Kube, job: api.FineTuneJob, plan: PlanStatus | None, seen: dict[str, Any] | None = None
+    kube: Cluster, job: api.FineTuneJob, plan: PlanStatus | None, seen: Pod | None = None
 ) -> Observed:
     """What the cluster shows now; ``seen`` is a pod from an event (it may be gone already, and
     its last state is often the only record of why a container died)."""
     ns = job.metadata.namespace or ""
     child = kube.pytorchjob(ns, job.name)
     listed = kube.pods(ns, job.name) if child is not None else []
-    names = {p["metadata"]["name"] for p in listed}
-    if seen is not None and seen["metadata"]["name"] not in names:
+    if seen is not None and seen.name not in {p.name for p in listed}:
         listed.append(seen)
     pods = tuple(listed)
     return Observed(
@@ -96,7 +137,7 @@ def _observe(
 
 
 def reconcile(
-    kube: Kube, job: api.FineTuneJob, *, image: str, metrics_port: int = manifest.METRICS_PORT
+    kube: Cluster, job: api.FineTuneJob, *, image: str, metrics_port: int = manifest.METRICS_PORT
 ) -> list[Outcome]:
     """Make the cluster match ``job``: plan (status first), apply ConfigMap and PyTorchJob, then
     write the observed status. Returns each status write, in order."""
@@ -115,7 +156,7 @@ def reconcile(
         first = _write(kube, job, lambda j: derive(planned, j.status, now()))
         outcomes.append(first)
         if first is not None:
-            job = job.model_copy(update={"status": first.status})
+            job = first.job
     config = to_trainer_config(
         job.spec,
         name=job.name,
@@ -140,7 +181,7 @@ def _written(*outcomes: Outcome | None) -> list[Outcome]:
     return [o for o in outcomes if o is not None]
 
 
-def refresh(kube: Kube, job: api.FineTuneJob, seen: dict[str, Any] | None = None) -> list[Outcome]:
+def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> list[Outcome]:
     """Update status from the children without changing them (on a child or pod event)."""
     if job.status is None:
         return []
@@ -158,17 +199,14 @@ def refresh(kube: Kube, job: api.FineTuneJob, seen: dict[str, Any] | None = None
 
 
 def scrape_progress(
-    kube: Kube, job: api.FineTuneJob, metrics_port: int = manifest.METRICS_PORT
+    kube: Cluster, job: api.FineTuneJob, metrics_port: int = manifest.METRICS_PORT
 ) -> list[Outcome]:
     """Read progress from the master pod's metrics into status.progress (while Running)."""
     status = job.status
     if status is None or status.phase != "Running":
         return []
     pods = kube.pods(job.metadata.namespace or "", job.name)
-    master = next(
-        (p for p in pods if p["metadata"].get("labels", {}).get(REPLICA_TYPE_LABEL) == "master"),
-        None,
-    )
+    master = next((p for p in pods if p.replica_type == "master"), None)
     text = kube.metrics(master, metrics_port) if master else None
     progress = parse_progress(text, now()) if text else None
     if progress is None or text is None:

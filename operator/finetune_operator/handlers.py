@@ -2,7 +2,8 @@
 
 Invalid specs are permanent errors (the API server's CEL rules normally stop them first); API
 failures are temporary and retried. kopf keeps its progress in annotations under
-``finetune.dev/`` and never writes undeclared status fields.
+``finetune.dev/`` and never writes undeclared status fields. The operator's :class:`Settings` are
+read once, by :func:`run`, and reach the handlers through kopf's memo.
 """
 
 from __future__ import annotations
@@ -15,24 +16,17 @@ import kopf
 
 from finetune_operator import api, controller, telemetry
 from finetune_operator.kube import Kube, load_config
-from finetune_operator.manifest import JOB_LABEL, METRICS_PORT
+from finetune_operator.objects import Pod
+from finetune_operator.settings import Settings, SettingsError
+from finetune_trainer.names import JOB_LABEL
 
-DEFAULT_IMAGE = "finetune-trainer:0.1.0"
-PROGRESS_INTERVAL = float(os.environ.get("FINETUNE_PROGRESS_INTERVAL", "15"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-
-
-def trainer_image() -> str:
-    return os.environ.get("FINETUNE_TRAINER_IMAGE", DEFAULT_IMAGE)
-
-
-def trainer_metrics_port() -> int:
-    """The port the trainer serves /metrics on (and the operator scrapes)."""
-    return int(os.environ.get("FINETUNE_TRAINER_METRICS_PORT", str(METRICS_PORT)))
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """kopf's settings, and the Kubernetes client, into the memo that every handler gets (next
+    to the operator's own Settings, which :func:`run` put there)."""
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -84,9 +78,13 @@ def _announce_one(kube: Kube, body: Any, outcome: controller.Outcome) -> None:
 @kopf.on.update(*RESOURCE, field="spec")
 def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     job = _parse(body)
+    config: Settings = memo.settings
     with telemetry.timed():
         outcomes = controller.reconcile(
-            memo.kube, job, image=trainer_image(), metrics_port=trainer_metrics_port()
+            memo.kube,
+            job,
+            image=config.trainer_image,
+            metrics_port=config.trainer_metrics_port,
         )
     _announce(memo.kube, body, outcomes)
 
@@ -97,9 +95,7 @@ def forget(body: kopf.Body, **_: Any) -> None:
     telemetry.job_phase(f"{body['metadata'].get('namespace')}/{body['metadata']['name']}", None)
 
 
-def _refresh(
-    memo: kopf.Memo, namespace: str, name: str, seen: dict[str, Any] | None = None
-) -> None:
+def _refresh(memo: kopf.Memo, namespace: str, name: str, seen: Pod | None = None) -> None:
     kube: Kube = memo.kube
     document = kube.finetunejob(namespace, name)
     if document is None:
@@ -122,26 +118,37 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
 def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
-    _refresh(memo, meta["namespace"], meta["labels"][JOB_LABEL], seen=dict(body))
+    _refresh(memo, meta["namespace"], meta["labels"][JOB_LABEL], seen=Pod.parse(body))
 
 
-@kopf.timer(*RESOURCE, interval=PROGRESS_INTERVAL, initial_delay=PROGRESS_INTERVAL)
 def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Training progress from the master's metrics, and a level-triggered safety net."""
+    """Training progress from the master's metrics, and a level-triggered safety net (a timer
+    every Settings.progress_interval seconds, registered by :func:`run`)."""
     job = _parse(body)
+    config: Settings = memo.settings
     with telemetry.timed():
         outcomes = controller.scrape_progress(
-            memo.kube, job, trainer_metrics_port()
+            memo.kube, job, config.trainer_metrics_port
         ) or controller.refresh(memo.kube, job)
     _announce(memo.kube, body, outcomes)
 
 
 def run(*, namespaces: list[str], metrics_port: int, health_port: int) -> None:
-    """Run the operator until interrupted (one replica; no peering)."""
+    """Run the operator until interrupted (one replica; no peering).
+
+    Reads the Settings from the environment, once; exits with the reason if one is unusable.
+    """
+    try:
+        config = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    every = config.progress_interval
+    kopf.timer(*RESOURCE, interval=every, initial_delay=every)(progress)
     telemetry.serve(metrics_port)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+        memo=kopf.Memo(settings=config),
     )

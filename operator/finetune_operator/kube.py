@@ -1,7 +1,9 @@
 """The only module that talks to the Kubernetes API.
 
-Server-side apply under one field manager for children, merge patches for status, reads of the
-PyTorchJob and its pods, and the master pod's metrics endpoint.
+Server-side apply under one field manager for children; status written by replacing it through
+the status subresource, guarded by the resourceVersion it was computed from; reads of
+FineTuneJobs, of the PyTorchJob and its pods (parsed here into :mod:`finetune_operator.objects`);
+Events; pod logs; and the master pod's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -10,24 +12,21 @@ import json
 import socket
 import urllib.request
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 from finetune_operator import api
+from finetune_operator.controller import Cluster, WriteConflictError
 from finetune_operator.manifest import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND
+from finetune_operator.objects import Event, Pod, PyTorchJob
+from finetune_trainer.names import CONTAINER, JOB_NAME_LABEL
 
 FIELD_MANAGER = "finetune-operator"
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 #: Seconds a single API request may take before it is abandoned and retried by the handler.
 REQUEST_TIMEOUT = 30
-
-
-class WriteConflictError(Exception):
-    """The object changed since it was read: read it again and recompute."""
 
 
 def load_config() -> None:
@@ -64,8 +63,13 @@ def _api_reason(exc: client.ApiException) -> str:
         return str(exc.body or exc.reason)
 
 
+def _without(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
 class Kube:
-    """A thin, synchronous client for what the operator needs."""
+    """A thin, synchronous client for what the operator and the CLI need (it is the controller's
+    :class:`~finetune_operator.controller.Cluster`)."""
 
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         self._client = api_client or client.ApiClient()
@@ -106,15 +110,15 @@ class Kube:
         )
         return [dict(item) for item in found.to_dict().get("items", [])]
 
-    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+    def events(self, namespace: str, name: str) -> list[Event]:
         """Events about the FineTuneJob ``name``, oldest first."""
         found = self._resource("v1", "Event").get(
             namespace=namespace,
             field_selector=f"involvedObject.name={name},involvedObject.kind={api.KIND}",
             _request_timeout=REQUEST_TIMEOUT,
         )
-        items = [dict(e) for e in found.to_dict().get("items", [])]
-        return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        events = [Event.parse(e) for e in found.to_dict().get("items", [])]
+        return sorted(events, key=lambda e: e.time)
 
     def logs(self, namespace: str, pod: str, *, follow: bool, tail: int | None) -> Any:
         """The trainer container's log lines (an iterator of bytes when following).
@@ -125,7 +129,7 @@ class Kube:
             resp: Any = self._core.read_namespaced_pod_log(
                 pod,
                 namespace,
-                container="pytorch",
+                container=CONTAINER,
                 follow=follow,
                 tail_lines=tail,
                 _preload_content=False,
@@ -138,20 +142,21 @@ class Kube:
             )
         return resp
 
-    def pytorchjob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, namespace, name)
+    def pytorchjob(self, namespace: str, name: str) -> PyTorchJob | None:
+        found = self.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, namespace, name)
+        return None if found is None else PyTorchJob.parse(found)
 
-    def pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        """The PyTorchJob's pods, as plain dicts with camelCase keys."""
+    def pods(self, namespace: str, job_name: str) -> list[Pod]:
+        """The PyTorchJob's pods (those with the training-operator's job-name label)."""
         pods = self._resource("v1", "Pod").get(
             namespace=namespace,
             label_selector=f"{JOB_NAME_LABEL}={job_name}",
             _request_timeout=REQUEST_TIMEOUT,
         )
-        return [dict(p) for p in pods.to_dict().get("items", [])]
+        return [Pod.parse(p) for p in pods.to_dict().get("items", [])]
 
-    def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> None:
-        """Write ``status`` over the FineTuneJob read as ``document``.
+    def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """Write ``status`` over the FineTuneJob read as ``document``; the object as written.
 
         Optimistic concurrency: the write carries the document's resourceVersion, so it fails
         with :class:`WriteConflictError` if the object changed since it was read.
@@ -159,8 +164,9 @@ class Kube:
         resource = self._resource(api.API_VERSION, api.KIND)
         meta = document["metadata"]
         try:
-            resource.status.replace(
-                body={**document, "status": status},
+            written = resource.status.replace(
+                # without managedFields: the server keeps its own (ours may be one write old)
+                body={**document, "metadata": _without(meta, "managedFields"), "status": status},
                 name=meta["name"],
                 namespace=meta["namespace"],
                 field_manager=FIELD_MANAGER,
@@ -168,6 +174,7 @@ class Kube:
             )
         except ConflictError as exc:
             raise WriteConflictError(str(exc)) from None
+        return dict(written.to_dict())
 
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Record a Kubernetes Event about ``obj`` (what ``kubectl describe`` shows)."""
@@ -199,13 +206,18 @@ class Kube:
         )
 
     @staticmethod
-    def metrics(pod: dict[str, Any], port: int, timeout: float = 3.0) -> str | None:
+    def metrics(pod: Pod, port: int, timeout: float = 3.0) -> str | None:
         """The trainer's /metrics text from ``pod`` (None while it has no IP or does not answer)."""
-        ip = pod.get("status", {}).get("podIP")
-        if not ip:
+        if not pod.pod_ip:
             return None
+        host = f"[{pod.pod_ip}]" if ":" in pod.pod_ip else pod.pod_ip  # IPv6
+        url = f"http://{host}:{port}/metrics"
         try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 return str(resp.read().decode("utf-8"))
         except (OSError, ValueError):
             return None
+
+
+if TYPE_CHECKING:  # mypy checks that Kube is all the controller needs from Kubernetes
+    _CLUSTER: Cluster = Kube()

@@ -9,25 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_operator import api
-from finetune_operator.translate import (
-    HF_TOKEN_ENV,
-    claims,
-    parse_source,
-    pvc_mount_path,
-)
+from finetune_operator.sources import claims, parse_source, pvc_mount_path
+from finetune_trainer import names
 from finetune_trainer.config import TrainerConfig
 
 PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 PYTORCHJOB_KIND = "PyTorchJob"
-#: The container name training-operator requires.
-CONTAINER = "pytorch"
+CONTAINER = names.CONTAINER
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.json"
 CACHE_DIR = "/cache"
-METRICS_PORT = 9090
+METRICS_PORT = names.METRICS_PORT
 #: The numeric user of the trainer image (Dockerfile).
 TRAINER_UID = 1000
-JOB_LABEL = f"{api.GROUP}/job"
+JOB_LABEL = names.JOB_LABEL
 MANAGED_BY = "finetune-operator"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PLAN_ANNOTATION = f"{api.GROUP}/plan"
@@ -81,9 +76,9 @@ def config_map(job: api.FineTuneJob, config: TrainerConfig) -> dict[str, Any]:
 
 def _env(job: api.FineTuneJob) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "FINETUNE_JOB_NAME", "value": job.name},
-        {"name": "FINETUNE_JOB_NAMESPACE", "value": job.metadata.namespace or ""},
-        {"name": "FINETUNE_LOG_FORMAT", "value": "plain"},
+        {"name": names.ENV_JOB_NAME, "value": job.name},
+        {"name": names.ENV_JOB_NAMESPACE, "value": job.metadata.namespace or ""},
+        {"name": names.ENV_LOG_FORMAT, "value": "plain"},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
@@ -91,7 +86,7 @@ def _env(job: api.FineTuneJob) -> list[dict[str, Any]]:
     if ref is not None:
         env.append(
             {
-                "name": HF_TOKEN_ENV,
+                "name": names.ENV_HF_TOKEN,
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
             }
         )
@@ -176,7 +171,7 @@ def pod_template(
         "imagePullPolicy": "IfNotPresent",
         # torchrun reads PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
         # PET_MASTER_PORT, which training-operator injects.
-        "command": ["torchrun", "-m", "finetune_trainer.train"],
+        "command": ["torchrun", "-m", names.ENTRY_POINT],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": _env(job),
         "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],

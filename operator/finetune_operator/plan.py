@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from finetune_operator.sources import parse_source
 from finetune_operator.spec import FineTuneJobSpec, LoraSpec
 from finetune_operator.status import PlanStatus
-from finetune_operator.translate import parse_source
 from finetune_trainer.config import PlanConfig
 from finetune_trainer.planner import (
     Cluster,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from finetune_operator.api import FineTuneJob
+from finetune_operator.objects import Event
 
 PHASE_STYLE = {
     "Succeeded": "green",
@@ -64,7 +64,7 @@ def jobs_table(jobs: list[FineTuneJob], *, namespaces: bool = False) -> Table:
     return table
 
 
-def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> RenderableType:
+def describe(job: FineTuneJob, events: list[Event]) -> RenderableType:
     """The `finetune describe` view: what runs, how it was planned, where it stands, why."""
     spec, status = job.spec, job.status
     res = spec.resources
@@ -103,7 +103,6 @@ def describe(job: FineTuneJob, events: list[dict[str, Any]]) -> RenderableType:
         for column in ("TYPE", "REASON", "AGE", "MESSAGE"):
             table.add_column(column)
         for e in events:
-            stamp = e.get("lastTimestamp") or e.get("eventTime") or ""
-            table.add_row(e.get("type", ""), e.get("reason", ""), age(stamp), e.get("message", ""))
+            table.add_row(e.type, e.reason, age(e.time), e.message)
         parts.append(table)
     return Group(*parts)

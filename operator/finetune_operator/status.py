@@ -6,11 +6,15 @@ decimal strings, as in the spec. Pure: imports no Kubernetes client, kopf or tor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from finetune_operator.objects import Condition as JobCondition
+from finetune_operator.objects import Pod, PyTorchJob, Waiting
 
 Phase = Literal["Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionType = Literal["Validated", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
@@ -231,94 +235,75 @@ _WAITING_PROBLEMS = {
 }
 
 
-def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(pod.get("status", {}).get("containerStatuses") or [])
-
-
-def _pod_name(pod: dict[str, Any]) -> str:
-    return str(pod.get("metadata", {}).get("name", ""))
-
-
-def _terminated_failure(pod: dict[str, Any]) -> Failure | None:
-    for cs in _container_statuses(pod):
-        for state in (cs.get("state", {}), cs.get("lastState", {})):
-            term = state.get("terminated")
-            if not term or term.get("exitCode", 0) == 0:
+def _terminated_failure(pod: Pod) -> Failure | None:
+    for cs in pod.container_statuses:
+        for state in (cs.state, cs.last_state):
+            term = state.terminated
+            if term is None or term.exit_code == 0:
                 continue
-            code = int(term["exitCode"])
-            if term.get("reason") == "OOMKilled":
+            code = term.exit_code
+            if term.reason == "OOMKilled":
                 return Failure(
                     reason="OOMKilled",
                     message=(
-                        f"pod {_pod_name(pod)} ran out of memory (exit {code}): give the pods more "
+                        f"pod {pod.name} ran out of memory (exit {code}): give the pods more "
                         "memory, or lower parallelism.microBatchSize / turn on "
                         "activationCheckpointing"
                     ),
-                    pod=_pod_name(pod),
+                    pod=pod.name,
                     exit_code=code,
                 )
-            detail = term.get("message") or term.get("reason") or "Error"
+            detail = term.message or term.reason or "Error"
             return Failure(
                 reason="Error",
-                message=f"pod {_pod_name(pod)} exited with code {code}: {detail}; see its logs",
-                pod=_pod_name(pod),
+                message=f"pod {pod.name} exited with code {code}: {detail}; see its logs",
+                pod=pod.name,
                 exit_code=code,
             )
     return None
 
 
-def pod_problem(pods: list[dict[str, Any]]) -> Failure | None:
+def pod_problem(pods: Sequence[Pod]) -> Failure | None:
     """The most telling problem among the job's pods, in terms a user can act on."""
     for pod in pods:
         found = _terminated_failure(pod)
         if found:
             return found
     for pod in pods:
-        for cs in _container_statuses(pod):
-            waiting = cs.get("state", {}).get("waiting") or {}
-            reason = _WAITING_PROBLEMS.get(waiting.get("reason", ""))
+        for cs in pod.container_statuses:
+            waiting = cs.state.waiting or Waiting()
+            reason = _WAITING_PROBLEMS.get(waiting.reason)
             if reason:
-                image = cs.get("image", "")
                 return Failure(
                     reason=reason,
                     message=(
-                        f"pod {_pod_name(pod)}: {waiting.get('reason')} for image {image}: "
-                        f"{waiting.get('message', '')}".rstrip(": ")
+                        f"pod {pod.name}: {waiting.reason} for image {cs.image}: "
+                        f"{waiting.message}".rstrip(": ")
                         + "; check spec.image and the pull secret"
                     ),
-                    pod=_pod_name(pod),
+                    pod=pod.name,
                 )
     for pod in pods:
-        for cond in pod.get("status", {}).get("conditions") or []:
+        for cond in pod.conditions:
             if (
-                cond.get("type") == "PodScheduled"
-                and cond.get("status") == "False"
-                and cond.get("reason") == "Unschedulable"
+                cond.type == "PodScheduled"
+                and cond.status == "False"
+                and cond.reason == "Unschedulable"
             ):
                 return Failure(
                     reason="Unschedulable",
                     message=(
-                        f"pod {_pod_name(pod)} cannot be scheduled: {cond.get('message', '')} "
+                        f"pod {pod.name} cannot be scheduled: {cond.message} "
                         "(fewer free GPUs than spec.resources asks for, or no node matches "
                         "nodeSelector/tolerations)"
                     ),
-                    pod=_pod_name(pod),
+                    pod=pod.name,
                 )
     return None
 
 
-def _child_conditions(child: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    if not child:
-        return {}
-    return {
-        c["type"]: c
-        for c in child.get("status", {}).get("conditions") or []
-        if c.get("status") == "True"
-    }
-
-
-def _job_failure(child_failed: dict[str, Any], pods_problem: Failure | None) -> Failure:
-    message = str(child_failed.get("message", ""))
+def _job_failure(child_failed: JobCondition, pods_problem: Failure | None) -> Failure:
+    message = child_failed.message
     if "deadline" in message:
         return Failure(
             reason="DeadlineExceeded", message=f"{message} (runPolicy.activeDeadlineSeconds)"
@@ -341,8 +326,8 @@ class Observed:
     suspend_requested: bool
     plan: PlanStatus | None = None
     plan_error: str | None = None
-    child: dict[str, Any] | None = None
-    pods: tuple[dict[str, Any], ...] = ()
+    child: PyTorchJob | None = None
+    pods: tuple[Pod, ...] = ()
     previous_failure: Failure | None = None
 
 
@@ -373,8 +358,8 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     failure = obs.previous_failure
     completion = prev.completion_time
     start = prev.start_time
-    child_conds = _child_conditions(obs.child)
-    problem = pod_problem(list(obs.pods))
+    child_conds = obs.child.true_conditions() if obs.child is not None else {}
+    problem = pod_problem(obs.pods)
 
     if obs.plan_error is not None:
         phase: Phase = "Failed"
@@ -388,7 +373,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         conds.append(_cond("Planned", True, planned_reason, planned_msg, g, now))
         if "Succeeded" in child_conds:
             phase = "Succeeded"
-            msg = str(child_conds["Succeeded"].get("message", "training finished"))
+            msg = child_conds["Succeeded"].message or "training finished"
             conds.append(_cond("Succeeded", True, "TrainingSucceeded", msg, g, now))
             conds.append(_cond("Running", False, "Completed", "training finished", g, now))
             completion = completion or now
@@ -419,8 +404,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
 
     child_ref = prev.pytorch_job
     if obs.child is not None:
-        meta = obs.child.get("metadata", {})
-        child_ref = PyTorchJobRef(name=meta.get("name", ""), uid=meta.get("uid", ""))
+        child_ref = PyTorchJobRef(name=obs.child.name, uid=obs.child.uid)
     return FineTuneJobStatus(
         observed_generation=g,
         phase=phase,
@@ -435,7 +419,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     )
 
 
-def refine_failure(status: FineTuneJobStatus, pods: list[dict[str, Any]]) -> FineTuneJobStatus:
+def refine_failure(status: FineTuneJobStatus, pods: Sequence[Pod]) -> FineTuneJobStatus:
     """A failed job whose reason is only the job-level "backoff limit" learns the pod's own
     reason (OOMKilled, exit code) when that pod's last state arrives after the job failed."""
     if status.phase != "Failed" or status.failure is None:

@@ -1,4 +1,5 @@
-"""The operator's own Prometheus metrics (names fixed in DESIGN.md)."""
+"""The operator's own Prometheus metrics (names in finetune_trainer.names, which the Grafana
+dashboard reads too)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ from contextlib import contextmanager
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from finetune_operator import __version__
+from finetune_trainer import names
 
-RECONCILES = Counter(
-    "finetune_operator_reconcile", "Reconciles of FineTuneJobs, by result", ["result"]
-)
-RECONCILE_SECONDS = Histogram(
-    "finetune_operator_reconcile_duration_seconds", "Time one reconcile took"
-)
-JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs known to the operator, by phase", ["phase"])
-BUILD = Gauge("finetune_operator_build_info", "Operator build", ["version"])
+RECONCILES = Counter(names.OPERATOR_RECONCILE, "Reconciles of FineTuneJobs, by result", ["result"])
+RECONCILE_SECONDS = Histogram(names.OPERATOR_RECONCILE_DURATION, "Time one reconcile took")
+JOBS = Gauge(names.OPERATOR_JOBS, "FineTuneJobs known to the operator, by phase", ["phase"])
+BUILD = Gauge(names.OPERATOR_BUILD_INFO, "Operator build", ["version"])
 PHASES = ("Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended")
 
 _phase_of: dict[str, str] = {}

@@ -1,16 +1,16 @@
 """FineTuneJob spec -> trainer config: a pure translation.
 
-Sources become what the trainer opens: ``hf://org/name@rev`` a Hub id and revision,
-``pvc://claim/path`` the path where the operator mounts that claim (:func:`pvc_mount_path`),
+Sources become what the trainer opens (see :mod:`finetune_operator.sources`): ``hf://org/name@rev``
+a Hub id and revision, ``pvc://claim/path`` the path where the operator mounts that claim,
 ``file:///path`` the path itself, ``builtin://name`` the name. Decimal strings become numbers.
 Pure: imports no Kubernetes client, kopf or torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from finetune_operator.sources import local_path, parse_source
 from finetune_operator.spec import FineTuneJobSpec, LoraSpec
+from finetune_trainer import names
 from finetune_trainer.config import (
     DEFAULT_COLUMNS,
     CheckpointConfig,
@@ -28,48 +28,6 @@ from finetune_trainer.config import (
     TrainerConfig,
 )
 
-#: Every PersistentVolumeClaim a job names is mounted at PVC_ROOT/<claim>.
-PVC_ROOT = "/mnt/pvc"
-#: The environment variable that carries the Hub token (from the Secret, never inline).
-HF_TOKEN_ENV = "HF_TOKEN"
-
-
-@dataclass(frozen=True)
-class Source:
-    """A parsed source URI."""
-
-    scheme: str
-    location: str
-    revision: str | None = None
-
-    @property
-    def claim(self) -> str | None:
-        return self.location.split("/", 1)[0] if self.scheme == "pvc" else None
-
-
-def parse_source(uri: str) -> Source:
-    """Split ``scheme://location[@revision]`` (the spec's patterns guarantee the shape)."""
-    scheme, _, rest = uri.partition("://")
-    if scheme == "hf" and "@" in rest:
-        rest, _, revision = rest.partition("@")
-        return Source(scheme, rest, revision)
-    return Source(scheme, rest)  # file:///abs keeps its leading "/"
-
-
-def pvc_mount_path(claim: str) -> str:
-    return f"{PVC_ROOT}/{claim}"
-
-
-def local_path(uri: str) -> str:
-    """Where a pvc:// or file:// location is seen from inside the trainer."""
-    source = parse_source(uri)
-    if source.scheme == "file":
-        return source.location
-    if source.scheme == "pvc":
-        claim, _, sub = source.location.partition("/")
-        return f"{pvc_mount_path(claim)}/{sub}".rstrip("/")
-    raise ValueError(f"{uri} is not a pvc:// or file:// location")
-
 
 def _resolve(uri: str) -> tuple[SourceKind, str, str | None]:
     source = parse_source(uri)
@@ -78,14 +36,6 @@ def _resolve(uri: str) -> tuple[SourceKind, str, str | None]:
     if source.scheme == "builtin":
         return "builtin", source.location, None
     return "local", local_path(uri), None
-
-
-def claims(spec: FineTuneJobSpec) -> list[str]:
-    """Every PersistentVolumeClaim the job reads or writes, in a stable order."""
-    uris = [spec.model.source, spec.dataset.source, spec.checkpoint.storage]
-    uris.append(spec.output.storage if spec.output else None)
-    found = [parse_source(u).claim for u in uris if u]
-    return sorted({c for c in found if c})
 
 
 def _lora(spec: FineTuneJobSpec) -> LoraConfig | None:
@@ -106,7 +56,7 @@ def to_trainer_config(
     name: str,
     default_output_dir: str,
     plan: PlanConfig | None = None,
-    metrics_port: int = 9090,
+    metrics_port: int = names.METRICS_PORT,
 ) -> TrainerConfig:
     """The trainer config for one FineTuneJob.
 
@@ -126,7 +76,7 @@ def to_trainer_config(
             kind=model_kind,
             name_or_path=model_name,
             revision=spec.model.revision or model_rev_in_uri,
-            token_env=HF_TOKEN_ENV if spec.model.token_secret_ref else None,
+            token_env=names.ENV_HF_TOKEN if spec.model.token_secret_ref else None,
             dtype=spec.model.dtype,
         ),
         data=DataConfig(

@@ -13,6 +13,7 @@ from bad_specs import DELETE, apply
 from finetune_operator import api, manifest
 from finetune_operator.plan import plan_config, plan_job
 from finetune_operator.translate import to_trainer_config
+from finetune_trainer import names
 from finetune_trainer.config import TrainerConfig
 from helpers import EXAMPLES, GOLDEN_NAMESPACE, GOLDEN_UID, ROOT, load_yaml
 
@@ -134,3 +135,14 @@ def test_pod_metadata_reaches_the_pods(tiny_job: dict[str, Any]) -> None:
     assert meta["annotations"]["a"] == "b"
     assert meta["labels"]["team"] == "x"
     assert meta["labels"][manifest.JOB_LABEL] == "tiny-local"
+
+
+def test_the_shared_names_are_the_api_s() -> None:
+    """finetune_trainer.names spells out what the operator's API implies; they must agree."""
+    assert names.JOB_LABEL.startswith(f"{api.GROUP}/")
+    template = manifest.pod_template(_job(load_yaml(ROOT / "examples" / "tiny-local.yaml")), "i")
+    assert template["metadata"]["labels"][names.JOB_LABEL] == "tiny-local"
+    (container,) = template["spec"]["containers"]
+    assert container["name"] == names.CONTAINER
+    assert container["command"] == ["torchrun", "-m", names.ENTRY_POINT]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from test_cli import run
 
 from bad_specs import DELETE, apply
@@ -86,7 +86,7 @@ def test_finetune_plan_exits_1_with_the_fix_when_nothing_fits(tmp_path: Path) ->
     job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
     job = apply(job, TOO_BIG)
     path = tmp_path / "big.yaml"
-    path.write_text(yaml.safe_dump(job))
+    path.write_text(json.dumps(job))  # JSON keeps decimal strings quoted, as kubectl needs
     result = run("plan", str(path))
     assert result.returncode == 1
     assert "no plan fits" in result.stderr

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from finetune_operator.progress import parse_checkpoint, parse_progress
+from finetune_operator.objects import (
+    Condition,
+    ContainerState,
+    ContainerStatus,
+    Pod,
+    PyTorchJob,
+    Terminated,
+    Waiting,
+)
+from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     Failure,
     FineTuneJobStatus,
@@ -19,35 +26,33 @@ from finetune_operator.status import (
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
 
-def child(*conditions: str, message: str = "") -> dict[str, Any]:
-    return {
-        "metadata": {"name": "j", "uid": "u"},
-        "status": {
-            "conditions": [{"type": c, "status": "True", "message": message} for c in conditions]
-        },
-    }
+def child(*conditions: str, message: str = "") -> PyTorchJob:
+    return PyTorchJob("j", "u", tuple(Condition(c, "True", message=message) for c in conditions))
 
 
-def pod(**status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "j-master-0"}, "status": status}
+def pod(
+    *statuses: ContainerStatus, conditions: tuple[Condition, ...] = (), phase: str = "Running"
+) -> Pod:
+    return Pod("j-master-0", phase=phase, container_statuses=statuses, conditions=conditions)
 
 
-def terminated(reason: str, code: int, *, last: bool = False) -> dict[str, Any]:
-    state = {"terminated": {"reason": reason, "exitCode": code}}
-    key = "lastState" if last else "state"
-    return pod(containerStatuses=[{"name": "pytorch", key: state, "state": {} if last else state}])
+def terminated(reason: str, code: int, *, last: bool = False) -> Pod:
+    state = ContainerState(terminated=Terminated(code, reason))
+    if last:
+        return pod(ContainerStatus("pytorch", last_state=state))
+    return pod(ContainerStatus("pytorch", state=state))
 
 
 UNSCHEDULABLE = pod(
-    conditions=[
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}
-    ]
+    conditions=(
+        Condition("PodScheduled", "False", "Unschedulable",
+                  "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."),
+    ),
+    phase="Pending",
 )  # fmt: skip
 PULL = pod(
-    containerStatuses=[
-        {"name": "pytorch", "image": "nope:1", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
-    ]
+    ContainerStatus("pytorch", "nope:1", ContainerState(waiting=Waiting("ImagePullBackOff"))),
+    phase="Pending",
 )
 
 
@@ -63,7 +68,7 @@ PULL = pod(
     ],
 )
 def test_pod_states_become_failure_reasons(
-    pods: list[Any], reason: str | None, code: int | None
+    pods: list[Pod], reason: str | None, code: int | None
 ) -> None:
     found = pod_problem(pods)
     assert (found.reason if found else None) == reason

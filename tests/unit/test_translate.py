@@ -16,8 +16,9 @@ from pydantic import BaseModel
 
 from bad_specs import DELETE, apply
 from finetune_operator import api
+from finetune_operator.sources import claims, local_path
 from finetune_operator.spec import FineTuneJobSpec
-from finetune_operator.translate import claims, local_path, to_trainer_config
+from finetune_operator.translate import to_trainer_config
 from finetune_trainer.config import TrainerConfig
 from helpers import EXAMPLES, load_yaml
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (the names in DESIGN.md), served on each node's local rank 0."""
+"""Prometheus metrics (names in finetune_trainer.names), served on each node's local rank 0."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from finetune_trainer import __version__
+from finetune_trainer import names as n
 
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
@@ -50,60 +51,50 @@ def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
     r = CollectorRegistry()
     m = TrainerMetrics(
         registry=r,
-        loss=Gauge(
-            "finetune_train_loss", "Mean training loss of the last step (nats/token)", registry=r
-        ),
-        learning_rate=Gauge(
-            "finetune_train_learning_rate", "Learning rate of the last step", registry=r
-        ),
-        grad_norm=Gauge("finetune_train_grad_norm", "Gradient norm before clipping", registry=r),
-        tokens=Counter("finetune_train_tokens", "Real (non-pad) tokens trained on", registry=r),
-        steps=Counter("finetune_train_steps", "Optimizer steps taken", registry=r),
+        loss=Gauge(n.TRAIN_LOSS, "Mean training loss of the last step (nats/token)", registry=r),
+        learning_rate=Gauge(n.TRAIN_LEARNING_RATE, "Learning rate of the last step", registry=r),
+        grad_norm=Gauge(n.TRAIN_GRAD_NORM, "Gradient norm before clipping", registry=r),
+        tokens=Counter(n.TRAIN_TOKENS, "Real (non-pad) tokens trained on", registry=r),
+        steps=Counter(n.TRAIN_STEPS, "Optimizer steps taken", registry=r),
         step_duration=Histogram(
-            "finetune_train_step_duration_seconds",
+            n.TRAIN_STEP_DURATION,
             "Wall time of one optimizer step",
             buckets=_STEP_BUCKETS,
             registry=r,
         ),
         dataloader_wait=Histogram(
-            "finetune_dataloader_wait_seconds",
+            n.DATALOADER_WAIT,
             "Time a step waited for its batches",
             buckets=_WAIT_BUCKETS,
             registry=r,
         ),
         checkpoint_save=Histogram(
-            "finetune_checkpoint_save_duration_seconds",
+            n.CHECKPOINT_SAVE_DURATION,
             "Time to write one checkpoint",
             buckets=_SAVE_BUCKETS,
             registry=r,
         ),
         checkpoint_last_save=Gauge(
-            "finetune_checkpoint_last_save_timestamp_seconds",
+            n.CHECKPOINT_LAST_SAVE,
             "Unix time the latest complete checkpoint was written",
             registry=r,
         ),
         checkpoint_last_step=Gauge(
-            "finetune_checkpoint_last_step",
+            n.CHECKPOINT_LAST_STEP,
             "Optimizer step of the latest complete checkpoint",
             registry=r,
         ),
-        eval_loss=Gauge(
-            "finetune_eval_loss", "Mean loss on the held-out eval set (nats/token)", registry=r
-        ),
-        mfu=Gauge(
-            "finetune_train_mfu_ratio", "Model FLOPs utilisation (0-1) of the last step", registry=r
-        ),
-        progress=Gauge(
-            "finetune_train_progress_ratio", "Steps done / total steps (0-1)", registry=r
-        ),
+        eval_loss=Gauge(n.EVAL_LOSS, "Mean loss on the held-out eval set (nats/token)", registry=r),
+        mfu=Gauge(n.TRAIN_MFU, "Model FLOPs utilisation (0-1) of the last step", registry=r),
+        progress=Gauge(n.TRAIN_PROGRESS, "Steps done / total steps (0-1)", registry=r),
         memory=Gauge(
-            "finetune_gpu_memory_max_allocated_bytes",
+            n.GPU_MEMORY,
             "Peak accelerator memory allocated (peak RSS on CPU)",
             ["rank"],
             registry=r,
         ),
         build_info=Gauge(
-            "finetune_trainer_build_info",
+            n.TRAINER_BUILD_INFO,
             "Trainer build (always 1)",
             ["version", "torch", "transformers", "python"],
             registry=r,

@@ -1,5 +1,6 @@
-"""Training progress and the latest checkpoint from the master pod's Prometheus metrics (pure:
-text in, status parts out)."""
+"""Scrape results: training progress and the latest checkpoint, parsed from the text of the
+master pod's Prometheus /metrics (pure: text in, status parts out; :mod:`finetune_operator.kube`
+fetches the text)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import UTC, datetime
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_operator.status import CheckpointStatus, Progress
+from finetune_trainer import names as n
 from finetune_trainer.config import checkpoint_dirname
 
 
@@ -23,20 +25,20 @@ def _samples(text: str) -> dict[str, float]:
 def parse_progress(text: str, now: str) -> Progress | None:
     """Progress from the trainer's /metrics text; None when it reports no step yet."""
     values = _samples(text)
-    step = int(values.get("finetune_train_steps_total", 0))
+    step = int(values.get(n.total(n.TRAIN_STEPS), 0))
     if step <= 0:
         return None
-    ratio = values.get("finetune_train_progress_ratio", 0.0)
+    ratio = values.get(n.TRAIN_PROGRESS, 0.0)
     total = round(step / ratio) if ratio > 0 else None
-    busy = values.get("finetune_train_step_duration_seconds_sum", 0.0)
-    counted = values.get("finetune_train_step_duration_seconds_count", 0.0)
-    tokens = values.get("finetune_train_tokens_total", 0.0)
+    busy = values.get(n.hsum(n.TRAIN_STEP_DURATION), 0.0)
+    counted = values.get(n.count(n.TRAIN_STEP_DURATION), 0.0)
+    tokens = values.get(n.total(n.TRAIN_TOKENS), 0.0)
     tokens_per_second = round(tokens / busy) if busy > 0 else None
     eta = None
     if total is not None and counted > 0:
         eta = max(0, round((total - step) * busy / counted))
     percent = min(100, int(ratio * 100)) if ratio > 0 else None
-    loss = values.get("finetune_train_loss")
+    loss = values.get(n.TRAIN_LOSS)
     summary = f"{step}/{total} ({percent}%)" if total is not None else f"{step}"
     return Progress(
         step=step,
@@ -56,10 +58,10 @@ def parse_checkpoint(text: str, storage: str | None) -> CheckpointStatus | None:
     ``storage`` is spec.checkpoint.storage: the checkpoint's location is its step's folder there.
     """
     values = _samples(text)
-    step = int(values.get("finetune_checkpoint_last_step", 0))
+    step = int(values.get(n.CHECKPOINT_LAST_STEP, 0))
     if step <= 0:
         return None
-    stamp = values.get("finetune_checkpoint_last_save_timestamp_seconds", 0.0)
+    stamp = values.get(n.CHECKPOINT_LAST_SAVE, 0.0)
     when = datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if stamp else None
     latest = f"{storage.rstrip('/')}/{checkpoint_dirname(step)}" if storage else None
     return CheckpointStatus(latest=latest, step=step, time=when)

@@ -1,0 +1,172 @@
+"""Typed views of the Kubernetes objects the operator reads: pods, PyTorchJobs and Events.
+
+Parsed once at the edge (:mod:`finetune_operator.kube`, and the kopf handlers for event bodies)
+from the API's JSON (camelCase keys); everything past the edge takes these types. Each holds only
+the fields the operator uses. Parsing is lenient, as the API is: a field that is absent takes its
+Kubernetes default. Pure: imports no Kubernetes client, kopf or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_trainer.names import REPLICA_TYPE_LABEL
+
+Raw = Mapping[str, Any]
+
+
+def _map(raw: Raw, key: str) -> Raw:
+    value = raw.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(raw: Raw, key: str) -> list[Raw]:
+    value = raw.get(key)
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _str(raw: Raw, key: str) -> str:
+    value = raw.get(key)
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A condition of a pod or a PyTorchJob."""
+
+    type: str
+    status: str
+    reason: str = ""
+    message: str = ""
+
+    @classmethod
+    def parse(cls, raw: Raw) -> Condition:
+        return cls(
+            _str(raw, "type"), _str(raw, "status"), _str(raw, "reason"), _str(raw, "message")
+        )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A container that has not started (or waits to restart): ImagePullBackOff, ..."""
+
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Terminated:
+    """A container that ended: its exit code, and the kubelet's reason (OOMKilled, Error...)."""
+
+    exit_code: int
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    waiting: Waiting | None = None
+    terminated: Terminated | None = None
+
+    @classmethod
+    def parse(cls, raw: Raw) -> ContainerState:
+        waiting, terminated = _map(raw, "waiting"), _map(raw, "terminated")
+        return cls(
+            waiting=Waiting(_str(waiting, "reason"), _str(waiting, "message")) if waiting else None,
+            terminated=Terminated(
+                int(terminated.get("exitCode") or 0),
+                _str(terminated, "reason"),
+                _str(terminated, "message"),
+            )
+            if terminated
+            else None,
+        )
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    name: str
+    image: str = ""
+    state: ContainerState = ContainerState()
+    #: The state before the latest restart (often the only record of an OOM kill).
+    last_state: ContainerState = ContainerState()
+
+    @classmethod
+    def parse(cls, raw: Raw) -> ContainerStatus:
+        return cls(
+            name=_str(raw, "name"),
+            image=_str(raw, "image"),
+            state=ContainerState.parse(_map(raw, "state")),
+            last_state=ContainerState.parse(_map(raw, "lastState")),
+        )
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A trainer pod: who it is, where it runs, and how its containers are doing."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    phase: str = "Pending"
+    pod_ip: str | None = None
+    container_statuses: tuple[ContainerStatus, ...] = ()
+    conditions: tuple[Condition, ...] = ()
+
+    @property
+    def replica_type(self) -> str | None:
+        """``master`` or ``worker`` (the training-operator's label)."""
+        return self.labels.get(REPLICA_TYPE_LABEL)
+
+    @classmethod
+    def parse(cls, raw: Raw) -> Pod:
+        meta, status = _map(raw, "metadata"), _map(raw, "status")
+        return cls(
+            name=_str(meta, "name"),
+            labels={str(k): str(v) for k, v in _map(meta, "labels").items()},
+            phase=_str(status, "phase") or "Pending",
+            pod_ip=_str(status, "podIP") or None,
+            container_statuses=tuple(
+                ContainerStatus.parse(cs) for cs in _list(status, "containerStatuses")
+            ),
+            conditions=tuple(Condition.parse(c) for c in _list(status, "conditions")),
+        )
+
+
+@dataclass(frozen=True)
+class PyTorchJob:
+    """The Kubeflow PyTorchJob a FineTuneJob runs as: its identity and conditions."""
+
+    name: str
+    uid: str = ""
+    conditions: tuple[Condition, ...] = ()
+
+    def true_conditions(self) -> dict[str, Condition]:
+        """The conditions whose status is True, by type (Created, Running, Succeeded...)."""
+        return {c.type: c for c in self.conditions if c.status == "True"}
+
+    @classmethod
+    def parse(cls, raw: Raw) -> PyTorchJob:
+        meta, status = _map(raw, "metadata"), _map(raw, "status")
+        return cls(
+            name=_str(meta, "name"),
+            uid=_str(meta, "uid"),
+            conditions=tuple(Condition.parse(c) for c in _list(status, "conditions")),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event about a FineTuneJob (what ``finetune describe`` lists)."""
+
+    type: str
+    reason: str
+    message: str
+    #: When it last happened (lastTimestamp, else eventTime), RFC 3339; "" when unknown.
+    time: str = ""
+
+    @classmethod
+    def parse(cls, raw: Raw) -> Event:
+        stamp = raw.get("lastTimestamp") or raw.get("eventTime") or ""
+        return cls(_str(raw, "type"), _str(raw, "reason"), _str(raw, "message"), str(stamp))

@@ -1,0 +1,56 @@
+"""The operator's settings, read once from the environment when it starts (the Helm chart sets
+them in templates/deployment.yaml). Pure: imports no Kubernetes client, kopf or torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from finetune_operator import __version__
+from finetune_trainer import names
+
+#: The trainer image of this release, used when FINETUNE_TRAINER_IMAGE is not set.
+DEFAULT_IMAGE = f"finetune-trainer:{__version__}"
+#: Seconds between two scrapes of a running job's progress.
+DEFAULT_PROGRESS_INTERVAL = 15.0
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator is configured with (one value for its whole life)."""
+
+    #: The image the trainer pods run, unless a FineTuneJob names its own (spec.image).
+    trainer_image: str = DEFAULT_IMAGE
+    #: The port the trainer serves /metrics on, and the operator scrapes.
+    trainer_metrics_port: int = names.METRICS_PORT
+    #: Seconds between two scrapes of a running job's progress.
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """The settings in ``env`` (os.environ); the defaults for what is unset or empty."""
+        image = env.get(names.ENV_TRAINER_IMAGE) or DEFAULT_IMAGE
+        port_text = env.get(names.ENV_TRAINER_METRICS_PORT) or str(names.METRICS_PORT)
+        interval_text = env.get(names.ENV_PROGRESS_INTERVAL) or str(DEFAULT_PROGRESS_INTERVAL)
+        try:
+            port = int(port_text)
+        except ValueError:
+            port = -1
+        if not 1 <= port <= 65535:
+            raise SettingsError(
+                f"{names.ENV_TRAINER_METRICS_PORT}={port_text!r}: expected a port, 1-65535"
+            )
+        try:
+            interval = float(interval_text)
+        except ValueError:
+            interval = math.nan
+        if not interval > 0 or math.isinf(interval):
+            raise SettingsError(
+                f"{names.ENV_PROGRESS_INTERVAL}={interval_text!r}: expected seconds, a number > 0"
+            )
+        return cls(trainer_image=image, trainer_metrics_port=port, progress_interval=interval)

@@ -1,0 +1,478 @@
+"""The controller against a real API server, with no operator process and no fakes.
+
+Each test calls :mod:`finetune_operator.controller` with the real client (:class:`Kube`) on the
+test bed's kube-apiserver (our CRD installed, the PyTorchJob CRD installed by the test bed) and
+checks what the controller wrote there. The Kubeflow training-operator may or may not be running
+(``FINETUNE_TESTBED=api`` starts only etcd and kube-apiserver): no test depends on what it does.
+Where a test needs a PyTorchJob in a given state it plays the training-operator's part itself,
+on a PyTorchJob marked ``runPolicy.managedBy: kueue.x-k8s.io/multikueue``, which a running
+training-operator leaves alone (as it does for MultiKueue).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import config
+from kubernetes.dynamic.exceptions import DynamicApiError
+
+from finetune_operator import api, controller, manifest
+from finetune_operator.kube import Kube
+from finetune_operator.objects import Pod
+from finetune_operator.plan import plan_job, plan_status
+from finetune_trainer import metrics as trainer_metrics
+from helpers import ROOT, load_yaml
+
+pytestmark = pytest.mark.integration
+
+IMAGE = "finetune-trainer:test"
+#: A training-operator running in the test bed leaves PyTorchJobs with this manager alone.
+EXTERNAL = "kueue.x-k8s.io/multikueue"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def kube(crd: Any) -> Kube:
+    """The operator's own client, on the test bed."""
+    return Kube(config.new_client_from_config(config_file=crd.kubeconfig))
+
+
+def create_job(testbed: Any, kube: Kube, namespace: str, name: str) -> api.FineTuneJob:
+    """The offline example, created by a user (kubectl) and read back as the operator reads it."""
+    document = load_yaml(ROOT / "examples" / "tiny-local.yaml")
+    document["metadata"] = {"name": name, "namespace": namespace}
+    created = testbed.apply(document)
+    assert created.returncode == 0, created.stderr
+    return read(kube, namespace, name)
+
+
+def read(kube: Kube, namespace: str, name: str) -> api.FineTuneJob:
+    found = kube.finetunejob(namespace, name)
+    assert found is not None, f"FineTuneJob {namespace}/{name} is gone"
+    return api.parse(found)
+
+
+def write_status(testbed: Any, kind: str, namespace: str, name: str, status: Any) -> None:
+    """Another writer (kubectl) changes an object's status through the status subresource."""
+    patched = testbed.kubectl(
+        "patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+    assert patched.returncode == 0, patched.stderr
+
+
+def external_child(testbed: Any, job: api.FineTuneJob) -> None:
+    """The job's PyTorchJob, created (as MultiKueue would) for a training-operator to leave alone:
+    the test then writes its status, as the training-operator would."""
+    child = manifest.pytorch_job(job, image=IMAGE, plan_summary=None, exists=False)
+    child["spec"]["runPolicy"]["managedBy"] = EXTERNAL
+    applied = testbed.kubectl(
+        "apply", "--server-side", "--field-manager=test-multikueue", "-f", "-",
+        input=json.dumps(child),
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+
+
+def child_conditions(testbed: Any, job: api.FineTuneJob, *types: str, message: str = "") -> None:
+    conditions = [
+        {"type": t, "status": "True", "reason": f"PyTorchJob{t}", "message": message} for t in types
+    ]
+    status = {"conditions": conditions, "replicaStatuses": {"Master": {}}}
+    write_status(testbed, "pytorchjob", job.metadata.namespace or "", job.name, status)
+
+
+def make_pod(
+    testbed: Any, job: api.FineTuneJob, name: str, replica: str, status: dict[str, Any]
+) -> Pod:
+    """A pod of the job's PyTorchJob, with the labels the training-operator sets, that no
+    scheduler or kubelet touches (its scheduler does not exist): the test writes its status."""
+    namespace = job.metadata.namespace or ""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "training.kubeflow.org/job-name": job.name,
+                "training.kubeflow.org/replica-type": replica,
+                manifest.JOB_LABEL: job.name,
+            },
+        },
+        "spec": {
+            "schedulerName": "nobody",
+            "containers": [{"name": manifest.CONTAINER, "image": IMAGE}],
+        },
+    }
+    created = testbed.apply(pod)
+    assert created.returncode == 0, created.stderr
+    write_status(testbed, "pod", namespace, name, status)
+    return Pod.parse(testbed.kubectl_json("get", "pod", name, "-n", namespace))
+
+
+def container(**state: Any) -> dict[str, Any]:
+    return {"name": manifest.CONTAINER, "image": IMAGE, "ready": False, "restartCount": 1,
+            "imageID": "", **state}  # fmt: skip
+
+
+OOM_RESTARTING = {
+    "phase": "Running",
+    "containerStatuses": [
+        container(
+            state={"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+            lastState={
+                "terminated": {
+                    "exitCode": 137,
+                    "reason": "OOMKilled",
+                    "startedAt": "2026-01-01T00:00:00Z",
+                    "finishedAt": "2026-01-01T00:01:00Z",
+                }
+            },
+        )
+    ],
+}
+
+
+# --------------------------------------------------------------------------- status before children
+
+
+@pytest.fixture
+def no_pytorchjobs(crd: Any, namespace: str) -> Iterator[str]:
+    """An admission policy that refuses every PyTorchJob in ``namespace`` (so the controller's
+    children cannot be made); its message."""
+    name = f"no-pytorchjobs-{namespace}"
+    message = f"test policy: no PyTorchJobs in {namespace}"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "resourceRules": [
+                    {
+                        "apiGroups": ["kubeflow.org"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["pytorchjobs"],
+                    }
+                ],
+            },
+            "validations": [{"expression": "false", "message": message, "reason": "Forbidden"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    applied = crd.apply([policy, binding])
+    assert applied.returncode == 0, applied.stderr
+    probe = {
+        "apiVersion": manifest.PYTORCHJOB_API_VERSION,
+        "kind": manifest.PYTORCHJOB_KIND,
+        "metadata": {"name": "probe", "namespace": namespace},
+        "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": {"spec": {
+            "containers": [{"name": manifest.CONTAINER, "image": IMAGE}]}}}}},
+    }  # fmt: skip
+    crd.wait_for(
+        lambda: (
+            message
+            in crd.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe)).stderr
+        ),
+        timeout=60,
+        interval=0.5,
+        desc="the admission policy to take effect",
+    )
+    yield message
+    crd.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name)
+
+
+def test_status_and_plan_are_written_before_any_child(
+    crd: Any, kube: Kube, namespace: str, no_pytorchjobs: str
+) -> None:
+    job = create_job(crd, kube, namespace, "first-status")
+    with pytest.raises(DynamicApiError) as refused:
+        controller.reconcile(kube, job, image=IMAGE)
+    assert no_pytorchjobs in str(refused.value)  # the PyTorchJob was refused ...
+    stored = read(kube, namespace, job.name)
+    assert stored.status is not None  # ... and by then the status was written, with the plan
+    result = plan_job(job.spec)
+    assert result is not None
+    assert stored.status.plan == plan_status(result)
+    assert stored.status.phase == "Planned"
+    assert stored.status.pytorch_job is None
+    assert kube.pytorchjob(namespace, job.name) is None
+
+
+# --------------------------------------------------------------------------- terminal phases
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_children_are_never_recreated_after_a_terminal_phase(
+    crd: Any, kube: Kube, namespace: str, phase: str
+) -> None:
+    job = create_job(crd, kube, namespace, f"done-{phase.lower()}")
+    controller.reconcile(kube, job, image=IMAGE)
+    assert kube.pytorchjob(namespace, job.name) is not None
+    config_map = manifest.config_map_name(job.name)
+    assert kube.get("v1", "ConfigMap", namespace, config_map) is not None
+    write_status(crd, "ftj", namespace, job.name, {"phase": phase})  # as a refresh would
+    deleted = crd.kubectl(
+        "delete", "pytorchjob/" + job.name, "configmap/" + config_map, "-n", namespace
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    finished = read(kube, namespace, job.name)
+
+    assert controller.reconcile(kube, finished, image=IMAGE) == []
+
+    assert kube.pytorchjob(namespace, job.name) is None
+    assert kube.get("v1", "ConfigMap", namespace, config_map) is None
+    assert read(kube, namespace, job.name).status == finished.status
+
+
+# --------------------------------------------------------------------------- write conflicts
+
+
+class RacingKube(Kube):
+    """The real client, raced by a second real writer: right after each of the controller's first
+    ``races`` reads of the FineTuneJob, ``other_writer`` changes that job's status, so the copy
+    the controller just read is stale before it can write. (It counts reads and writes.)"""
+
+    def __init__(self, kubeconfig: str, other_writer: Callable[[int], None], races: int) -> None:
+        super().__init__(config.new_client_from_config(config_file=kubeconfig))
+        self.other_writer, self.races = other_writer, races
+        self.reads = self.writes = 0
+
+    def finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        document = super().finetunejob(namespace, name)
+        self.reads += 1
+        if self.reads <= self.races:
+            self.other_writer(self.reads)
+        return document
+
+    def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        self.writes += 1
+        return super().replace_status(document, status)
+
+
+def _progress_writer(testbed: Any, job: api.FineTuneJob) -> Callable[[int], None]:
+    """The other writer: the progress scrape of another worker thread, setting step 100 + n."""
+
+    def write(n: int) -> None:
+        write_status(
+            testbed, "ftj", job.metadata.namespace or "", job.name, {"progress": {"step": 100 + n}}
+        )
+
+    return write
+
+
+def test_a_status_write_that_loses_a_race_recomputes_from_a_fresh_read_and_wins(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    job = create_job(crd, kube, namespace, "raced")
+    other = _progress_writer(crd, job)
+    other(0)  # the copy the controller is handed is stale already
+    races = controller.ATTEMPTS - 2  # then it loses this many more: its last attempt wins
+    racing = RacingKube(crd.kubeconfig, other, races)
+
+    outcomes = controller.reconcile(racing, job, image=IMAGE)
+
+    stored = read(kube, namespace, job.name)
+    assert stored.status is not None
+    assert stored.status.progress is not None
+    assert stored.status.progress.step == 100 + races  # the other writer's last change is kept
+    result = plan_job(job.spec)
+    assert result is not None
+    assert stored.status.plan == plan_status(result)  # and the controller's is there too
+    assert outcomes[0].changed
+    assert outcomes[0].status.progress == stored.status.progress
+    assert racing.reads == races + 1
+    # every lost race cost one write; then the plan, and the observed status on top of it
+    # (carrying the resourceVersion its own write left, so without a conflict)
+    assert racing.writes == (races + 1) + 1 + 1
+
+
+def test_a_status_write_that_keeps_losing_gives_up_after_attempts(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    job = create_job(crd, kube, namespace, "outraced")
+    other = _progress_writer(crd, job)
+    other(0)
+    racing = RacingKube(crd.kubeconfig, other, races=10 * controller.ATTEMPTS)
+
+    with pytest.raises(controller.WriteConflictError, match="kept changing"):
+        controller.reconcile(racing, job, image=IMAGE)
+
+    assert racing.writes == controller.ATTEMPTS
+    stored = read(kube, namespace, job.name)
+    assert stored.status is not None
+    assert stored.status.plan is None  # nothing of the controller's was written ...
+    assert stored.status.progress is not None
+    assert stored.status.progress.step == 100 + racing.reads  # ... nor lost of the other's
+    assert kube.pytorchjob(namespace, job.name) is None  # and no child before a status
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+def _running(crd: Any, kube: Kube, namespace: str, name: str) -> api.FineTuneJob:
+    """A reconciled job whose PyTorchJob the test plays, with its condition Running."""
+    job = create_job(crd, kube, namespace, name)
+    external_child(crd, job)
+    controller.reconcile(kube, job, image=IMAGE)
+    child_conditions(crd, job, "Created", "Running")
+    return read(kube, namespace, name)
+
+
+def test_refresh_derives_status_from_the_child_and_its_pods(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    job = _running(crd, kube, namespace, "refreshed")
+    assert job.status is not None
+    assert job.status.phase == "Pending"  # the child had no conditions at reconcile
+    make_pod(crd, job, f"{job.name}-master-0", "master", OOM_RESTARTING)
+
+    outcomes = controller.refresh(kube, job)
+
+    stored = read(kube, namespace, job.name)
+    assert [o.after for o in outcomes] == ["Running"]
+    assert stored.status is not None
+    assert stored.status.phase == "Running"
+    assert stored.status.start_time is not None
+    child = kube.pytorchjob(namespace, job.name)
+    assert child is not None
+    assert stored.status.pytorch_job is not None
+    assert (stored.status.pytorch_job.name, stored.status.pytorch_job.uid) == (job.name, child.uid)
+    failure = stored.status.failure  # the restarting master says why
+    assert failure is not None
+    assert (failure.reason, failure.exit_code, failure.pod) == (
+        "OOMKilled",
+        137,
+        f"{job.name}-master-0",
+    )
+    running = next(c for c in stored.status.conditions or [] if c.type == "Running")
+    assert (running.status, running.reason) == ("True", "OOMKilled")
+
+
+def test_refresh_learns_why_a_failed_job_failed_from_a_pod_that_is_gone(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    job = _running(crd, kube, namespace, "late-pod")
+    pod = make_pod(crd, job, f"{job.name}-master-0", "master", OOM_RESTARTING)
+    deleted = crd.kubectl("delete", "pod", pod.name, "-n", namespace, "--grace-period=0")
+    assert deleted.returncode == 0, deleted.stderr
+    backoff = "PyTorchJob late-pod has failed because it has reached the specified backoff limit"
+    child_conditions(crd, job, "Created", "Failed", message=backoff)
+
+    failed = controller.refresh(kube, job)  # the child's event: the pod is gone
+
+    job = read(kube, namespace, job.name)
+    assert [o.after for o in failed] == ["Failed"]
+    assert job.status is not None
+    assert job.status.failure is not None
+    assert job.status.failure.reason == "BackoffLimitExceeded"
+    assert controller.refresh(kube, job) == []  # a finished job: nothing more to read
+
+    refined = controller.refresh(kube, job, seen=pod)  # the pod's deletion event, late
+
+    stored = read(kube, namespace, job.name)
+    assert refined[0].changed
+    assert stored.status is not None
+    assert stored.status.phase == "Failed"
+    assert stored.status.failure is not None
+    assert (stored.status.failure.reason, stored.status.failure.exit_code) == ("OOMKilled", 137)
+    failed_condition = next(c for c in stored.status.conditions or [] if c.type == "Failed")
+    assert failed_condition.reason == "OOMKilled"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@pytest.fixture
+def trainer_endpoints() -> Iterator[Callable[[str, int, int], int]]:
+    """Serve the trainer's own /metrics (its real registry and HTTP server) on a loopback
+    address; ``serve(address, steps, port)`` returns the port (0: pick a free one)."""
+    served: list[trainer_metrics.TrainerMetrics] = []
+
+    def serve(address: str, steps: int, port: int) -> int:
+        m = trainer_metrics.create("test", "test")
+        m.steps.inc(steps)
+        m.progress.set(steps / 1000)
+        m.loss.set(1.23456)
+        m.tokens.inc(2000 * steps)
+        for _ in range(steps):
+            m.step_duration.observe(2.0)
+        m.checkpoint_last_step.set(400)
+        m.checkpoint_last_save.set(1.7956512e9)
+        trainer_metrics.serve(m, port, addr=address)
+        served.append(m)
+        assert m.port is not None
+        return m.port
+
+    yield serve
+    for m in served:
+        m.close()
+
+
+def _with_ip(ip: str) -> dict[str, Any]:
+    return {
+        "phase": "Running",
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "containerStatuses": [
+            container(state={"running": {"startedAt": "2026-01-01T00:00:00Z"}}, ready=True)
+        ],
+    }
+
+
+def test_scrape_progress_reads_the_master_pod_s_metrics_into_status(
+    crd: Any, kube: Kube, namespace: str, trainer_endpoints: Callable[[str, int, int], int]
+) -> None:
+    job = create_job(crd, kube, namespace, "scraped")
+    write_status(crd, "ftj", namespace, job.name, {"phase": "Running"})  # as a refresh would
+    job = read(kube, namespace, job.name)
+    port = trainer_endpoints("127.0.0.1", 450, 0)
+    trainer_endpoints("127.0.0.2", 7, port)  # a worker, on the same port: not what to read
+    make_pod(crd, job, f"{job.name}-a-worker-0", "worker", _with_ip("127.0.0.2"))  # listed first
+    make_pod(crd, job, f"{job.name}-master-0", "master", _with_ip("127.0.0.1"))
+
+    outcomes = controller.scrape_progress(kube, job, metrics_port=port)
+
+    assert [o.changed for o in outcomes] == [True]
+    stored = read(kube, namespace, job.name)
+    assert stored.status is not None
+    assert stored.status.phase == "Running"
+    progress = stored.status.progress
+    assert progress is not None
+    assert (progress.step, progress.total_steps, progress.percent) == (450, 1000, 45)
+    assert (progress.loss, progress.tokens_per_second, progress.eta_seconds) == (
+        "1.2346",
+        1000,
+        1100,
+    )
+    assert stored.status.checkpoint is not None
+    assert stored.status.checkpoint.step == 400
+    assert stored.status.checkpoint.latest == (
+        "file:///tmp/finetune-runs/tiny-local/checkpoints/step-00000400"
+    )
+
+
+def test_scrape_progress_writes_nothing_while_the_job_is_not_running(
+    crd: Any, kube: Kube, namespace: str, trainer_endpoints: Callable[[str, int, int], int]
+) -> None:
+    job = create_job(crd, kube, namespace, "not-yet")
+    write_status(crd, "ftj", namespace, job.name, {"phase": "Pending"})
+    job = read(kube, namespace, job.name)
+    port = trainer_endpoints("127.0.0.1", 450, 0)
+    make_pod(crd, job, f"{job.name}-master-0", "master", _with_ip("127.0.0.1"))
+
+    assert controller.scrape_progress(kube, job, metrics_port=port) == []
+    assert read(kube, namespace, job.name).status == job.status
