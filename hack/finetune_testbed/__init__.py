@@ -1,0 +1,29 @@
+"""Local Kubernetes test bed for finetune-operator (standard library only).
+
+    hack/cluster up      build or reuse the binaries, start the whole test bed, wait until healthy
+    hack/cluster up --api-only
+                         only etcd + kube-apiserver with the PyTorchJob CRD (seconds); a later
+                         `up` adds the rest in place
+    hack/cluster down    stop everything this state dir started (no leaked processes)
+    hack/cluster status  health of each component (exit 1 if something is down)
+    hack/cluster env     shell exports (KUBECONFIG, PATH, TESTBED_*); `env --json` for programs
+    hack/cluster build   only build/fetch the binaries (`build --tools`: kubectl, helm,
+                         kubeconform; `build --api-only`: what `up --api-only` needs)
+
+What `up` starts, all on 127.0.0.1 with free ports: etcd (Debian's etcd-server),
+kube-apiserver (RBAC, service-account keys, static-token users), kube-controller-manager,
+kube-scheduler (all v1.31 built from Go modules by hack/k8s), kwok with fake GPU nodes and
+our pod Stages (hack/kwok), and the Kubeflow training-operator with its PyTorchJob CRD and a
+real validating webhook. See hack/README.md.
+
+Environment:
+  KUBECONFIG                 an existing cluster: `up` starts nothing (only builds the tools)
+  KUBEBUILDER_ASSETS         use kube-apiserver/etcd/kubectl (and kube-controller-manager,
+                             kube-scheduler if present) from there instead of building them
+  FINETUNE_TESTBED_STATE     state dir (default: <repo>/hack/.state, git-ignored)
+  FINETUNE_TESTBED_CACHE     binary cache (default: ${XDG_CACHE_HOME:-~/.cache}/finetune-operator)
+  TESTBED_GPU_NODES          number of fake 8-GPU nodes (default 2)
+  TESTBED_POD_RUN_SECONDS    how long a training pod runs before it completes (default 5)
+  TESTBED_BUILD_JOBS         go build -p (default: number of CPUs, at most 4)
+  TESTBED_UP_TIMEOUT         seconds to wait for health (default 180)
+"""

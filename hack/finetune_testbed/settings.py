@@ -1,0 +1,81 @@
+"""Everything the test bed reads from the environment, read once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from .log import TestbedError
+
+HACK = Path(__file__).resolve().parent.parent
+REPO = HACK.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The environment variables of ``hack/cluster`` (see its ``--help``), parsed."""
+
+    state_dir: Path  # FINETUNE_TESTBED_STATE, default hack/.state
+    cache_dir: Path  # FINETUNE_TESTBED_CACHE, default ${XDG_CACHE_HOME:-~/.cache}/finetune-operator
+    kubeconfig: str | None  # KUBECONFIG
+    assets: Path | None  # KUBEBUILDER_ASSETS
+    gpu_nodes: int  # TESTBED_GPU_NODES
+    pod_run_seconds: float  # TESTBED_POD_RUN_SECONDS
+    build_jobs: int  # TESTBED_BUILD_JOBS
+    up_timeout: float  # TESTBED_UP_TIMEOUT
+
+    @property
+    def external_kubeconfig(self) -> str | None:
+        """KUBECONFIG when it selects another cluster than this state dir's own test bed."""
+        if not self.kubeconfig:
+            return None
+        if os.path.abspath(self.kubeconfig) == str(self.state_dir / "kubeconfig"):
+            return None
+        return self.kubeconfig
+
+    def bin_dir(self, name: str, version: str) -> Path:
+        """Where the binaries of one pinned tool version are cached."""
+        return self.cache_dir / "bin" / f"{name}-{version}"
+
+
+def from_env(env: Mapping[str, str]) -> Settings:
+    """Parse the environment; a malformed number is a `TestbedError` naming the variable."""
+
+    def get(name: str) -> str | None:
+        return env.get(name) or None
+
+    cache = get("FINETUNE_TESTBED_CACHE")
+    if cache is None:
+        base = get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.path.join(base, "finetune-operator")
+    assets = get("KUBEBUILDER_ASSETS")
+    return Settings(
+        state_dir=Path(get("FINETUNE_TESTBED_STATE") or HACK / ".state").resolve(),
+        cache_dir=Path(cache),
+        kubeconfig=get("KUBECONFIG"),
+        assets=Path(assets) if assets else None,
+        gpu_nodes=_number(env, "TESTBED_GPU_NODES", int, 2, minimum=0),
+        pod_run_seconds=_number(env, "TESTBED_POD_RUN_SECONDS", float, 5.0, minimum=0),
+        build_jobs=_number(env, "TESTBED_BUILD_JOBS", int, min(4, os.cpu_count() or 1), minimum=1),
+        up_timeout=_number(env, "TESTBED_UP_TIMEOUT", float, 180.0, minimum=1),
+    )
+
+
+N = TypeVar("N", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, kind: type[N], default: N, minimum: N) -> N:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise TestbedError(f"{name}={raw!r} is not {what}") from None
+    if value < minimum:
+        raise TestbedError(f"{name}={raw!r} must be at least {minimum}")
+    return value

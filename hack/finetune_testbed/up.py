@@ -1,0 +1,436 @@
+"""``up``: start the test bed in named steps, in two tiers.
+
+The API tier (all that ``up --api-only`` starts): etcd, the cluster PKI and users, kube-apiserver,
+the PyTorchJob CRD. The cluster tier on top of it: controller-manager, scheduler, the webhook and
+kubelet PKI, the bootstrap objects (training-operator RBAC and webhook, kwok nodes), kwok, the
+training-operator, and the waits until each is healthy. ``up`` on a running ``--api-only`` test bed
+adds the cluster tier in place (same API server, same objects). Components are started without
+waiting where they do not depend on each other, and waited for at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import health, kubeconfig, manifests, pki
+from .build import Need, binaries, ensure_openssl, training_operator_source
+from .kubeapi import Api, resource_path
+from .log import TestbedError, log
+from .procs import Supervisor, stop
+from .settings import Settings
+from .state import API_ONLY, CLUSTER_TIER, COMPONENTS, State, load
+
+# The ports each component listens on, by name in state.json.
+PORTS = {
+    "etcd": ("etcd", "etcd-peer"),
+    "kube-apiserver": ("apiserver",),
+    "kube-controller-manager": ("kcm",),
+    "kube-scheduler": ("scheduler",),
+    "kwok": ("kwok",),
+    "training-operator": ("to-metrics", "to-probe", "to-webhook"),
+}
+# cert-controller (used by the training-operator) only checks that this file exists.
+ROTATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+
+
+@dataclass
+class Bed:
+    """One test bed being started: its settings, state, binaries and processes."""
+
+    settings: Settings
+    state: State
+    bins: dict[str, Path]
+    training_operator_src: Path
+    procs: Supervisor
+
+    @property
+    def dir(self) -> Path:
+        return self.state.state_dir
+
+    @property
+    def pki(self) -> Path:
+        return self.dir / "pki"
+
+    def kubeconfig(self, user: str) -> Path:
+        return kubeconfig.kubeconfig_path(self.dir, user)
+
+    def save(self) -> None:
+        """Record the pids started so far (so that `down` finds them whatever happens next)."""
+        self.state.pids = self.procs.pids
+        self.state.save()
+
+    def wait(self, component: str) -> None:
+        self.procs.wait_for(
+            component, health.probe(self.state, component), self.settings.up_timeout
+        )
+
+    @functools.cached_property
+    def api(self) -> Api:
+        """The API server, as the admin (once `write_users` has made the tokens)."""
+        return Api(self.state.server, self.state.admin_token, self.state.ca)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def up(settings: Settings, api_only: bool) -> int:
+    """Start the test bed of ``settings.state_dir`` (idempotent); the exit status."""
+    t_start = time.time()
+    if settings.external_kubeconfig:
+        ext = settings.external_kubeconfig
+        log(f"KUBECONFIG is set ({ext}): using that cluster, starting nothing")
+        binaries(settings, Need.TOOLS)
+        return 0
+    wanted = API_ONLY if api_only else COMPONENTS
+    st = load(settings.state_dir)
+    if st and health.all_alive(st):
+        if health.healthy(st):
+            if set(wanted) <= set(st.components):
+                log(f"already up ({settings.state_dir}); `hack/cluster down` to stop")
+                return 0
+            return _complete(settings, st, t_start)
+        log("previous test bed is unhealthy: stopping it")
+    if st:
+        _stop(st)
+    ensure_openssl()
+    bins = binaries(settings, Need.API if api_only else Need.FULL)
+    bed = _new_bed(settings, bins, training_operator_source(settings), wanted)
+    t_ready = time.time()
+    try:
+        start_api_tier(bed)
+        if not api_only:
+            start_cluster_tier(bed)
+        wait_for_crds(bed)
+    except (TestbedError, OSError, KeyboardInterrupt) as e:
+        return _fail(bed, e)
+    return _done(bed, t_start, t_ready)
+
+
+def _complete(settings: Settings, st: State, t_start: float) -> int:
+    """Add the cluster tier to a running --api-only test bed."""
+    log("the test bed is up with --api-only: starting the rest of it")
+    ensure_openssl()
+    bins = binaries(settings, Need.FULL)
+    procs = Supervisor(st.state_dir, adopted=st.pids)
+    bed = Bed(settings, st, bins, training_operator_source(settings), procs)
+    st.binaries = {k: str(v) for k, v in bins.items()}
+    st.components = COMPONENTS
+    t_ready = time.time()
+    try:
+        start_cluster_tier(bed)
+    except (TestbedError, OSError, KeyboardInterrupt) as e:
+        return _fail(bed, e)
+    return _done(bed, t_start, t_ready)
+
+
+def _new_bed(
+    settings: Settings, bins: dict[str, Path], to_src: Path, components: tuple[str, ...]
+) -> Bed:
+    """An empty state dir and the state of a test bed not started yet."""
+    sd = settings.state_dir
+    if sd.exists():
+        shutil.rmtree(sd)
+    sd.mkdir(parents=True)
+    (sd / "README").write_text(
+        "State of `hack/cluster` (safe to delete when the test bed is down).\n"
+    )
+    ports = allocate_ports(API_ONLY, used=set())
+    st = State(
+        state_dir=sd,
+        server=f"https://127.0.0.1:{ports['apiserver']}",
+        kubeconfig=kubeconfig.kubeconfig_path(sd, "admin"),
+        admin_token="",
+        ca=sd / "pki" / "ca.crt",
+        ports=ports,
+        binaries={k: str(v) for k, v in bins.items()},
+        components=components,
+        started=time.time(),
+    )
+    return Bed(settings, st, bins, to_src, Supervisor(sd))
+
+
+def _fail(bed: Bed, e: BaseException) -> int:
+    bed.save()
+    log(f"up failed: {e or type(e).__name__}")
+    log(f"logs are in {bed.procs.logs}; stopping what was started")
+    _stop(bed.state)
+    return 1
+
+
+def _done(bed: Bed, t_start: float, t_ready: float) -> int:
+    bed.save()
+    bed.state.write_env()
+    mode = " (--api-only: etcd + kube-apiserver)" if bed.state.api_only else ""
+    log(
+        f"up{mode} in {time.time() - t_ready:.1f}s (total {time.time() - t_start:.1f}s incl. "
+        f'binaries). KUBECONFIG={bed.state.kubeconfig}  (eval "$(hack/cluster env)")'
+    )
+    return 0
+
+
+def _stop(st: State) -> None:
+    left = stop(st.pids, reversed(COMPONENTS))
+    if left:
+        log(f"warning: still running: {left}")
+    st.pids = {}
+    if st.state_dir.exists():
+        st.save()
+
+
+def allocate_ports(components: tuple[str, ...], used: set[int]) -> dict[str, int]:
+    """A free loopback port for each port name of ``components`` (distinct from ``used``)."""
+    out: dict[str, int] = {}
+    for c in components:
+        for name in PORTS[c]:
+            port = _free_port()
+            while port in used or port in out.values():
+                port = _free_port()
+            out[name] = port
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --------------------------------------------------------------------------- API tier
+
+
+def start_api_tier(bed: Bed) -> None:
+    """etcd, kube-apiserver and the PyTorchJob CRD: all that `up --api-only` starts."""
+    start_etcd(bed)  # the PKI is made while etcd starts: etcd needs none of it
+    write_cluster_pki(bed)
+    write_users(bed)
+    bed.wait("etcd")
+    start_apiserver(bed)
+    bed.wait("kube-apiserver")
+    install_crds(bed)  # `wait_for_crds` once the rest (if any) is started
+
+
+def start_etcd(bed: Bed) -> None:
+    url = f"http://127.0.0.1:{bed.state.ports['etcd']}"
+    peer = f"http://127.0.0.1:{bed.state.ports['etcd-peer']}"
+    bed.procs.start("etcd", [
+        bed.bins["etcd"], "--name", "testbed", "--data-dir", bed.dir / "etcd",
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"testbed={peer}", "--initial-cluster-state", "new",
+        "--snapshot-count", "10000", "--quota-backend-bytes", str(2 * 1024**3),
+        "--log-level", "warn", "--logger", "zap",
+    ])  # fmt: skip
+    bed.save()
+
+
+def write_cluster_pki(bed: Bed) -> None:
+    pki.cluster_pki(bed.pki)
+
+
+def write_users(bed: Bed) -> None:
+    """Tokens of every component's user (all of them, so the cluster tier can be added later)
+    and their kubeconfigs."""
+    tokens = kubeconfig.new_tokens()
+    (bed.pki / "tokens.csv").write_text(kubeconfig.tokens_csv(tokens))
+    kubeconfig.write_kubeconfigs(bed.dir, bed.state.server, bed.pki / "ca.crt", tokens)
+    bed.state.admin_token = tokens["admin"]
+
+
+def start_apiserver(bed: Bed) -> None:
+    p = bed.pki
+    bed.procs.start("kube-apiserver", [
+        bed.bins["kube-apiserver"],
+        f"--etcd-servers=http://127.0.0.1:{bed.state.ports['etcd']}",
+        "--bind-address=127.0.0.1", f"--secure-port={bed.state.ports['apiserver']}",
+        "--advertise-address=127.0.0.1",
+        f"--cert-dir={p}", f"--tls-cert-file={p / 'apiserver.crt'}",
+        f"--tls-private-key-file={p / 'apiserver.key'}",
+        f"--client-ca-file={p / 'ca.crt'}", f"--token-auth-file={p / 'tokens.csv'}",
+        "--authorization-mode=Node,RBAC", "--anonymous-auth=true",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={p / 'sa.pub'}",
+        f"--service-account-signing-key-file={p / 'sa.key'}",
+        "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
+        "--endpoint-reconciler-type=none", "--profiling=false", "--v=1",
+        f"--kubelet-certificate-authority={p / 'ca.crt'}",
+    ])  # fmt: skip
+    bed.save()
+
+
+def install_crds(bed: Bed) -> None:
+    """The PyTorchJob CRD from the training-operator module (its controller need not run: the
+    operator can create PyTorchJobs against it)."""
+    crd = manifests.pytorchjob_crd(bed.training_operator_src)
+    path = resource_path(
+        "apiextensions.k8s.io/v1", "CustomResourceDefinition", manifests.PYTORCHJOB_CRD
+    )
+    bed.api.apply(path, crd.read_bytes())
+
+
+def wait_for_crds(bed: Bed) -> None:
+    """The CRD is Established: its API is served."""
+    path = resource_path(
+        "apiextensions.k8s.io/v1", "CustomResourceDefinition", manifests.PYTORCHJOB_CRD
+    )
+
+    def established() -> bool:
+        crd = bed.api.get(path) or {}
+        conditions = crd.get("status", {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    bed.procs.wait_for(f"CRD {manifests.PYTORCHJOB_CRD}", established, bed.settings.up_timeout)
+
+
+# --------------------------------------------------------------------------- cluster tier
+
+
+def start_cluster_tier(bed: Bed) -> None:
+    """Everything else, on a running API tier; returns when all of it is healthy."""
+    used = set(bed.state.ports.values())
+    bed.state.ports.update(allocate_ports(CLUSTER_TIER, used))
+    start_controller_manager(bed)
+    start_scheduler(bed)
+    write_component_pki(bed)
+    apply_bootstrap_objects(bed)
+    start_kwok(bed)
+    start_training_operator(bed)
+    for component in CLUSTER_TIER:
+        bed.wait(component)
+    wait_for_nodes(bed)
+    wait_for_default_service_account(bed)
+    wait_for_webhook(bed)
+
+
+def start_controller_manager(bed: Bed) -> None:
+    kc = bed.kubeconfig("kcm")
+    bed.procs.start("kube-controller-manager", [
+        bed.bins["kube-controller-manager"], f"--kubeconfig={kc}",
+        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+        "--bind-address=127.0.0.1", f"--secure-port={bed.state.ports['kcm']}",
+        "--leader-elect=false", "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={bed.pki / 'sa.key'}",
+        f"--root-ca-file={bed.pki / 'ca.crt'}",
+        f"--cluster-signing-cert-file={bed.pki / 'ca.crt'}",
+        f"--cluster-signing-key-file={bed.pki / 'ca.key'}",
+        "--profiling=false", "--v=1",
+    ])  # fmt: skip
+    bed.save()
+
+
+def start_scheduler(bed: Bed) -> None:
+    kc = bed.kubeconfig("scheduler")
+    bed.procs.start("kube-scheduler", [
+        bed.bins["kube-scheduler"], f"--kubeconfig={kc}",
+        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+        "--bind-address=127.0.0.1", f"--secure-port={bed.state.ports['scheduler']}",
+        "--leader-elect=false", "--profiling=false", "--v=1",
+    ])  # fmt: skip
+    bed.save()
+
+
+def write_component_pki(bed: Bed) -> None:
+    pki.webhook_pki(bed.pki)
+    pki.kwok_pki(bed.pki)
+
+
+def apply_bootstrap_objects(bed: Bed) -> None:
+    """The training-operator's ClusterRole (from its module), its namespace, ServiceAccount,
+    binding, webhook Secret and ValidatingWebhookConfiguration, and the kwok nodes (also written
+    to ``<state dir>/bootstrap.json``, for reference)."""
+    role = manifests.training_operator_role(bed.training_operator_src)
+    path = resource_path("rbac.authorization.k8s.io/v1", "ClusterRole", "training-operator")
+    bed.api.apply(path, role.read_bytes())
+    objs = manifests.training_operator_objects(bed.pki, bed.state.ports["to-webhook"])
+    objs += manifests.nodes(bed.settings.gpu_nodes)
+    (bed.dir / "bootstrap.json").write_text(manifests.as_list(objs))
+    bed.api.apply_objects(objs)
+
+
+def start_kwok(bed: Bed) -> None:
+    config = bed.dir / "kwok-stages.yaml"
+    trainer_log = bed.dir / "trainer.log"
+    trainer_log.write_text(manifests.trainer_log())
+    config.write_text(manifests.kwok_config(bed.settings.pod_run_seconds, trainer_log))
+    port = bed.state.ports["kwok"]
+    bed.procs.start("kwok", [
+        bed.bins["kwok"], f"--kubeconfig={bed.kubeconfig('kwok')}", f"--config={config}",
+        "--manage-all-nodes=false",
+        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+        "--node-ip=127.0.0.1", f"--node-port={port}", f"--server-address=127.0.0.1:{port}",
+        f"--tls-cert-file={bed.pki / 'kwok.crt'}", f"--tls-private-key-file={bed.pki / 'kwok.key'}",
+        "--node-lease-duration-seconds=40",
+    ], env={"HOME": str(bed.dir)})  # fmt: skip
+    bed.save()
+
+
+def start_training_operator(bed: Bed) -> None:
+    """Its webhook server reads its certs from $TMPDIR/k8s-webhook-server/serving-certs."""
+    tmp = bed.dir / "training-operator-tmp"
+    certs = tmp / "k8s-webhook-server" / "serving-certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bed.pki / "webhook.crt", certs / "tls.crt")
+    shutil.copy(bed.pki / "webhook.key", certs / "tls.key")
+    ensure_rotator_placeholder(bed.pki)
+    ports = bed.state.ports
+    bed.procs.start("training-operator", [
+        bed.bins["training-operator"], f"--kubeconfig={bed.kubeconfig('to')}",
+        "--enable-scheme=pytorchjob",
+        f"--metrics-bind-address=127.0.0.1:{ports['to-metrics']}",
+        f"--health-probe-bind-address=127.0.0.1:{ports['to-probe']}",
+        f"--webhook-server-port={ports['to-webhook']}", "--leader-elect=false",
+        "--zap-devel=false",
+    ], env={"MY_POD_NAMESPACE": "kubeflow", "TMPDIR": str(tmp)})  # fmt: skip
+    bed.save()
+
+
+def ensure_rotator_placeholder(pki_dir: Path) -> None:
+    """cert-controller waits for /tmp/k8s-webhook-server/serving-certs/tls.crt to exist (a
+    hard-coded path; the webhook server itself reads the certs from $TMPDIR). Create it if
+    missing; never remove it (another test bed may rely on it)."""
+    try:
+        ROTATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        for ext in ("crt", "key"):
+            if not (ROTATOR_CERT_DIR / f"tls.{ext}").exists():
+                shutil.copy(pki_dir / f"webhook.{ext}", ROTATOR_CERT_DIR / f"tls.{ext}")
+    except OSError as e:
+        log(f"warning: cannot create {ROTATOR_CERT_DIR}: {e}")
+
+
+def wait_for_nodes(bed: Bed) -> None:
+    """Every kwok node (the GPU nodes and the CPU node) Ready."""
+    expected = bed.settings.gpu_nodes + 1
+
+    def ready(node: manifests.Obj) -> bool:
+        conditions = node.get("status", {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def all_ready() -> bool:
+        nodes = (bed.api.get("/api/v1/nodes?labelSelector=type%3Dkwok") or {}).get("items", [])
+        return len(nodes) == expected and all(ready(n) for n in nodes)
+
+    bed.procs.wait_for("kwok nodes", all_ready, bed.settings.up_timeout)
+
+
+def wait_for_default_service_account(bed: Bed) -> None:
+    """default/default, made by the controller-manager (pods need their namespace's)."""
+    path = "/api/v1/namespaces/default/serviceaccounts/default"
+    bed.procs.wait_for(
+        "default service account", lambda: bed.api.get(path) is not None, bed.settings.up_timeout
+    )
+
+
+def wait_for_webhook(bed: Bed) -> None:
+    """The training-operator's webhook denies an invalid PyTorchJob (server-side dry run)."""
+    path = "/apis/kubeflow.org/v1/namespaces/default/pytorchjobs"
+
+    def rejects() -> bool:
+        status, message = bed.api.dry_run_create(path, manifests.INVALID_PYTORCHJOB)
+        return status >= 400 and "denied the request" in message
+
+    bed.procs.wait_for("PyTorchJob webhook", rejects, bed.settings.up_timeout)
