@@ -59,6 +59,13 @@ def _cel(schema: dict[str, Any], value: Any, path: str, failures: list[str]) -> 
             _cel(schema["items"], item, f"{path}[{i}]", failures)
 
 
+def status_validator(crd: dict[str, Any]) -> jsonschema.Draft7Validator:
+    """A validator for ``status`` as the CRD declares it, unknown fields refused (the API server
+    would prune them without a word: a field the operator writes but the CRD lacks is lost)."""
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
 def crd_failures(crd: dict[str, Any], document: dict[str, Any]) -> list[str]:
     """Dotted paths (".spec.x") the CRD rejects in ``document``; empty when it is accepted."""
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

@@ -75,10 +75,10 @@ def test_hadolint() -> None:
 def test_targets_are_pinned_non_root_and_lean() -> None:
     args, stages = parse(DOCKERFILE.read_text())
     assert {"operator", "trainer"} <= stages.keys()
-    for stage in stages.values():
+    external = [stage for stage in stages.values() if stage.base not in stages]
+    assert external, "no stage starts from a base image"
+    for stage in external:
         base = stage.base
-        if base in stages:
-            continue
         image = args.get(base.strip("${}"), base)
         assert "@sha256:" in image or re.search(r":\d+\.\d+\.\d+[\w.-]*$", image), (
             f"stage {stage.name}: base {image!r} is not pinned to a digest or exact version"
@@ -106,15 +106,111 @@ def test_targets_are_pinned_non_root_and_lean() -> None:
             assert "torch" not in runs
 
 
+def dockerignore(text: str) -> list[tuple[re.Pattern[str], bool]]:
+    """(pattern, re-includes) per line, as Docker reads .dockerignore: `*` and `?` stay inside a
+    path segment, `**` spans segments, `[...]` is a character class, `!` re-includes, a
+    pattern also matches a folder's contents."""
+    patterns = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        body = os.path.normpath(line.removeprefix("!").strip()).lstrip("/")
+        regex, i = "", 0
+        while i < len(body):
+            if body.startswith("**/", i):
+                regex, i = regex + "(.*/)?", i + 3
+            elif body.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif body[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif body[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif body[i] == "[" and "]" in body[i + 1 :]:
+                end = body.index("]", i + 1)
+                chars = body[i + 1 : end]
+                regex += "[^" + chars[1:] + "]" if chars.startswith("!") else "[" + chars + "]"
+                i = end + 1
+            else:
+                regex, i = regex + re.escape(body[i]), i + 1
+        patterns.append((re.compile(regex), negated))
+    return patterns
+
+
+def excluded(path: str, patterns: list[tuple[re.Pattern[str], bool]]) -> bool:
+    """Whether Docker leaves ``path`` out of the build context: the last matching line wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    out = False
+    for pattern, negated in patterns:
+        if any(pattern.fullmatch(p) for p in prefixes):
+            out = not negated
+    return out
+
+
+def context_files() -> list[str]:
+    """The checkout's files (tracked, or new and not git-ignored), relative to the repo."""
+    p = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [f for f in p.stdout.split("\0") if f and (REPO / f).exists()]
+
+
+def copied_sources(stages: dict[str, Stage]) -> list[str]:
+    """What the Dockerfile's COPY lines take from the build context (not from other stages)."""
+    return [
+        src.rstrip("/")
+        for stage in stages.values()
+        for op, rest in stage.instructions
+        if op == "COPY" and not rest.startswith("--from")
+        for src in rest.split()[:-1]
+    ]
+
+
+def test_dockerignore_excluded_follows_docker() -> None:
+    rules = dockerignore("*\n!operator/\n**/__pycache__\n**/*.py[cod]\n!keep/**/*.py\ndocs/?.md\n")
+    assert excluded("tests/x.py", rules)
+    assert not excluded("operator/a/b.py", rules)
+    assert excluded("operator/a/__pycache__/b.pyc", rules)
+    assert excluded("operator/a/b.pyo", rules)
+    assert not excluded("operator/a/b.pyi", rules)
+    assert not excluded("keep/a/b/c.py", rules)
+    assert excluded("keep/a/b/c.txt", rules)
+    assert excluded("docs/a.md", rules)
+
+
 def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
-    ignore = (REPO / ".dockerignore").read_text().splitlines()
-    kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    rules = dockerignore((REPO / ".dockerignore").read_text())
     _, stages = parse(DOCKERFILE.read_text())
-    for stage in stages.values():
-        for op, rest in stage.instructions:
-            if op == "COPY" and not rest.startswith("--from"):
-                for src in rest.split()[:-1]:
-                    assert src.rstrip("/") in kept, f"{src} is excluded by .dockerignore"
+    sources = copied_sources(stages)
+    assert {"pyproject.toml", "operator", "trainer-image"} <= set(sources), sources
+    files = context_files()
+    for src in sources:
+        under = [f for f in files if f == src or f.startswith(src + "/")]
+        assert under, f"COPY {src}: nothing there"
+        dropped = [f for f in under if excluded(f, rules)]
+        assert dropped == [], f"COPY {src}: .dockerignore excludes {dropped[:5]}"
+
+
+def test_dockerignore_sends_only_what_the_dockerfile_copies() -> None:
+    """The build context holds no tests, charts or test-bed state: only what COPY takes."""
+    rules = dockerignore((REPO / ".dockerignore").read_text())
+    _, stages = parse(DOCKERFILE.read_text())
+    sources = copied_sources(stages)
+    assert sources
+    files = context_files()
+    assert any(f.startswith("tests/") for f in files), "the listing misses the tests"
+    sent = [
+        f
+        for f in files
+        if not excluded(f, rules) and not any(f == s or f.startswith(s + "/") for s in sources)
+    ]
+    assert sent == []
 
 
 @pytest.mark.slow

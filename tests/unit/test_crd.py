@@ -25,6 +25,19 @@ def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
         yield from _nodes(node["additionalProperties"], f"{path}{{}}")
 
 
+def test_the_walk_reaches_every_kind_of_node(committed_crd: dict[str, Any]) -> None:
+    """The checks below hold for every node _nodes yields: it must yield them all."""
+    paths = [path for path, _ in _nodes(_schema(committed_crd))]
+    assert len(paths) == len(set(paths)) > 100
+    assert {
+        ".spec.parallelism.tensorParallel",
+        ".spec.resources.tolerations[].key",
+        ".spec.resources.nodeSelector{}",
+        ".status.conditions[].lastTransitionTime",
+        ".status.plan.estMFU",
+    } <= set(paths)
+
+
 def test_committed_crd_is_the_generated_one() -> None:
     committed = (ROOT / "crds" / "finetunejob.yaml").read_text(encoding="utf-8")
     assert committed == crd.crd_yaml(), "crds/finetunejob.yaml is stale: run `make crds`"
@@ -74,7 +87,12 @@ def test_names_printer_columns_and_subresources(committed_crd: dict[str, Any]) -
     assert version["name"] == "v1alpha1"
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Model", "GPUs", "Plan", "Progress", "Loss", "Age"]
+    assert columns == [
+        "Phase", "Model", "GPUs", "Plan", "Progress", "Loss", "Reason", "Age", "Message"
+    ]  # fmt: skip
+    wide = {c["name"]: c.get("priority", 0) for c in version["additionalPrinterColumns"]}
+    assert wide["Message"] == 1  # only in kubectl get -o wide
+    assert wide["Reason"] == 0
 
 
 def test_cross_field_and_immutability_rules_are_in_the_crd(committed_crd: dict[str, Any]) -> None:

@@ -108,8 +108,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("case", "kw", "match"), INVALID, ids=[c[0] for c in INVALID])
-def test_invalid_plans_cannot_be_built(case: str, kw: dict[str, Any], match: str) -> None:
+@pytest.mark.parametrize(("kw", "match"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_plans_cannot_be_built(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         make(**kw)
 

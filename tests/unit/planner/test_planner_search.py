@@ -18,6 +18,7 @@ from finetune_trainer.planner import (
     sweep,
     sweep_best,
 )
+from finetune_trainer.planner.memory import usable_host_memory, usable_memory
 
 CASES: list[tuple[str, str, int, int, int, int, str]] = [
     # model, gpu, nodes, gpus/node, seq, global batch, method
@@ -33,6 +34,7 @@ CASES: list[tuple[str, str, int, int, int, int, str]] = [
     ("mosaicml/mpt-13b", "H100-80GB", 1, 8, 4096, 240, "full"),
 ]
 IDS = [f"{c[0]}-{c[2]}x{c[3]}{c[1]}-{c[6]}" for c in CASES]
+TOP_K = 4  # alternatives plan_parallelism returns
 
 
 def inputs(case: tuple[str, str, int, int, int, int, str]) -> tuple[Any, Cluster, Workload]:
@@ -57,28 +59,51 @@ def test_chosen_plan_is_the_exhaustive_optimum(case: Any) -> None:
 @pytest.mark.parametrize("case", CASES[:8], ids=IDS[:8])
 def test_every_candidate_is_a_valid_plan(case: Any) -> None:
     model, cluster, wl = inputs(case)
-    for c in sweep(model, cluster, wl):
+    candidates = sweep(model, cluster, wl)
+    assert candidates, "the sweep found no layout at all"
+    for c in candidates:
         lay = c.layout
         assert lay.tp <= cluster.gpus_per_node
         assert cluster.gpus_per_node % lay.tp == 0
         assert model.num_heads % lay.tp == 0
         assert model.num_kv_heads % lay.tp == 0
         assert model.num_layers % (lay.pp * lay.v) == 0
+        assert lay.dp * lay.fsdp * lay.tp * lay.pp == cluster.world
         assert lay.dp * lay.fsdp * lay.mbs * lay.ga == wl.global_batch_size
         Plan.from_layout(model, cluster, wl, lay)  # validates
+
+
+def test_the_sweeps_cover_every_kind_of_layout() -> None:
+    """The validity check above sees each parallelism at work, not only plain FSDP."""
+    layouts = [c.layout for case in CASES[:8] for c in sweep(*inputs(case))]
+    kinds = {
+        "dp": any(lay.dp > 1 for lay in layouts),
+        "fsdp": any(lay.fsdp > 1 for lay in layouts),
+        "tp": any(lay.tp > 1 for lay in layouts),
+        "pp": any(lay.pp > 1 for lay in layouts),
+        "interleaved": any(lay.v > 1 for lay in layouts),
+        "gradient accumulation": any(lay.ga > 1 for lay in layouts),
+        "recompute": any(lay.ac != "none" for lay in layouts),
+        "offload": any(lay.offload for lay in layouts),
+    }
+    assert [k for k, seen in kinds.items() if not seen] == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_result_fits_and_alternatives_are_slower(case: Any) -> None:
     model, cluster, wl = inputs(case)
-    res = plan_parallelism(model, cluster, wl)
+    res = plan_parallelism(model, cluster, wl, top_k=TOP_K)
     assert res.estimate.fits
     assert res.estimate.peak_memory_bytes <= res.estimate.usable_memory_bytes
     best = search(model, cluster, wl, keep=100).ranked
-    for alt, cand in zip(res.alternatives, best[1:], strict=False):
+    runners_up = best[1 : 1 + TOP_K]
+    assert runners_up, "nothing to compare the alternatives with"
+    for alt, cand in zip(res.alternatives, runners_up, strict=True):
         assert alt.estimate.fits
         assert alt.plan.layout() == cand.layout
         assert cand.score() >= best[0].score()
+    scores = [c.score() for c in runners_up]
+    assert scores == sorted(scores)
     assert estimate(res.plan) == res.estimate
     assert 0 < res.estimate.mfu < 1
     status = res.to_status()
@@ -89,9 +114,25 @@ def test_result_fits_and_alternatives_are_slower(case: Any) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_no_unfit_plan_is_ranked(case: Any) -> None:
+    """Re-checked from each candidate's own memory breakdown, not from its ``fits`` flag."""
     model, cluster, wl = inputs(case)
-    for c in search(model, cluster, wl, keep=100).ranked:
+    ranked = search(model, cluster, wl, keep=100).ranked
+    assert ranked, "nothing was ranked"
+    gpu, per_node = cluster.gpu, cluster.gpus_per_node
+    for c in ranked:
         assert c.fits
+        assert c.memory.peak <= usable_memory(gpu), c.layout
+        assert c.memory.host * per_node <= usable_host_memory(gpu), c.layout
+
+
+def test_the_cases_include_plans_that_do_not_fit() -> None:
+    """Without candidates that overflow memory the test above would check nothing."""
+    tight = [
+        i
+        for case, i in zip(CASES, IDS, strict=True)
+        if any(not c.fits for c in sweep(*inputs(case)))
+    ]
+    assert len(tight) >= len(CASES) // 2, tight
 
 
 @pytest.mark.parametrize(
