@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_cli import run
@@ -12,7 +11,7 @@ from test_cli import run
 from bad_specs import DELETE, apply
 from finetune_operator.api import parse
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
-from helpers import EXAMPLES, load_yaml
+from helpers import EXAMPLES, ROOT, load_yaml
 
 #: A full fine-tune of Mistral-7B on one 40 GB GPU without offload cannot fit.
 TOO_BIG = {
@@ -47,8 +46,8 @@ def test_status_plan_uses_the_documented_names() -> None:
     assert {"estPeakMemoryBytesPerGPU", "estTokensPerSecond", "estMFU", "summary"} <= wire.keys()
 
 
-def test_pinned_degrees_are_kept(tiny_job: dict[str, Any]) -> None:
-    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+def test_pinned_degrees_are_kept() -> None:
+    job = load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml")
     job = apply(job, {"spec.parallelism": {"tensorParallel": 2}})
     result = plan_job(parse(job).spec)
     assert result is not None
@@ -56,7 +55,7 @@ def test_pinned_degrees_are_kept(tiny_job: dict[str, Any]) -> None:
 
 
 def test_a_job_that_cannot_fit_says_what_would() -> None:
-    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml")
     job = apply(job, TOO_BIG)
     with pytest.raises(PlanInfeasible) as info:
         plan_job(parse(job).spec)
@@ -66,7 +65,7 @@ def test_a_job_that_cannot_fit_says_what_would() -> None:
 
 
 def test_models_unknown_offline_are_left_to_the_trainer() -> None:
-    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml")
     job = apply(
         job, {"spec.model.source": "pvc://models/my-7b", "spec.model.tokenSecretRef": DELETE}
     )
@@ -74,7 +73,7 @@ def test_models_unknown_offline_are_left_to_the_trainer() -> None:
 
 
 def test_finetune_plan_prints_the_choice_and_alternatives() -> None:
-    result = run("plan", "examples/mistral-7b-python-code.yaml")
+    result = run("plan", str(ROOT / "examples" / "mistral-7b-python-code.yaml"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("*  fsdp") for line in lines)
@@ -83,7 +82,7 @@ def test_finetune_plan_prints_the_choice_and_alternatives() -> None:
 
 
 def test_finetune_plan_exits_1_with_the_fix_when_nothing_fits(tmp_path: Path) -> None:
-    job = load_yaml(Path("examples/mistral-7b-python-code.yaml"))
+    job = load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml")
     job = apply(job, TOO_BIG)
     path = tmp_path / "big.yaml"
     path.write_text(json.dumps(job))  # JSON keeps decimal strings quoted, as kubectl needs
@@ -95,7 +94,7 @@ def test_finetune_plan_exits_1_with_the_fix_when_nothing_fits(tmp_path: Path) ->
 
 def test_pins_that_exclude_every_layout_get_a_message_not_a_crash() -> None:
     """Found by the property test: offload excludes PP, and a batch of 3 fits no other layout."""
-    job = load_yaml(Path("examples/tiny-local.yaml"))
+    job = load_yaml(ROOT / "examples" / "tiny-local.yaml")
     job = apply(
         job,
         {
