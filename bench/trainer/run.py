@@ -44,9 +44,8 @@ from finetune_trainer.config import DataConfig, ModelConfig
 from finetune_trainer.data import IGNORE, StepSampler, collate, prepare, rows_at, tokenize
 from finetune_trainer.lm import CausalLMLoss
 from finetune_trainer.loop import Loop, lr_lambda, make_optimizer
-from finetune_trainer.models import load_tokenizer
+from finetune_trainer.model_loading import autocast_dtype, load_tokenizer
 from finetune_trainer.stdlib_data import build_jsonl
-from finetune_trainer.train import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results" / "trainer.json"

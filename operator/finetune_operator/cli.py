@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -21,6 +22,9 @@ from finetune_operator.plan import plan_config, plan_job
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import to_trainer_config
 from finetune_trainer.planner import PlanInfeasible, format_table
+
+if TYPE_CHECKING:
+    from finetune_operator.kube import Kube
 
 app = typer.Typer(
     name="finetune",
@@ -186,7 +190,7 @@ def run(
     except PlanInfeasible as exc:
         err.print(f"[red]✗ no plan fits[/]: {escape(exc.message)}")
         raise typer.Exit(1) from None
-    run_dir = runs_dir / job.name
+    run_dir = (runs_dir / job.name).absolute()
     config = to_trainer_config(
         spec,
         name=job.name,
@@ -203,12 +207,15 @@ def run(
         )
         raise typer.Exit(2) from None
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json(), encoding="utf-8")
+    config_path = run_dir / "config.json"
+    config_path.write_text(config.to_json(), encoding="utf-8")
     summary = planned.summary if planned else "planned by the trainer"
-    out.print(
-        f"[bold]{escape(job.name)}[/]: plan {escape(summary)}; "
-        f"config in {escape(str(run_dir / 'config.json'))}"
-    )
+    out.print(f"[bold]{escape(job.name)}[/]: plan {escape(summary)}")
+    paths = {"config": config_path, "model": Path(config.output_dir)}
+    if config.checkpoint.dir:
+        paths["checkpoints"] = Path(config.checkpoint.dir)
+    for what, path in paths.items():
+        out.print(f"  {what:<12}{escape(str(path.absolute()))}")
     raise typer.Exit(run_local(config, nproc))
 
 
@@ -220,8 +227,16 @@ def run_operator(
     ] = None,
     metrics_port: Annotated[int, typer.Option(help="Port of the /metrics endpoint.")] = 8080,
     health_port: Annotated[int, typer.Option(help="Port of the /healthz liveness probe.")] = 8081,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="plain, or json (one object a line). Default: FINETUNE_LOG_FORMAT, else plain."
+        ),
+    ] = None,
 ) -> None:
-    """Run the operator against the cluster in KUBECONFIG (or in-cluster credentials)."""
+    """Run the operator against the cluster in KUBECONFIG (or in-cluster credentials).
+
+    Logs to stderr at INFO: a start-up line, one line per job phase transition, every error."""
     try:
         from finetune_operator import handlers  # noqa: PLC0415 - needs the operator extra
     except ImportError as exc:
@@ -230,7 +245,18 @@ def run_operator(
             "install it with: pip install 'finetune-operator[operator]'"
         )
         raise typer.Exit(2) from None
-    handlers.run(namespaces=namespace or [], metrics_port=metrics_port, health_port=health_port)
+    from finetune_operator.oplog import LOG_FORMATS  # noqa: PLC0415
+
+    chosen = next((f for f in LOG_FORMATS if f == log_format), None)
+    if log_format is not None and chosen is None:
+        err.print(f"[red]error[/]: --log-format {escape(log_format)}: expected plain or json")
+        raise typer.Exit(2)
+    handlers.run(
+        namespaces=namespace or [],
+        metrics_port=metrics_port,
+        health_port=health_port,
+        log_format=chosen,
+    )
 
 
 Namespace = Annotated[
@@ -238,7 +264,7 @@ Namespace = Annotated[
 ]
 
 
-def _cluster() -> Any:
+def _cluster() -> ModuleType:
     """A client for the cluster in KUBECONFIG; exits 2 with the reason when there is none."""
     try:
         from finetune_operator import kube  # noqa: PLC0415 - needs the operator extra
@@ -253,7 +279,7 @@ def _cluster() -> Any:
     return kube
 
 
-def _fetch(name: str, namespace: str | None) -> tuple[Any, api.FineTuneJob, str]:
+def _fetch(name: str, namespace: str | None) -> tuple[Kube, api.FineTuneJob, str]:
     kube = _cluster()
     ns = namespace or kube.current_namespace()
     client = kube.Kube()
@@ -280,7 +306,7 @@ def get(
     if name and not jobs:
         err.print(f"[red]error[/]: FineTuneJob {escape(name)} not found")
         raise typer.Exit(1)
-    out.print(render.jobs_table(jobs, namespaces=all_namespaces))
+    out.print(render.jobs_table(jobs, namespaces=all_namespaces, width=out.width))
 
 
 @app.command()
@@ -291,7 +317,7 @@ def describe(
     from finetune_operator import render  # noqa: PLC0415
 
     client, job, ns = _fetch(name, namespace)
-    out.print(render.describe(job, client.events(ns, name)))
+    out.print(render.describe(job, client.events(ns, job.metadata.uid or "")))
 
 
 @app.command()
@@ -305,6 +331,8 @@ def watch(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
 
+    from finetune_operator import render  # noqa: PLC0415
+
     client, job, ns = _fetch(name, namespace)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, TimeRemainingColumn(), console=out) as bar:
@@ -316,9 +344,11 @@ def watch(
                 phase = status.phase
                 bar.console.print(f"{escape(name)}: {phase}")
             progress = status.progress if status else None
+            info = escape(render.progress_note(job))
             if progress is not None:
-                info = f"loss {progress.loss}" if progress.loss else ""
                 bar.update(task, completed=progress.step, total=progress.total_steps, info=info)
+            else:
+                bar.update(task, info=info)
             if phase in {"Succeeded", "Failed"}:
                 break
             time.sleep(interval)
@@ -348,7 +378,7 @@ def logs(
     client, job, ns = _fetch(name, namespace)
     phase = job.status.phase if job.status and job.status.phase else "Pending"
     pod = f"{job.name}-master-0"
-    master = [p for p in client.pods(ns, job.name) if p["metadata"]["name"] == pod]
+    master = [p for p in client.pods(ns, job.name) if p.name == pod]
     if not master:
         when = "" if phase in ("Succeeded", "Failed") else " yet"
         err.print(
@@ -356,7 +386,7 @@ def logs(
             f"{phase}); see what happened with: finetune describe {escape(name)} -n {ns}"
         )
         raise typer.Exit(1)
-    if master[0].get("status", {}).get("phase", "Pending") == "Pending":
+    if master[0].phase == "Pending":
         problem = pod_problem(master)
         why = f": {problem.message}" if problem else ""
         err.print(

@@ -41,7 +41,7 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from finetune_trainer.config import ModelConfig
-    from finetune_trainer.models import load_tokenizer
+    from finetune_trainer.model_loading import load_tokenizer
 
     out = tmp_path_factory.mktemp("small-mistral")
     torch.manual_seed(0)

@@ -81,8 +81,8 @@ def run_case(case: dict[str, Any], ds: Dataset, rank: int, world: int) -> dict[s
     plan = PlanConfig(**case["plan"]) if case.get("plan") else None
     module, hf = build(bool(case.get("lora")))
     device = torch.device("cpu")
-    layout = apply_plan(module, world_size=world, rank=rank, device=device, plan=plan, hf_model=hf)
-    trained = trained_module(module, layout)
+    applied = apply_plan(module, world_size=world, rank=rank, device=device, plan=plan, hf_model=hf)
+    trained = trained_module(module, applied)
     optim = make_optimizer(trained, LR, 0.0, device)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda _s: 1.0)
     dp_size, dp_rank = data_parallel_rank(plan, rank, world)
@@ -105,7 +105,7 @@ def run_case(case: dict[str, Any], ds: Dataset, rank: int, world: int) -> dict[s
         pad_id=0,
         autocast=None,
         max_grad_norm=float(case.get("max_grad_norm", 1.0)),
-        layout=layout,
+        parallel=applied,
         seq_len=SEQ,
     )
     losses, norms = [], []
@@ -119,7 +119,7 @@ def run_case(case: dict[str, Any], ds: Dataset, rank: int, world: int) -> dict[s
         loop.close()
     state = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
     params = {k: v.detach().float().cpu().flatten()[:64].tolist() for k, v in state.items()}
-    if world > 1 and layout.pp_size > 1:
+    if world > 1 and applied.pp_size > 1:
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, params)
         params = {k: v for part in parts for k, v in part.items()}

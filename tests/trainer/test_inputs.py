@@ -103,6 +103,50 @@ def test_global_batch_not_divisible(
     assert "multiple of 3" in err
 
 
+def test_plan_for_another_world_size(cfg: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    cfg["plan"] = {
+        "data_parallel": 1,
+        "fsdp": 2,
+        "tensor_parallel": 2,
+        "pipeline_parallel": 1,
+        "micro_batch_size": 1,
+        "gradient_accumulation": 4,
+    }
+    err = _run(cfg, tmp_path, capsys)
+    assert "the plan covers 4 ranks but 1 are running" in err
+    assert "numNodes x gpusPerNode" in err
+
+
+def test_data_preparation_says_each_stage_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Our own stage lines instead of datasets' progress bars (a fresh file: nothing cached)."""
+    from finetune_trainer.data import prepare_splits
+    from finetune_trainer.model_loading import load_tokenizer
+
+    rows = [
+        {"instruction": f"Say {i}.", "input": "", "output": f"{i} " * (i % 7 + 1)}
+        for i in range(40)
+    ]
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    cfg = ALPACA_512.model_copy(
+        update={"kind": "local", "name_or_path": str(data), "eval_fraction": 0.1}
+    )
+    tok = load_tokenizer(ModelConfig(kind="builtin", name_or_path="tiny-mistral"))
+    said: list[str] = []
+    train, evaluation = prepare_splits(cfg, tok, seed=1, token=None, say=said.append)
+    assert len(train) > 0
+    assert len(evaluation) > 0
+    assert said == [
+        f"data: loading {data}",
+        "data: tokenizing and packing 36 training and 4 eval examples",
+    ]
+    captured = capfd.readouterr()
+    printed = captured.out + captured.err
+    assert "%|" not in printed, printed[-2000:]  # a tqdm bar
+    assert "examples/s" not in printed, printed[-2000:]
+
+
 def test_packed_loss_equals_unpacked(small_model_dir: Path) -> None:
     """The same documents, packed into one row (position ids restart per document) or padded
     one per row: the same summed loss and target count, so attention never crosses documents."""
@@ -112,7 +156,7 @@ def test_packed_loss_equals_unpacked(small_model_dir: Path) -> None:
 
     from finetune_trainer.data import collate, pack, rows_at, tokenize
     from finetune_trainer.lm import CausalLMLoss
-    from finetune_trainer.models import load_tokenizer
+    from finetune_trainer.model_loading import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(kind="local", name_or_path=str(small_model_dir)))
     docs = Dataset.from_list(
@@ -156,7 +200,7 @@ def test_prompt_tokens_are_masked(small_model_dir: Path) -> None:
     from datasets import Dataset
 
     from finetune_trainer.data import IGNORE, tokenize
-    from finetune_trainer.models import load_tokenizer
+    from finetune_trainer.model_loading import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(kind="local", name_or_path=str(small_model_dir)))
     docs = Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": "hi"}])

@@ -47,6 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from conftest import trainer_config  # noqa: E402
 from finetune_trainer.config import PlanConfig, TrainerConfig  # noqa: E402
 from finetune_trainer.lm import CausalLMLoss  # noqa: E402
+from finetune_trainer.model_loading import weights_dtype, wrap_lora  # noqa: E402
 from finetune_trainer.parallelize import (  # noqa: E402
     apply_activation_checkpointing,
     build_mesh,
@@ -60,7 +61,6 @@ from finetune_trainer.planner import (  # noqa: E402
     estimate,
     hf_config,
 )
-from finetune_trainer.train import weights_dtype, wrap_lora  # noqa: E402
 
 pytestmark = pytest.mark.trainer
 

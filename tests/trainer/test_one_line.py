@@ -70,3 +70,22 @@ def test_import_stays_torch_free() -> None:
     code = "import sys, finetune_trainer; assert 'torch' not in sys.modules"
     env = trainer_env(Path("unused"), 1)
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+def test_knobs_are_read_once_from_keywords_or_else_the_environment() -> None:
+    from finetune_trainer.advanced import Options
+
+    environ = {
+        "FINETUNE_COMPILE": "1",
+        "FINETUNE_SEQ_LEN": "256",
+        "FINETUNE_PARALLELISM": '{"tensor_parallel": 2}',
+    }
+    from_env = Options.read({}, environ)
+    assert from_env == Options(seq_len=256, parallelism={"tensor_parallel": 2}, compile=True)
+    keywords = Options.read({"compile": False, "seq_len": 64, "gpu_type": "A100-80GB"}, environ)
+    assert keywords == Options(
+        seq_len=64, gpu_type="A100-80GB", parallelism={"tensor_parallel": 2}, compile=False
+    )
+    assert Options.read({}, {}) == Options()
+    with pytest.raises(TypeError, match="unknown options \\['seqlen'\\]"):
+        Options.read({"seqlen": 64}, {})

@@ -28,11 +28,12 @@ What it cannot do:
   custom sampler are sharded. The loss each rank sees is that of its own share of the batch.
 - Outside torchrun (one process) it does nothing.
 
-Knobs (keyword arguments, or environment variables for scripts that must stay unchanged):
-``seq_len`` (``FINETUNE_SEQ_LEN``, default min(2048, max positions)), ``global_batch_size``
-(``FINETUNE_GLOBAL_BATCH``, default 8 per rank), ``gpu_type`` (``FINETUNE_GPU_TYPE``, default
-H100-80GB on GPU, CPU otherwise) and fixed plan fields as JSON in ``FINETUNE_PARALLELISM``
-(e.g. ``{"tensor_parallel": 2}``).
+Knobs (keyword arguments, or environment variables for scripts that must stay unchanged; read
+once, when :func:`enable_advanced_parallelization` is called): ``seq_len`` (``FINETUNE_SEQ_LEN``,
+default min(2048, max positions)), ``global_batch_size`` (``FINETUNE_GLOBAL_BATCH``, default 8 per
+rank), ``gpu_type`` (``FINETUNE_GPU_TYPE``, default H100-80GB on GPU, CPU otherwise), fixed plan
+fields as JSON in ``FINETUNE_PARALLELISM`` (e.g. ``{"tensor_parallel": 2}``) and ``compile``
+(``FINETUNE_COMPILE=1``: ``torch.compile`` each decoder layer).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -49,9 +51,42 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune_trainer.config import PlanConfig
-from finetune_trainer.parallelize import Layout, apply_plan, data_parallel_rank
+from finetune_trainer.parallelize import apply_plan, data_parallel_rank
 
-_STATE: dict[str, Any] = {"enabled": False, "plan": None, "layout": None}
+_STATE: dict[str, Any] = {"enabled": False, "plan": None}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The knobs, from keyword arguments or else the environment, read once at the call."""
+
+    seq_len: int | None = None
+    global_batch_size: int | None = None
+    gpu_type: str | None = None
+    #: Plan fields to fix, e.g. {"tensor_parallel": 2}.
+    parallelism: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False
+
+    @classmethod
+    def read(cls, kwargs: dict[str, Any], environ: dict[str, str]) -> Options:
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(
+                f"unknown options {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})"
+            )
+        compile_env = environ.get("FINETUNE_COMPILE", "0") == "1"
+        return cls(
+            seq_len=int(kwargs.get("seq_len") or environ.get("FINETUNE_SEQ_LEN") or 0) or None,
+            global_batch_size=int(
+                kwargs.get("global_batch_size") or environ.get("FINETUNE_GLOBAL_BATCH") or 0
+            )
+            or None,
+            gpu_type=kwargs.get("gpu_type") or environ.get("FINETUNE_GPU_TYPE") or None,
+            parallelism=dict(
+                kwargs.get("parallelism") or json.loads(environ.get("FINETUNE_PARALLELISM", "{}"))
+            ),
+            compile=bool(kwargs["compile"]) if "compile" in kwargs else compile_env,
+        )
 
 
 def _device(local_rank: int) -> torch.device:
@@ -61,9 +96,7 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _plan_for(
-    model: nn.Module, world: int, device: torch.device, opts: dict[str, Any]
-) -> PlanConfig:
+def _plan_for(model: nn.Module, world: int, device: torch.device, opts: Options) -> PlanConfig:
     from finetune_trainer.planner import (  # noqa: PLC0415
         Cluster,
         Constraints,
@@ -75,16 +108,11 @@ def _plan_for(
     config: Any = model.config
     cfg = config.to_dict()
     facts = ModelFacts.from_hf_config(cfg, name=getattr(config, "name_or_path", None))
-    seq = int(opts.get("seq_len") or os.environ.get("FINETUNE_SEQ_LEN") or 0) or min(
-        2048, int(cfg.get("max_position_embeddings") or 2048)
-    )
-    gbs = int(opts.get("global_batch_size") or os.environ.get("FINETUNE_GLOBAL_BATCH") or 8 * world)
-    gpu = opts.get("gpu_type") or os.environ.get("FINETUNE_GPU_TYPE")
-    gpu = gpu or ("H100-80GB" if device.type == "cuda" else "CPU")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    fixed = dict(
-        opts.get("parallelism") or json.loads(os.environ.get("FINETUNE_PARALLELISM", "{}"))
-    )
+    seq = opts.seq_len or min(2048, int(cfg.get("max_position_embeddings") or 2048))
+    gbs = opts.global_batch_size or 8 * world
+    gpu = opts.gpu_type or ("H100-80GB" if device.type == "cuda" else "CPU")
+    local = _STATE["local_world"]
+    fixed = dict(opts.parallelism)
     fixed["pipeline_parallel"] = 1  # a plain loop cannot drive a pipeline schedule
     result = plan_parallelism(
         facts,
@@ -98,14 +126,16 @@ def _plan_for(
     return plan
 
 
-def _parallelize(model: nn.Module, opts: dict[str, Any]) -> nn.Module:
+def _parallelize(model: nn.Module, opts: Options) -> nn.Module:
     world, rank = dist.get_world_size(), dist.get_rank()
     device = _STATE["device"]
     plan = _plan_for(model, world, device, opts)
     if device.type == "cuda":
         model.to(device)
-    layout = apply_plan(model, world_size=world, rank=rank, device=device, plan=plan)
-    _STATE["plan"], _STATE["layout"] = plan, layout
+    apply_plan(
+        model, world_size=world, rank=rank, device=device, plan=plan, compile_layers=opts.compile
+    )
+    _STATE["plan"] = plan
 
     def _stay(self: nn.Module, *_args: Any, **_kwargs: Any) -> nn.Module:
         return self
@@ -116,7 +146,7 @@ def _parallelize(model: nn.Module, opts: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _patch_from_pretrained(opts: dict[str, Any]) -> None:
+def _patch_from_pretrained(opts: Options) -> None:
     from transformers import PreTrainedModel  # noqa: PLC0415
 
     original = PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
@@ -182,23 +212,20 @@ def enable_advanced_parallelization(**options: Any) -> None:
     """Make this single-device script run planned data/tensor parallelism under torchrun.
 
     Call it once, before the model is loaded. Options: ``seq_len``, ``global_batch_size``,
-    ``gpu_type``, ``parallelism`` (dict of plan fields to fix, e.g. ``{"tensor_parallel": 2}``).
+    ``gpu_type``, ``parallelism`` (dict of plan fields to fix, e.g. ``{"tensor_parallel": 2}``),
+    ``compile`` (bool).
     See the module docstring for what it changes and what it cannot do (pipeline parallelism).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or _STATE["enabled"]:
         return
+    opts = Options.read(options, dict(os.environ))
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30)
         )
-    _STATE.update(enabled=True, device=device)
-    _patch_from_pretrained(options)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    _STATE.update(enabled=True, device=device, local_world=local_world)
+    _patch_from_pretrained(opts)
     _patch_dataloader()
-
-
-def current_layout() -> Layout | None:
-    """The layout applied to the model loaded after :func:`enable_advanced_parallelization`."""
-    layout: Layout | None = _STATE["layout"]
-    return layout

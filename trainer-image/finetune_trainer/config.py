@@ -118,6 +118,8 @@ class ParallelismConfig(_Config):
     micro_batch_size: int | None = None
     activation_checkpointing: Literal["none", "selective", "full"] | None = None
     cpu_offload: bool | None = None
+    #: ``torch.compile`` each decoder layer (the planner does not weigh it; off by default).
+    compile: bool = False
 
 
 class PlanConfig(_Config):
@@ -133,6 +135,11 @@ class PlanConfig(_Config):
     gradient_accumulation: int = Field(ge=1)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     cpu_offload: bool = False
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the plan covers: data parallel x fsdp x tensor parallel x pipeline."""
+        return self.data_parallel * self.fsdp * self.tensor_parallel * self.pipeline_parallel
 
 
 def checkpoint_dirname(step: int) -> str:

@@ -1,10 +1,10 @@
 """Data: load, format, tokenize (prompt and pad masked with -100), pack, and order per rank.
 
-Flow: :func:`load_raw` (Hub, local files, builtin) -> :func:`tokenize` (``datasets.map`` with
-``num_proc``, cached by ``datasets``) -> :func:`pack` (documents concatenated into
-``max_seq_length`` rows with per-document position ids) -> :class:`StepSampler` (which rows each
-rank reads at each step: a pure function of seed, step and rank, so resume is exact) ->
-:func:`collate` (tensors).
+Flow (:func:`prepare_splits`): :func:`load_raw` (Hub, local files, builtin) -> :func:`tokenize`
+(``datasets.map`` with ``num_proc``, cached by ``datasets``) -> :func:`pack` (documents
+concatenated into ``max_seq_length`` rows with per-document position ids); then, per step,
+:class:`StepSampler` (which rows each rank reads at each step: a pure function of seed, step and
+rank, so resume is exact) -> :func:`collate` (tensors).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
 
 from finetune_trainer import stdlib_data
 from finetune_trainer.config import DEFAULT_COLUMNS, DataConfig
@@ -342,6 +342,27 @@ def prepare(ds: Dataset, cfg: DataConfig, tok: Any, *, num_proc: int | None, see
 
 def default_num_proc(cfg: DataConfig) -> int:
     return cfg.num_proc or max(1, min(16, (os.cpu_count() or 1) // 2))
+
+
+def prepare_splits(
+    cfg: DataConfig, tok: Any, *, seed: int, token: str | None, say: Callable[[str], None]
+) -> tuple[Dataset, Dataset]:
+    """The training and eval rows, loaded and prepared; one line on ``say`` per stage instead of
+    ``datasets``' own progress bars (turned off for the process)."""
+    disable_progress_bars()
+    say(f"data: loading {cfg.name_or_path}")
+    train_raw, eval_raw = load_raw(cfg, seed=seed, token=token)
+    procs = default_num_proc(cfg)
+    stages = "tokenizing and packing" if cfg.packing else "tokenizing"
+    say(f"data: {stages} {len(train_raw)} training and {len(eval_raw)} eval examples")
+    train = prepare(train_raw, cfg, tok, num_proc=procs, seed=seed)
+    if len(train) == 0:
+        raise ConfigError(
+            f"no training example of {cfg.name_or_path} has a response to learn from "
+            "after tokenization: check the column map and the format"
+        )
+    evaluation = prepare(eval_raw, cfg, tok, num_proc=procs, seed=seed)
+    return train, evaluation
 
 
 # ---- ordering and batching -----------------------------------------------------------------

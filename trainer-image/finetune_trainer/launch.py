@@ -23,13 +23,6 @@ def default_nproc() -> int:
     return 1
 
 
-def _plan_world(config: TrainerConfig) -> int | None:
-    plan = config.plan
-    if plan is None:
-        return None
-    return plan.data_parallel * plan.fsdp * plan.tensor_parallel * plan.pipeline_parallel
-
-
 def torchrun_command(config_path: str | Path, nproc: int) -> list[str]:
     return [
         sys.executable,
@@ -50,7 +43,7 @@ def run_local(config: TrainerConfig, nproc: int | None = None) -> int:
     The processes run ``python -m finetune_trainer.train --config PATH``, the entrypoint of the
     PyTorchJob pods, so a local run is the same code as a cluster run.
     """
-    n = nproc or _plan_world(config) or default_nproc()
+    n = nproc or (config.plan.world_size if config.plan else None) or default_nproc()
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         # torchrun would set 1 for several processes; share the cores instead.

@@ -1,4 +1,4 @@
-"""One optimizer step and one evaluation, over whatever parallel layout the model has.
+"""One optimizer step and one evaluation, over whatever parallel plan the model runs under.
 
 The loss is summed over target tokens and divided by the number of target tokens in the whole
 global batch (all micro-batches on all ranks), so the step is the same whether the batch is
@@ -22,7 +22,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn import functional
 
 from finetune_trainer.data import IGNORE, StepSampler, collate, rows_at
-from finetune_trainer.parallelize import Layout, Pipeline
+from finetune_trainer.parallelize import AppliedPlan
+from finetune_trainer.pipeline import Pipeline
 
 Batch = dict[str, torch.Tensor]
 
@@ -91,22 +92,22 @@ class Loop:
         pad_id: int,
         autocast: torch.dtype | None,
         max_grad_norm: float,
-        layout: Layout | None = None,
+        parallel: AppliedPlan | None = None,
         seq_len: int | None = None,
     ) -> None:
         """``module`` is the training module (``CausalLMLoss``), or with a pipeline the
-        container of this rank's stages (``layout.pipeline.parts``); ``seq_len`` is the length
-        every pipeline micro-batch is padded to (stage shapes are fixed)."""
+        container of this rank's stages (``parallel.pipeline.parts``); ``parallel`` is the plan
+        as applied on this rank (none: one rank); ``seq_len`` is the length every pipeline
+        micro-batch is padded to (stage shapes are fixed)."""
         self.module = module
-        self.layout = layout
-        self.pipeline: Pipeline | None = layout.pipeline if layout is not None else None
+        self.pipeline: Pipeline | None = parallel.pipeline if parallel is not None else None
         self.seq_len = seq_len
-        world = layout.world_size if layout is not None else 1
-        dp = layout.dp_size if layout is not None else 1
+        world = parallel.world_size if parallel is not None else 1
+        dp = parallel.dp_size if parallel is not None else 1
         #: Ranks that read the same rows (TP and PP peers): global sums are divided by it.
         self.readers = world // dp
         #: Ranks that compute the same loss (TP peers).
-        self.loss_copies = layout.tp_size if layout is not None else 1
+        self.loss_copies = parallel.tp_size if parallel is not None else 1
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.sampler = sampler

@@ -2,11 +2,8 @@
 
 The order is fixed, as in torchtitan's ``parallelize_llama``:
 
-1. **Pipeline split** (pipeline degree p > 1): the decoder layers are cut into p x v contiguous
-   stages (v = virtual stages per rank, interleaved 1F1B); rank r of the pipeline group owns
-   stages r, r + p, ... Each stage is a :class:`PipelineStageModule` holding the embeddings
-   (first stage), its decoder layers, and the final norm and LM head (last stage); the loop
-   drives them with a ``torch.distributed.pipelining`` schedule (GPipe, 1F1B, Interleaved1F1B).
+1. **Pipeline split** (pipeline degree p > 1): :mod:`finetune_trainer.pipeline` cuts the decoder
+   layers into stages and builds the schedule; steps 2-5 then apply to each stage of this rank.
 2. **Tensor parallel** (t > 1) from the model config's ``base_model_tp_plan`` ("colwise" ->
    ``ColwiseParallel``, "rowwise" -> ``RowwiseParallel``) through DTensor ``parallelize_module``,
    with **sequence parallelism** (Korthikanti et al. 2022, Sec. 4.2.2): the norms run on
@@ -17,7 +14,8 @@ The order is fixed, as in torchtitan's ``parallelize_llama``:
 3. **Activation checkpointing** per decoder layer: none; selective = torchtitan's per-op policy
    (save every second matmul output and the attention output, recompute the rest -- what the
    planner's memory model assumes); full = keep only the layer input.
-4. **torch.compile** per decoder layer, only when ``FINETUNE_COMPILE=1`` (off by default).
+4. **torch.compile** per decoder layer, when the caller asks for it (``compile_layers``: the
+   trainer config's ``parallelism.compile``; off by default).
 5. **FSDP2** ``fully_shard`` per decoder layer plus the root, over the data-parallel mesh: 1-D
    (fsdp) or 2-D (dp replicate x fsdp shard = HSDP). Parameters stay fp32 (the optimizer's master
    copy); on GPU they are gathered in bf16 and gradients reduced in fp32. CPU offload is FSDP2's
@@ -33,15 +31,13 @@ a node).
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
@@ -62,14 +58,15 @@ from torch.distributed.tensor.parallel import (
 
 from finetune_trainer.config import PlanConfig
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.pipeline import Pipeline, build_pipeline, check_schedule
 
 MESH_DIMS = ("pp", "dp", "fsdp", "tp")
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 @dataclass
-class Layout:
-    """Where this rank sits: the data-parallel group it reads data for, and its pipeline part."""
+class AppliedPlan:
+    """The plan as applied on this rank: its mesh, the data-parallel group it reads data for,
+    and its pipeline part (what :func:`apply_plan` returns and the loop reads)."""
 
     world_size: int
     dp_size: int
@@ -80,19 +77,6 @@ class Layout:
     pp_rank: int = 0
     #: Pipeline only: this rank's stage modules and the schedule that drives them.
     pipeline: Pipeline | None = None
-
-
-@dataclass
-class Pipeline:
-    stages: list[nn.Module]
-    schedule: Any
-    group: dist.ProcessGroup
-    is_first: bool
-    is_last: bool
-    #: Set by the loop before each step: the factor each micro-batch's summed loss is scaled by.
-    loss_scale: list[float] = field(default_factory=lambda: [1.0])
-    #: This rank's parameters under the same names as in the whole model (checkpoints, export).
-    parts: nn.Module = field(default_factory=nn.Module)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -116,19 +100,13 @@ def _layers_container(model: nn.Module) -> tuple[nn.Module, nn.ModuleList | nn.M
 def check_plan(plan: PlanConfig | None, world_size: int, *, lora: bool = False) -> None:
     if plan is None:
         return
-    planned = plan.data_parallel * plan.fsdp * plan.tensor_parallel * plan.pipeline_parallel
-    if planned != world_size:
+    if plan.world_size != world_size:
         raise ConfigError(
-            f"the plan covers {planned} ranks but {world_size} are "
+            f"the plan covers {plan.world_size} ranks but {world_size} are "
             "running: make numNodes x gpusPerNode match the plan (or use --nproc)"
         )
     if plan.pipeline_parallel > 1:
-        if plan.pipeline_schedule not in SCHEDULES:
-            raise ConfigError(
-                f"pipeline schedule {plan.pipeline_schedule!r} is not one of {', '.join(SCHEDULES)}"
-            )
-        if (plan.pipeline_schedule == "interleaved-1f1b") != (plan.virtual_stages > 1):
-            raise ConfigError("virtual stages > 1 go with the interleaved-1f1b schedule only")
+        check_schedule(plan)
     if lora and (plan.tensor_parallel > 1 or plan.pipeline_parallel > 1):
         raise ConfigError(
             "LoRA runs with data parallelism and FSDP only: set tensorParallel and "
@@ -318,9 +296,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         layer.forward = partial(_checkpointed, layer.forward, context_fn)
 
 
-def _maybe_compile(model: nn.Module) -> None:
-    if os.environ.get("FINETUNE_COMPILE", "0") != "1":
-        return
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer (in place: parameter names do not change)."""
     for layer in decoder_layers(model):
         layer.compile()
 
@@ -352,163 +329,6 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
 
 
-# -- pipeline ------------------------------------------------------------------------------------
-class PipelineStageModule(nn.Module):
-    """A contiguous slice of a decoder-only causal LM: embeddings on the first stage, decoder
-    layers, final norm and LM head on the last. ``forward(x, position_ids)`` takes token ids on
-    the first stage and hidden states elsewhere; the last stage returns float32 logits."""
-
-    def __init__(self, hf_model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
-        super().__init__()
-        base = hf_model.get_decoder()  # type: ignore[operator]
-        self.config: Any = hf_model.config
-        self.embed_tokens = base.embed_tokens if first else None
-        self.layers = nn.ModuleDict({str(i): base.layers[i] for i in layer_ids})
-        self.rotary_emb = base.rotary_emb
-        self.norm = base.norm if last else None
-        self.lm_head = hf_model.get_output_embeddings() if last else None  # type: ignore[operator]
-        #: Set when the stage is tensor parallel: activations cross stages as sequence shards.
-        self.tp_mesh: DeviceMesh | None = None
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import (  # noqa: PLC0415
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
-
-        if self.embed_tokens is not None:
-            h = self.embed_tokens(x)
-        elif self.tp_mesh is not None:
-            # Stages pass plain tensors: the sequence shard of this TP rank.
-            h = DTensor.from_local(x, self.tp_mesh, [Shard(1)], run_check=False)
-        else:
-            h = x
-        mask_fn = (
-            create_causal_mask
-            if getattr(self.config, "sliding_window", None) is None
-            else create_sliding_window_causal_mask
-        )
-        mask = mask_fn(
-            config=self.config,
-            inputs_embeds=h,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
-        pos = self.rotary_emb(h, position_ids=position_ids)
-        for layer in self.layers.values():
-            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos)
-        if self.norm is not None and self.lm_head is not None:
-            logits: torch.Tensor = self.lm_head(self.norm(h)).float()
-            return logits
-        return h.to_local() if isinstance(h, DTensor) else h
-
-
-def stage_ids(pp_rank: int, pp: int, v: int) -> list[int]:
-    """Stages this rank owns: one, or v in loop order (r, r + p, ...)."""
-    return [pp_rank + k * pp for k in range(v)]
-
-
-def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
-    if num_layers % num_stages:
-        raise ConfigError(
-            f"{num_layers} decoder layers cannot be split evenly into {num_stages} pipeline "
-            "stages: choose pipelineParallel x virtual stages that divides the layer count"
-        )
-    per = num_layers // num_stages
-    return [list(range(s * per, (s + 1) * per)) for s in range(num_stages)]
-
-
-def _loss_fn(pipe: Pipeline) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    from finetune_trainer.data import IGNORE  # noqa: PLC0415
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels[:, 1:]
-        summed = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        return summed * pipe.loss_scale[0]
-
-    return loss
-
-
-def build_pipeline(
-    hf_model: nn.Module,
-    plan: PlanConfig,
-    mesh: DeviceMesh,
-    device: torch.device,
-    *,
-    offload: bool,
-) -> Pipeline:
-    from torch.distributed.pipelining import PipelineStage  # noqa: PLC0415
-    from torch.distributed.pipelining.schedules import (  # noqa: PLC0415
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-    )
-
-    pp, v = plan.pipeline_parallel, plan.virtual_stages
-    pp_mesh = mesh["pp"]
-    pp_rank = pp_mesh.get_local_rank()
-    num_stages = pp * v
-    parts = split_layers(len(decoder_layers(hf_model)), num_stages)
-    stage_modules: list[nn.Module] = []
-    stages: list[Any] = []
-    for sid in stage_ids(pp_rank, pp, v):
-        mod = PipelineStageModule(hf_model, parts[sid], sid == 0, sid == num_stages - 1)
-        mod.to(device)
-        if mesh["tp"].size() > 1:
-            mod.tp_mesh = mesh["tp"]
-        parallelize(mod, plan, mesh, device, offload=offload, pipelined=True)
-        stage_modules.append(mod)
-        stages.append(PipelineStage(mod, sid, num_stages, device, group=pp_mesh.get_group()))
-    pipe = Pipeline(
-        stages=stage_modules,
-        schedule=None,
-        group=pp_mesh.get_group(),
-        is_first=pp_rank == 0,
-        is_last=pp_rank == pp - 1 or (v > 1 and num_stages - 1 in stage_ids(pp_rank, pp, v)),
-    )
-    n_micro = plan.gradient_accumulation
-    loss = _loss_fn(pipe)
-    if plan.pipeline_schedule == "interleaved-1f1b":
-        pipe.schedule = ScheduleInterleaved1F1B(
-            stages, n_microbatches=n_micro, loss_fn=loss, scale_grads=False
-        )
-    else:
-        cls = ScheduleGPipe if plan.pipeline_schedule == "gpipe" else Schedule1F1B
-        pipe.schedule = cls(stages[0], n_microbatches=n_micro, loss_fn=loss, scale_grads=False)
-    # With interleaving, stage 0 may not be on pp rank 0 only in other orders; in loop order the
-    # first stage is on rank 0.
-    pipe.is_first = 0 in stage_ids(pp_rank, pp, v)
-    pipe.is_last = num_stages - 1 in stage_ids(pp_rank, pp, v)
-    pipe.parts = _named_parts(stage_modules)
-    return pipe
-
-
-def _named_parts(stages: list[nn.Module]) -> nn.Module:
-    """A container with the stages' modules at their names in ``CausalLMLoss``
-    (model.model.layers.N, model.model.embed_tokens, model.model.norm, model.lm_head), so state
-    dicts line up."""
-    root, hf, base = nn.Module(), nn.Module(), nn.Module()
-    base.layers = nn.ModuleDict()
-    for st in stages:
-        assert isinstance(st, PipelineStageModule)
-        base.layers.update(dict(st.layers.items()))
-        if st.embed_tokens is not None:
-            base.embed_tokens = st.embed_tokens
-        if st.norm is not None:
-            base.norm = st.norm
-        if st.lm_head is not None:
-            hf.lm_head = st.lm_head
-    hf.model = base
-    root.model = hf
-    return root
-
-
 # -- putting it together ---------------------------------------------------------------------------
 def parallelize(
     model: nn.Module,
@@ -518,12 +338,14 @@ def parallelize(
     *,
     offload: bool,
     pipelined: bool = False,
+    compile_layers: bool = False,
 ) -> None:
     """Tensor parallel -> activation checkpointing -> compile -> FSDP/HSDP, on ``mesh``."""
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(model, _hf_config(model), mesh["tp"])
     apply_activation_checkpointing(model, plan.activation_checkpointing if plan else "none")
-    _maybe_compile(model)
+    if compile_layers:
+        compile_decoder_layers(model)
     dp_mesh = mesh["dp", "fsdp"] if mesh["dp"].size() > 1 else mesh["fsdp"]
     if dp_mesh.size() > 1 or offload:
         apply_fsdp(model, dp_mesh, device, offload=offload, reshard_last=pipelined)
@@ -537,22 +359,24 @@ def apply_plan(
     device: torch.device,
     plan: PlanConfig | None,
     hf_model: nn.Module | None = None,
-) -> Layout:
+    compile_layers: bool = False,
+) -> AppliedPlan:
     """Parallelize ``model`` in place for this rank and say how data is split.
 
-    ``model`` is the training module (wrapping ``hf_model``). With pipeline
-    parallelism the returned layout's ``pipeline`` holds this rank's stages (built from
-    ``hf_model``), and only those are trained.
+    ``model`` is the training module (wrapping ``hf_model``). With pipeline parallelism the
+    result's ``pipeline`` holds this rank's stages (built from ``hf_model``), and only those are
+    trained. ``compile_layers`` compiles each decoder layer with ``torch.compile``.
     """
     check_plan(plan, world_size)
     if world_size == 1:
         apply_activation_checkpointing(model, plan.activation_checkpointing if plan else "none")
-        _maybe_compile(model)
-        return Layout(world_size=1, dp_size=1, dp_rank=0, mesh=None)
+        if compile_layers:
+            compile_decoder_layers(model)
+        return AppliedPlan(world_size=1, dp_size=1, dp_rank=0, mesh=None)
     mesh = build_mesh(device, plan, world_size)
     dp_size, dp_rank = data_parallel_coords(mesh)
     offload = plan is not None and plan.cpu_offload
-    layout = Layout(
+    applied = AppliedPlan(
         world_size=world_size,
         dp_size=dp_size,
         dp_rank=dp_rank,
@@ -564,13 +388,28 @@ def apply_plan(
     if plan is not None and plan.pipeline_parallel > 1:
         if hf_model is None:
             raise ConfigError("pipeline parallelism needs the Hugging Face model to split")
-        layout.pipeline = build_pipeline(hf_model, plan, mesh, device, offload=offload)
-        return layout
-    parallelize(model, plan, mesh, device, offload=offload)
-    return layout
+        applied.pipeline = build_pipeline(
+            hf_model,
+            plan,
+            mesh,
+            device,
+            num_layers=len(decoder_layers(hf_model)),
+            parallelize_stage=partial(
+                parallelize,
+                plan=plan,
+                mesh=mesh,
+                device=device,
+                offload=offload,
+                pipelined=True,
+                compile_layers=compile_layers,
+            ),
+        )
+        return applied
+    parallelize(model, plan, mesh, device, offload=offload, compile_layers=compile_layers)
+    return applied
 
 
-def trained_module(model: nn.Module, layout: Layout) -> nn.Module:
+def trained_module(model: nn.Module, applied: AppliedPlan) -> nn.Module:
     """The module whose parameters this rank trains (and checkpoints): ``model``, or with a
     pipeline this rank's stages under the same parameter names."""
-    return layout.pipeline.parts if layout.pipeline is not None else model
+    return applied.pipeline.parts if applied.pipeline is not None else model

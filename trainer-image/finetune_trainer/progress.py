@@ -1,4 +1,5 @@
-"""What a person watching sees: a rich bar on a terminal, plain periodic lines in pod logs."""
+"""What a person watching sees: one-line stage messages from rank 0, then a rich bar on a
+terminal or plain periodic lines in pod logs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from typing import Any, TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
+
+
+def log(rank: int, text: str) -> None:
+    """One ``[finetune]`` line on stderr, from rank 0 only."""
+    if rank == 0:
+        print(f"[finetune] {text}", file=sys.stderr, flush=True)
 
 
 def fmt_eta(seconds: float) -> str:

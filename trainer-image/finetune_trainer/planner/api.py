@@ -124,7 +124,7 @@ def _manual(
     v = con.virtual_stages or (2 if sched == "interleaved-1f1b" else 1)
     gbs = workload.global_batch_size
     what = _what(model, cluster, workload)
-    if rest == 0 or dp * fs * tp * pp != world:
+    if rest == 0 or dp * fs != rest:  # rest = world / (tp * pp): the degrees cover the world
         raise PlanInfeasible(
             f"manual plan for {what} is invalid: dataParallel*fsdp*tensorParallel*"
             f"pipelineParallel must equal the {world} GPUs"

@@ -1,8 +1,9 @@
 """Efficiency factors of the time model: which are fitted, which are assumed.
 
-FITTED (by `python bench/planner/run.py --fit`, least squares on log tokens/s/GPU of the
-published configurations T1, T2, T8, T9, M1-M5 in planner-calibration.md, each evaluated at its
-published plan; grid search, see bench/planner/fit.py):
+FITTED (by `python bench/planner/run.py --fit`: a grid search for the least squares on log
+tokens/s/GPU of the published configurations T1, T2, T8, T9, M1-M5, each evaluated at its
+published plan; they are the ``ROWS`` of bench/planner/run.py, taken from torchtitan's Llama-3
+benchmark tables and MosaicML llm-foundry's MPT benchmark table, with each row's source):
 - GEMM_EFFICIENCY_MAX: achievable fraction of the sustained bf16 peak for large GEMMs, per GPU
   architecture (hopper fitted on T1, T2, M1-M5; ampere fitted on T8, T9).
 - GEMM_HALF_TOKENS: micro-batch size (tokens x hidden/4096 per GPU) at which GEMM efficiency is
@@ -18,7 +19,8 @@ ASSUMED (not fitted; the rows carry no information about them):
 - ada/blackwell/cpu efficiency: copied from hopper.
 - COMM_EFFICIENCY_INTRA: NCCL ring bus bandwidth over NVLink as a fraction of the link bandwidth
   (nccl-tests all-gather on DGX H100 reach ~360 GB/s of 450 -> 0.8).
-- latencies, CPU Adam bandwidth, memory overheads (planner-calibration.md: 2-4 GB, <= 0.9 HBM).
+- latencies, CPU Adam bandwidth, memory overheads (2-4 GB of allocator and NCCL overhead, at most
+  0.9 of HBM: the usual margins of public FSDP training reports, not fitted).
 """
 
 from __future__ import annotations

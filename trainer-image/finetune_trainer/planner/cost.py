@@ -2,13 +2,14 @@
 
 T_step = m * T_mb + bubble + T_optimizer          (m = micro-batches per step = ga)
 T_mb   = max(T_compute, T_fsdp) + T_fsdp_exposed + T_tp + T_pp + T_offload
-(planner-calibration.md, "Step time model"). Sources of each term:
+(its efficiency factors fitted on the published rows of bench/planner/run.py, see
+calibration.py). Sources of each term:
 - FLOPs per token: 6N for forward+backward (Kaplan et al. 2020, "Scaling Laws for Neural Language
   Models", Sec. 2.1) plus attention 12*L*h*s (PaLM, Chowdhery et al. 2022, App. B), of which a
   causal FlashAttention kernel executes half. Full recompute adds one forward: 8N + 16*L*h*s
   (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters using
   Megatron-LM", Sec. 5.1 / eq. 3). Selective (per-op SAC) recomputes every second matmul: +1N.
-  LoRA skips the frozen weights' weight-gradient GEMMs: 4N (planner-calibration.md, matches NeMo).
+  LoRA skips the frozen weights' weight-gradient GEMMs: 4N (NeMo's reported LoRA TFLOPs match it).
 - T_compute = GEMM FLOPs / (peak * eta_gemm(micro-batch)) + attention FLOPs / (peak * eta_attn),
   eta fitted on the published rows (calibration.py).
 - Collectives, ring alpha-beta model (Thakur et al. 2005; NCCL): all-gather / reduce-scatter move

@@ -17,9 +17,9 @@ Sources:
 - Inter-node: one 400 Gb/s NIC per GPU (ConnectX-7, the DGX/HGX H100/H200/B200 reference
   design) = 50 GB/s per GPU per direction; 200 Gb/s HDR per GPU for DGX A100 = 25 GB/s.
 - H100-96GB: the power-capped (500 W) HBM2e H100 that pytorch/torchtitan's published
-  benchmarks used (torchtitan logs show 95.0 GiB capacity). planner-calibration.md notes it runs
-  10-15% below an 80 GB SXM part: modelled as a 0.875 sustained-clock factor (assumed, the
-  midpoint of that range; not fitted).
+  benchmarks used (torchtitan logs show 95.0 GiB capacity). Expected to run 10-15% below an
+  80 GB SXM part (lower clocks and memory bandwidth): modelled as a 0.875 sustained-clock factor
+  (assumed, the midpoint of that range; not fitted).
 Bandwidths below are per GPU per direction (what one rank of a ring can push).
 Host memory per node (for CPU offload): DGX H100/H200 2 TB, DGX A100 320GB-system 1 TB,
 DGX A100 640GB-system 2 TB, DGX B200 2 TB (base), L40S servers ~1 TB (typical, assumed).

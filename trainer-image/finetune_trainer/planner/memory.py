@@ -26,7 +26,8 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   (4): 8 bytes per layer parameter; at the loss only the last layer is gathered (it is not
   resharded after forward: backward needs it first), 2 bytes. The LM head's bf16 gradient
   (2 bytes/param) lives from the head's backward to the root's reduce-scatter at the end.
-  planner-calibration.md, "FSDP2 ... transient".
+  (FSDP2's transient unsharded parameters of the current and prefetched unit, as measured with
+  FSDPMemTracker.)
 - Activations per layer per token, counted tensor by tensor as Korthikanti et al. 2022
   ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4) do, for the Hugging
   Face decoder layer the trainer runs (bf16 compute, no dropout, SDPA):
@@ -53,8 +54,8 @@ The peak is the largest of a few moments of a training step, each the sum of wha
 - Loss head (last stage): the final norm (6h, sequence parallel) and the head's input (2h, the
   full sequence: the head is column-parallel with replicated logits) per token, and per
   logit 12 bytes while the cross-entropy's backward runs: log-softmax keeps its fp32 output
-  (4), and its incoming and outgoing fp32 gradients (4 + 4) are alive together (measured:
-  planner-calibration.md, "Loss head", counts 10 at the forward); with a fused cross-entropy
+  (4), and its incoming and outgoing fp32 gradients (4 + 4) are alive together (measured; at the
+  forward it is 10: 2 bf16 + 4 fp32 upcast + 4 gradient); with a fused cross-entropy
   (e.g. flash-attn's CrossEntropyLoss, llm-foundry's `fused_crossentropy`) only the bf16
   logits, 2 bytes.
 - Moments: "loss" (backward starts: every layer's activations, the loss head, the last layer

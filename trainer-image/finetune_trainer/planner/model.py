@@ -5,7 +5,8 @@ Parameter counting follows the module structure of the Hugging Face implementati
 per decoder layer q/k/v/o projections (GQA: k and v are kv_heads*head_dim wide), a gated
 (SwiGLU, 3 matrices) or plain (2 matrices) MLP, and two norms; plus the token embedding, a final
 norm and an LM head unless tied. Checked against published totals: Llama-3-8B 8.03B,
-Mistral-7B-v0.3 7.25B, Llama-3-70B 70.6B, Qwen2-7B 7.62B (see tests/unit/planner/test_model.py).
+Mistral-7B-v0.3 7.25B, Llama-3-70B 70.6B, Qwen2-7B 7.62B (see
+tests/unit/planner/test_planner_model.py).
 """
 
 from __future__ import annotations

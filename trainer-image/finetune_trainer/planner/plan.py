@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .hardware import Cluster, GiB
+from .hardware import Cluster
 from .layout import Layout
 from .model import ModelFacts
 from .workload import Recompute, Schedule, Workload
@@ -46,8 +46,9 @@ class Plan(BaseModel):
         m, c, w = self.model, self.cluster, self.workload
         dp, fs, tp, pp = self.data_parallel, self.fsdp, self.tensor_parallel, self.pipeline_parallel
         errors: list[str] = []
-        if dp * fs * tp * pp != c.world:
-            errors.append(f"dp*fsdp*tp*pp = {dp * fs * tp * pp} != world size {c.world}")
+        planned = self.layout().world
+        if planned != c.world:
+            errors.append(f"dp*fsdp*tp*pp = {planned} != world size {c.world}")
         if tp > c.gpus_per_node or c.gpus_per_node % tp:
             errors.append(f"tensorParallel {tp} must divide GPUs per node {c.gpus_per_node}")
         for what, n in (
@@ -147,10 +148,6 @@ class Estimate(BaseModel):
     tokens_per_s: float
     tokens_per_s_per_gpu: float
     mfu: float
-
-    @property
-    def peak_memory_gib(self) -> float:
-        return self.peak_memory_bytes / GiB
 
 
 class RankedPlan(BaseModel):

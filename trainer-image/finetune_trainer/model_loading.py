@@ -1,4 +1,5 @@
-"""Load the model and tokenizer: from the Hub, a local folder, or a builtin small architecture.
+"""Build the model to train: load it and its tokenizer (from the Hub, a local folder, or a builtin
+small architecture), choose its dtypes, and wrap it with LoRA adapters when the method says so.
 
 Builtin models are real architectures (Llama, Mistral, Qwen2) at small sizes with random
 initialisation, from the planner's catalog; their tokenizer is the real Mistral-7B-v0.3 tokenizer
@@ -23,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune_trainer.config import ModelConfig
+from finetune_trainer.config import ModelConfig, TrainerConfig
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.planner.model import TINY_CONFIGS
 
@@ -130,3 +131,67 @@ def load_model(cfg: ModelConfig, *, seed: int, dtype: torch.dtype) -> PreTrained
             "needs network access to the Hub, and a token for gated models)"
         ) from err
     return model
+
+
+# -- dtypes ----------------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(dtype: str, device: torch.device, *, sharded: bool) -> torch.dtype | None:
+    """The autocast dtype for ``model.dtype``: none for float32, none where FSDP already
+    computes in bf16 (sharded on GPU), none on a CPU that would only emulate it."""
+    if dtype == "float32" or (device.type == "cuda" and sharded):
+        return None
+    if device.type == "cpu" and not cpu_has_bf16():
+        return None
+    return DTYPES[dtype]
+
+
+def weights_dtype(cfg: TrainerConfig, device: torch.device) -> torch.dtype:
+    """fp32 master weights, except a LoRA run's frozen base weights on a GPU computing in bf16:
+    they get no gradient and no optimizer state, so an fp32 copy would only double their
+    memory (the planner counts 2 bytes each). peft keeps the adapters in fp32."""
+    if cfg.method.type == "lora" and device.type == "cuda" and cfg.model.dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.float32
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+def wrap_lora(cfg: TrainerConfig, model: Any) -> Any:
+    """The peft model with LoRA adapters for a ``lora`` run; ``model`` itself otherwise."""
+    if cfg.method.type != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - only LoRA runs need peft
+
+    lc = cfg.method.lora
+    assert lc is not None
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=list(lc.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def load_trainable(cfg: TrainerConfig, device: torch.device) -> PreTrainedModel:
+    """The Hugging Face model this run trains, on CPU: fp32 master weights (see
+    :func:`weights_dtype`), with LoRA adapters injected for a ``lora`` run (the returned model
+    is then the peft wrapper's base model, holding the adapters)."""
+    model = wrap_lora(
+        cfg, load_model(cfg.model, seed=cfg.schedule.seed, dtype=weights_dtype(cfg, device))
+    )
+    if cfg.method.type == "lora":
+        base: PreTrainedModel = model.get_base_model()
+        return base
+    trained: PreTrainedModel = model
+    return trained
