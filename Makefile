@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps:  # the path holds the hash of the dependencies: a new set is a new venv
 	@echo "==> creating $(VENV) with .[$(EXTRAS)]"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
