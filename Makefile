@@ -56,7 +56,7 @@ test-unit: venv ## Pure unit tests only (seconds)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 test-fast: venv ## Inner loop: unit tests + the API-server tier (hack/cluster up --api-only), no e2e
-	FINETUNE_TESTBED=api PATH="$(BIN):$$PATH" $(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+	FINETUNE_TESTBED=api PATH="$(BIN):$$PATH" $(BIN)/pytest tests/unit tests/integration tests/hack $(PYTEST_ARGS)
 
 test: lint typecheck crds-check ## The whole suite: quality gates, then every test tier
 	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
