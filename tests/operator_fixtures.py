@@ -62,6 +62,8 @@ class Operator:
     health_port: int = 0
     #: Where the trainer serves and the operator scrapes metrics (a test may pick a free one).
     trainer_metrics_port: int = 9090
+    #: More arguments to ``finetune operator`` (e.g. ``--log-format json``).
+    args: tuple[str, ...] = ()
 
     def start(self) -> None:
         self.metrics_port, self.health_port = free_port(), free_port()
@@ -73,7 +75,8 @@ class Operator:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "finetune"), "operator", "-n", self.namespace,
-                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)],
+                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
+                 *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         deadline = time.monotonic() + 60

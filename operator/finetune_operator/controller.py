@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from finetune_operator import api, manifest
+from finetune_operator import api, manifest, sources
 from finetune_operator.objects import Pod, PyTorchJob
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.scrape import parse_checkpoint, parse_progress
@@ -55,6 +55,9 @@ class Cluster(Protocol):
 
         Raises WriteConflictError if the object changed since ``document`` was read.
         """
+
+    def missing_claims(self, namespace: str, claims: list[str]) -> list[str]:
+        """Those of the PersistentVolumeClaims ``claims`` that do not exist in ``namespace``."""
 
     def metrics(self, pod: Pod, port: int) -> str | None:
         """The /metrics text ``pod`` serves on ``port``; None if it does not answer."""
@@ -126,6 +129,8 @@ def _observe(
     if seen is not None and seen.name not in {p.name for p in listed}:
         listed.append(seen)
     pods = tuple(listed)
+    claims = sources.claims(job.spec)
+    missing = kube.missing_claims(ns, claims) if claims else []
     return Observed(
         generation=job.metadata.generation,
         suspend_requested=job.spec.run_policy.suspend and not manifest.queued(job),
@@ -133,14 +138,26 @@ def _observe(
         child=child,
         pods=pods,
         previous_failure=job.status.failure if job.status else None,
+        missing_claims=tuple(missing),
     )
 
 
+def _unheard(_: Outcome) -> None:
+    pass
+
+
 def reconcile(
-    kube: Cluster, job: api.FineTuneJob, *, image: str, metrics_port: int = manifest.METRICS_PORT
+    kube: Cluster,
+    job: api.FineTuneJob,
+    *,
+    image: str,
+    metrics_port: int = manifest.METRICS_PORT,
+    on_write: Callable[[Outcome], None] = _unheard,
 ) -> list[Outcome]:
     """Make the cluster match ``job``: plan (status first), apply ConfigMap and PyTorchJob, then
-    write the observed status. Returns each status write, in order."""
+    write the observed status. Returns each status write, in order; ``on_write`` hears of each
+    as soon as it is written (before the children exist, for the first), so that what it tells
+    (Events) comes before what the children's own handlers tell."""
     if job.status is not None and job.status.phase in TERMINAL:
         return []  # never recreate children of a finished job
     generation = job.metadata.generation
@@ -148,7 +165,10 @@ def reconcile(
         result = plan_job(job.spec)
     except PlanInfeasible as exc:
         infeasible = Observed(generation, False, plan_error=exc.message)
-        return _written(_write(kube, job, lambda j: derive(infeasible, j.status, now())))
+        failed = _write(kube, job, lambda j: derive(infeasible, j.status, now()))
+        if failed is not None:
+            on_write(failed)
+        return _written(failed)
     plan = plan_status(result) if result else None
     outcomes: list[Outcome | None] = []
     if job.status is None or job.status.plan != plan:  # status.plan before any pod exists
@@ -156,6 +176,7 @@ def reconcile(
         first = _write(kube, job, lambda j: derive(planned, j.status, now()))
         outcomes.append(first)
         if first is not None:
+            on_write(first)
             job = first.job
     config = to_trainer_config(
         job.spec,
@@ -173,8 +194,10 @@ def reconcile(
             job, image=image, plan_summary=summary, exists=exists, metrics_port=metrics_port
         )
     )
-    outcomes.append(_write(kube, job, lambda j: derive(_observe(kube, j, plan), j.status, now())))
-    return _written(*outcomes)
+    last = _write(kube, job, lambda j: derive(_observe(kube, j, plan), j.status, now()))
+    if last is not None:
+        on_write(last)
+    return _written(*outcomes, last)
 
 
 def _written(*outcomes: Outcome | None) -> list[Outcome]:

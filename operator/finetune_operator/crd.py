@@ -34,7 +34,11 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "Steps done of the total."},
     {"name": "Loss", "type": "string", "jsonPath": ".status.progress.loss",
      "description": "Latest training loss."},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.failure.reason",
+     "description": "Why the job is stuck or failed (empty while all is well)."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Message", "type": "string", "jsonPath": ".status.failure.message", "priority": 1,
+     "description": "What happened and what to do about it (kubectl get -o wide)."},
 ]  # fmt: skip
 
 

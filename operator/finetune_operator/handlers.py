@@ -14,13 +14,14 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import api, controller, telemetry
-from finetune_operator.kube import Kube, load_config
+from finetune_operator import __version__, api, controller, oplog, story, telemetry
+from finetune_operator.kube import Kube, load_config, server
 from finetune_operator.objects import Pod
 from finetune_operator.settings import Settings, SettingsError
 from finetune_trainer.names import JOB_LABEL
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+log = logging.getLogger("finetune_operator")
 
 
 @kopf.on.startup()
@@ -39,6 +40,21 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 8
     load_config()
     memo.kube = Kube()
+    config: Settings = memo.settings
+    namespaces = ",".join(memo.namespaces) or "all"
+    log.info(
+        "finetune-operator %s started: cluster %s, namespaces %s, trainer image %s",
+        __version__,
+        server(),
+        namespaces,
+        config.trainer_image,
+        extra={
+            "version": __version__,
+            "cluster": server(),
+            "namespaces": list(memo.namespaces),
+            "trainer_image": config.trainer_image,
+        },
+    )
 
 
 def _parse(body: kopf.Body) -> api.FineTuneJob:
@@ -49,7 +65,7 @@ def _parse(body: kopf.Body) -> api.FineTuneJob:
 
 
 def _announce(kube: Kube, body: Any, outcomes: list[controller.Outcome]) -> None:
-    """An Event for each phase transition, and the jobs-by-phase metric."""
+    """An Event and a log line for each phase transition, and the jobs-by-phase metric."""
     for outcome in outcomes:
         _announce_one(kube, body, outcome)
 
@@ -57,20 +73,7 @@ def _announce(kube: Kube, body: Any, outcomes: list[controller.Outcome]) -> None
 def _announce_one(kube: Kube, body: Any, outcome: controller.Outcome) -> None:
     key = f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"
     telemetry.job_phase(key, outcome.after)
-    if outcome.before == outcome.after or outcome.after is None:
-        return
-    status = outcome.status
-    if outcome.after == "Failed" and status.failure is not None:
-        kube.event(body, "Warning", status.failure.reason, status.failure.message)
-        return
-    messages = {
-        "Planned": status.plan.reason if status.plan else "the trainer will plan at start",
-        "Pending": "PyTorchJob created; waiting for the pods",
-        "Running": "training started",
-        "Suspended": "suspended: the pods are stopped",
-        "Succeeded": "training finished",
-    }
-    kube.event(body, "Normal", outcome.after, messages.get(outcome.after, outcome.after))
+    story.announce(kube, dict(body), outcome)
 
 
 @kopf.on.resume(*RESOURCE)
@@ -80,13 +83,13 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     job = _parse(body)
     config: Settings = memo.settings
     with telemetry.timed():
-        outcomes = controller.reconcile(
+        controller.reconcile(
             memo.kube,
             job,
             image=config.trainer_image,
             metrics_port=config.trainer_metrics_port,
+            on_write=lambda outcome: _announce_one(memo.kube, body, outcome),
         )
-    _announce(memo.kube, body, outcomes)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
@@ -133,15 +136,24 @@ def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _announce(memo.kube, body, outcomes)
 
 
-def run(*, namespaces: list[str], metrics_port: int, health_port: int) -> None:
+def run(
+    *,
+    namespaces: list[str],
+    metrics_port: int,
+    health_port: int,
+    log_format: oplog.LogFormat | None = None,
+) -> None:
     """Run the operator until interrupted (one replica; no peering).
 
     Reads the Settings from the environment, once; exits with the reason if one is unusable.
+    Logs at INFO to stderr: a start-up line, one line per phase transition, and every error
+    (``log_format`` json: one JSON object a line; default: the Settings' log format).
     """
     try:
         config = Settings.from_env(os.environ)
     except SettingsError as exc:
         raise SystemExit(f"error: {exc}") from None
+    oplog.configure(log_format or config.log_format)
     every = config.progress_interval
     kopf.timer(*RESOURCE, interval=every, initial_delay=every)(progress)
     telemetry.serve(metrics_port)
@@ -150,5 +162,5 @@ def run(*, namespaces: list[str], metrics_port: int, health_port: int) -> None:
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
-        memo=kopf.Memo(settings=config),
+        memo=kopf.Memo(settings=config, namespaces=namespaces),
     )

@@ -37,6 +37,11 @@ def load_config() -> None:
         config.load_kube_config()
 
 
+def server() -> str:
+    """The API server the loaded configuration talks to."""
+    return str(client.Configuration.get_default_copy().host)
+
+
 def current_namespace() -> str:
     """The namespace of the kubeconfig's current context (as kubectl uses), else default."""
     try:
@@ -110,15 +115,16 @@ class Kube:
         )
         return [dict(item) for item in found.to_dict().get("items", [])]
 
-    def events(self, namespace: str, name: str) -> list[Event]:
-        """Events about the FineTuneJob ``name``, oldest first."""
+    def events(self, namespace: str, uid: str) -> list[Event]:
+        """Events about the object with ``uid`` (not an earlier one of the same name, as
+        ``kubectl describe`` selects them), in the order they were recorded."""
         found = self._resource("v1", "Event").get(
             namespace=namespace,
-            field_selector=f"involvedObject.name={name},involvedObject.kind={api.KIND}",
+            field_selector=f"involvedObject.uid={uid}",
             _request_timeout=REQUEST_TIMEOUT,
         )
         events = [Event.parse(e) for e in found.to_dict().get("items", [])]
-        return sorted(events, key=lambda e: e.time)
+        return sorted(events, key=Event.order)
 
     def logs(self, namespace: str, pod: str, *, follow: bool, tail: int | None) -> Any:
         """The trainer container's log lines (an iterator of bytes when following).
@@ -155,6 +161,14 @@ class Kube:
         )
         return [Pod.parse(p) for p in pods.to_dict().get("items", [])]
 
+    def missing_claims(self, namespace: str, claims: list[str]) -> list[str]:
+        """Those of the PersistentVolumeClaims ``claims`` that do not exist in ``namespace``."""
+        found = self._resource("v1", "PersistentVolumeClaim").get(
+            namespace=namespace, _request_timeout=REQUEST_TIMEOUT
+        )
+        present = {item["metadata"]["name"] for item in found.to_dict().get("items", [])}
+        return [c for c in claims if c not in present]
+
     def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Write ``status`` over the FineTuneJob read as ``document``; the object as written.
 
@@ -179,7 +193,8 @@ class Kube:
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Record a Kubernetes Event about ``obj`` (what ``kubectl describe`` shows)."""
         meta = obj["metadata"]
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        moment = datetime.now(UTC)
+        stamp = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
@@ -195,6 +210,9 @@ class Kube:
             "source": {"component": FIELD_MANAGER},
             "reportingComponent": FIELD_MANAGER,
             "reportingInstance": socket.gethostname(),
+            # eventTime keeps microseconds: events written within one second keep their order
+            "eventTime": moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "action": reason,
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,
             "count": 1,

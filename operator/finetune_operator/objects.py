@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_trainer.names import REPLICA_TYPE_LABEL
@@ -165,8 +166,18 @@ class Event:
     message: str
     #: When it last happened (lastTimestamp, else eventTime), RFC 3339; "" when unknown.
     time: str = ""
+    #: When it was first recorded, as precisely as the API keeps it (eventTime, in microseconds,
+    #: else firstTimestamp, else ``time``): what orders events that share a second.
+    recorded: str = ""
 
     @classmethod
     def parse(cls, raw: Raw) -> Event:
-        stamp = raw.get("lastTimestamp") or raw.get("eventTime") or ""
-        return cls(_str(raw, "type"), _str(raw, "reason"), _str(raw, "message"), str(stamp))
+        stamp = str(raw.get("lastTimestamp") or raw.get("eventTime") or "")
+        first = str(raw.get("eventTime") or raw.get("firstTimestamp") or stamp)
+        return cls(_str(raw, "type"), _str(raw, "reason"), _str(raw, "message"), stamp, first)
+
+    def order(self) -> datetime:
+        """When it was recorded, for sorting (the earliest time when unknown)."""
+        if not self.recorded:
+            return datetime.min.replace(tzinfo=UTC)
+        return datetime.fromisoformat(self.recorded.replace("Z", "+00:00"))

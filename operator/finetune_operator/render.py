@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rich.console import Group, RenderableType
@@ -38,29 +39,110 @@ def _phase(job: FineTuneJob) -> Text:
     return Text(phase, style=PHASE_STYLE.get(phase, ""))
 
 
-def jobs_table(jobs: list[FineTuneJob], *, namespaces: bool = False) -> Table:
-    """The `finetune get` table: the same story as `kubectl get ftj`."""
-    table = Table(box=None, header_style="bold")
-    if namespaces:
-        table.add_column("NAMESPACE")
-    for column in ("NAME", "PHASE", "MODEL", "GPUS", "PLAN", "PROGRESS", "LOSS", "AGE"):
-        table.add_column(column)
-    for job in jobs:
-        status = job.status
-        plan = status.plan if status else None
-        progress = status.progress if status else None
-        res = job.spec.resources
-        row: list[str | Text] = [
-            job.name,
-            _phase(job),
-            job.spec.model.source,
-            str(plan.world if plan else res.num_nodes * res.gpus_per_node),
-            plan.summary if plan else "",
-            (progress.summary or "") if progress else "",
-            (progress.loss or "") if progress else "",
-            age(job.metadata.creation_timestamp),
-        ]
-        table.add_row(*([job.metadata.namespace or ""] if namespaces else []), *row)
+#: Spaces between two columns of `finetune get` (kubectl's gap is three).
+GAP = 2
+#: The narrowest a shortened column gets (with its ellipsis).
+_MIN_SHORTENED = 8
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cells: list[str | Text]
+    #: Columns are dropped in this order (lowest first) while the table is wider than the
+    #: terminal; None: never dropped. NAME and PHASE always stay.
+    drop: int | None = None
+    #: Whether it may be shortened (with an ellipsis) rather than dropped.
+    shorten: bool = False
+
+    def width(self) -> int:
+        return max([len(self.header), *(len(str(c)) for c in self.cells)])
+
+
+def _fit(columns: list[_Column], width: int) -> list[tuple[_Column, int]]:
+    """The columns that fit ``width``, each with its width: shorten what may be shortened (MODEL,
+    REASON, then PLAN), drop what must go (lowest ``drop`` first); names are never cut (a name
+    longer than the terminal overflows it rather than being cut)."""
+    kept = [(c, c.width()) for c in columns]
+
+    def total() -> int:
+        return sum(w for _, w in kept) + GAP * (len(kept) - 1)
+
+    droppable = sorted((c for c in columns if c.drop is not None), key=lambda c: c.drop or 0)
+    for column in droppable:
+        if total() <= width:
+            break
+        at = next(i for i, (c, _) in enumerate(kept) if c is column)
+        if column.shorten:
+            floor = max(len(column.header), _MIN_SHORTENED)
+            kept[at] = (column, max(floor, kept[at][1] - (total() - width)))
+            if total() <= width:
+                break
+        del kept[at]
+    return kept
+
+
+def progress_cell(job: FineTuneJob) -> str:
+    """PROGRESS: steps done of the total; while running without metrics, say so."""
+    status = job.status
+    if status is not None and status.progress is not None:
+        return status.progress.summary or str(status.progress.step)
+    if status is not None and status.phase == "Running":
+        return "no metrics yet"
+    return ""
+
+
+def progress_note(job: FineTuneJob) -> str:
+    """What `finetune watch` prints beside its bar: the loss, or why there is no bar yet."""
+    status = job.status
+    phase = status.phase if status and status.phase else "Pending"
+    if status is not None and status.progress is not None:
+        return f"loss {status.progress.loss}" if status.progress.loss else ""
+    if phase in {"Pending", "Planned"}:
+        why = f": {status.failure.message}" if status and status.failure else ""
+        return f"waiting for the pods to start{why}"
+    if phase == "Running":
+        return (
+            "no metrics from the trainer yet (the operator reads the master pod's /metrics "
+            "every few seconds once training runs; if this lasts, the trainer serves none or the "
+            f"operator cannot reach the pod: see finetune logs {job.name})"
+        )
+    return ""
+
+
+def jobs_table(
+    jobs: list[FineTuneJob], *, namespaces: bool = False, width: int | None = None
+) -> Table:
+    """The `finetune get` table: the same story as `kubectl get ftj`, one line a job, fitted
+    to ``width`` columns (the terminal's) by shortening or leaving out the least telling."""
+    statuses = [job.status for job in jobs]
+    failures = [s.failure if s else None for s in statuses]
+    plans = [s.plan if s else None for s in statuses]
+    columns = [
+        *([_Column("NAMESPACE", [j.metadata.namespace or "" for j in jobs], drop=5)]
+          if namespaces else []),
+        _Column("NAME", [j.name for j in jobs]),
+        _Column("PHASE", [_phase(j) for j in jobs]),
+        _Column("MODEL", [j.spec.model.source for j in jobs], drop=0, shorten=True),
+        _Column("GPUS", [
+            str(p.world if p else j.spec.resources.num_nodes * j.spec.resources.gpus_per_node)
+            for j, p in zip(jobs, plans, strict=True)
+        ], drop=2),
+        _Column("PLAN", [p.summary if p else "" for p in plans], drop=6, shorten=True),
+        _Column("PROGRESS", [progress_cell(j) for j in jobs], drop=7),
+        _Column("LOSS", [
+            (s.progress.loss or "") if s and s.progress else "" for s in statuses
+        ], drop=4),
+        *([_Column("REASON", [f.reason if f else "" for f in failures], drop=3, shorten=True)]
+          if any(failures) else []),
+        _Column("AGE", [age(j.metadata.creation_timestamp) for j in jobs], drop=1),
+    ]  # fmt: skip
+    fitted = _fit(columns, width) if width else [(c, c.width()) for c in columns]
+    table = Table(box=None, header_style="bold", padding=(0, GAP, 0, 0), pad_edge=False)
+    for column, w in fitted:
+        table.add_column(column.header, width=w, no_wrap=True, overflow="ellipsis")
+    for i in range(len(jobs)):
+        table.add_row(*(column.cells[i] for column, _ in fitted))
     return table
 
 

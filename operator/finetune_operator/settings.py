@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from finetune_operator import __version__
+from finetune_operator.oplog import LOG_FORMATS, LogFormat
 from finetune_trainer import names
 
 #: The trainer image of this release, used when FINETUNE_TRAINER_IMAGE is not set.
@@ -30,6 +31,8 @@ class Settings:
     trainer_metrics_port: int = names.METRICS_PORT
     #: Seconds between two scrapes of a running job's progress.
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
+    #: How the operator logs: plain lines, or one JSON object a line (FINETUNE_LOG_FORMAT).
+    log_format: LogFormat = "plain"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -53,4 +56,15 @@ class Settings:
             raise SettingsError(
                 f"{names.ENV_PROGRESS_INTERVAL}={interval_text!r}: expected seconds, a number > 0"
             )
-        return cls(trainer_image=image, trainer_metrics_port=port, progress_interval=interval)
+        log_text = env.get(names.ENV_LOG_FORMAT) or "plain"
+        log_format = next((f for f in LOG_FORMATS if f == log_text), None)
+        if log_format is None:
+            raise SettingsError(
+                f"{names.ENV_LOG_FORMAT}={log_text!r}: expected one of {', '.join(LOG_FORMATS)}"
+            )
+        return cls(
+            trainer_image=image,
+            trainer_metrics_port=port,
+            progress_interval=interval,
+            log_format=log_format,
+        )

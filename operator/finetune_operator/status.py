@@ -6,6 +6,7 @@ decimal strings, as in the spec. Pure: imports no Kubernetes client, kopf or tor
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -164,8 +165,8 @@ class Failure(StatusModel):
         str,
         Field(
             description=(
-                "PlanInfeasible, OOMKilled, ImagePullBackOff, Unschedulable, Error, "
-                "DeadlineExceeded or BackoffLimitExceeded."
+                "PlanInfeasible, OOMKilled, ImagePullBackOff, Unschedulable, "
+                "PersistentVolumeClaimMissing, Error, DeadlineExceeded or BackoffLimitExceeded."
             )
         ),
     ]
@@ -223,7 +224,12 @@ class FineTuneJobStatus(StatusModel):
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
 #: Pod problems that keep training from starting (every pod must be up for torchrun).
 BLOCKING: frozenset[str] = frozenset(
-    {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError"}
+    {
+        "Unschedulable",
+        "PersistentVolumeClaimMissing",
+        "ImagePullBackOff",
+        "CreateContainerConfigError",
+    }
 )
 
 _WAITING_PROBLEMS = {
@@ -290,16 +296,52 @@ def pod_problem(pods: Sequence[Pod]) -> Failure | None:
                 and cond.status == "False"
                 and cond.reason == "Unschedulable"
             ):
-                return Failure(
-                    reason="Unschedulable",
-                    message=(
-                        f"pod {pod.name} cannot be scheduled: {cond.message} "
-                        "(fewer free GPUs than spec.resources asks for, or no node matches "
-                        "nodeSelector/tolerations)"
-                    ),
-                    pod=pod.name,
-                )
+                return _unschedulable(pod.name, cond.message)
     return None
+
+
+#: How the scheduler says a pod's PersistentVolumeClaim does not exist (kube-scheduler's
+#: VolumeBinding plugin): ``persistentvolumeclaim "finetune-models" not found``.
+_MISSING_CLAIM = re.compile(r'persistentvolumeclaim "(?P<claim>[^"]+)" not found')
+
+
+def missing_claim(scheduler_message: str) -> str | None:
+    """The PersistentVolumeClaim the scheduler says does not exist, if that is why it waits."""
+    found = _MISSING_CLAIM.search(scheduler_message)
+    return found["claim"] if found else None
+
+
+def claims_missing(claims: Sequence[str], pod: str | None = None) -> Failure:
+    """The failure of a job whose pods wait for PersistentVolumeClaims that do not exist."""
+    names = ", ".join(claims)
+    plural = "s" if len(claims) > 1 else ""
+    where = f"pod {pod} cannot start" if pod else "the pods cannot start"
+    uris = ", ".join(f"pvc://{c}/..." for c in claims)
+    return Failure(
+        reason="PersistentVolumeClaimMissing",
+        message=(
+            f"{where}: PersistentVolumeClaim{plural} {names} "
+            f"{'do' if plural else 'does'} not exist; create a PersistentVolumeClaim named "
+            f"{' and one named '.join(claims)} in the job's namespace (README: storage for the "
+            f"examples), or change the job's {uris} URIs to a claim that exists"
+        ),
+        pod=pod,
+    )
+
+
+def _unschedulable(pod: str, message: str) -> Failure:
+    claim = missing_claim(message)
+    if claim is not None:
+        return claims_missing([claim], pod)
+    return Failure(
+        reason="Unschedulable",
+        message=(
+            f"pod {pod} cannot be scheduled: {message} "
+            "(fewer free GPUs than spec.resources asks for, or no node matches "
+            "nodeSelector/tolerations)"
+        ),
+        pod=pod,
+    )
 
 
 def _job_failure(child_failed: JobCondition, pods_problem: Failure | None) -> Failure:
@@ -329,6 +371,9 @@ class Observed:
     child: PyTorchJob | None = None
     pods: tuple[Pod, ...] = ()
     previous_failure: Failure | None = None
+    #: The PersistentVolumeClaims the job names that do not exist (checked up front: the
+    #: scheduler names only the first one a pod misses).
+    missing_claims: tuple[str, ...] = ()
 
 
 def _cond(
@@ -355,7 +400,9 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         return prev
     g = obs.generation
     conds: list[Condition] = [_cond("Validated", True, "SpecValid", "spec is valid", g, now)]
-    failure = obs.previous_failure
+    # A failure seen earlier only explains a job that fails now (its pod may be gone): once the
+    # job recovers (pods run, it succeeds), the failure goes; the problem of the moment stays.
+    failure: Failure | None = None
     completion = prev.completion_time
     start = prev.start_time
     child_conds = obs.child.true_conditions() if obs.child is not None else {}
@@ -379,7 +426,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
             completion = completion or now
         elif "Failed" in child_conds:
             phase = "Failed"
-            failure = _job_failure(child_conds["Failed"], problem or failure)
+            failure = _job_failure(child_conds["Failed"], problem or obs.previous_failure)
             conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
             conds.append(_cond("Running", False, failure.reason, failure.message, g, now))
             completion = completion or now
@@ -398,6 +445,8 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         else:
             phase = "Planned" if obs.child is None else "Pending"
             reason, msg = "Starting", "waiting for the pods to start"
+            if obs.missing_claims:
+                problem = claims_missing(obs.missing_claims)
             if problem is not None:
                 failure, reason, msg = problem, problem.reason, problem.message
             conds.append(_cond("Running", False, reason, msg, g, now))

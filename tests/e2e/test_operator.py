@@ -4,6 +4,7 @@ seconds and can be told (by pod annotation) to fail, be OOMKilled or stay Pendin
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_operator import __version__
 from helpers import GOLDEN_NAMESPACE, GOLDEN_UID, ROOT, load_yaml
+from operator_fixtures import Operator
 
 pytestmark = pytest.mark.e2e
 
@@ -405,3 +408,43 @@ def test_example_files_are_refused_by_the_api_server_when_bad(
     result = crd.kubectl("apply", "-n", namespace, "-f", str(path))
     assert result.returncode != 0
     assert "spec.hyperparameters.learningRate" in result.stderr
+
+
+def test_operator_logs_its_start_and_each_transition_as_json(
+    crd: Any, namespace: str, tmp_path: Path
+) -> None:
+    op = Operator(crd, namespace, tmp_path / "operator.log", args=("--log-format", "json"))
+    op.start()
+    try:
+        assert crd.apply(gpu_job("logged"), "-n", namespace).returncode == 0
+        wait_phase(crd, namespace, "logged", "Succeeded")
+        infeasible = gpu_job(
+            "too-big",
+            resources={"numNodes": 1, "gpusPerNode": 1, "gpuType": "A100-40GB"},
+            parallelism={"cpuOffload": False},
+        )
+        assert crd.apply(infeasible, "-n", namespace).returncode == 0
+        wait_phase(crd, namespace, "too-big", "Failed")
+    finally:
+        op.stop()
+    text = op.log.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # all of them JSON
+    started = next(line for line in lines if "started" in line["message"])
+    assert started["level"] == "INFO"
+    assert started["namespaces"] == [namespace]
+    assert started["version"] == __version__
+    assert started["trainer_image"] == f"finetune-trainer:{__version__}"
+    server = crd.kubectl(
+        "config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"
+    )
+    assert started["cluster"] == server.stdout.strip()
+
+    went = [(line["before"], line["phase"]) for line in lines if line.get("job") == "logged"]
+    assert went[0] == (None, "Planned")
+    assert went[-1][1] == "Succeeded"
+    assert all(prev[1] == then[0] for prev, then in itertools.pairwise(went))  # a chain
+    assert all(line["level"] == "INFO" for line in lines if line.get("job") == "logged")
+    failed = [line for line in lines if line.get("job") == "too-big"]
+    assert [(f["phase"], f["reason"]) for f in failed] == [("Failed", "PlanInfeasible")]
+    assert "PlanInfeasible" in failed[0]["message"]
+    assert not any("Handler" in line["message"] for line in lines)  # not a line per handler run

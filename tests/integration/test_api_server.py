@@ -89,6 +89,10 @@ def test_kubectl_get_ftj_shows_the_story_columns(
     tiny_job["metadata"]["name"] = "columns-check"
     assert testbed.apply(tiny_job, "-n", namespace).returncode == 0
     header = testbed.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "MODEL", "GPUS", "PLAN", "PROGRESS", "LOSS", "AGE"]
+    assert header == [
+        "NAME", "PHASE", "MODEL", "GPUS", "PLAN", "PROGRESS", "LOSS", "REASON", "AGE"
+    ]  # fmt: skip
+    wide = testbed.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
+    assert wide.split()[-2:] == ["AGE", "MESSAGE"]  # what to do about it: only in -o wide
     listed = testbed.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout
     assert "finetunejob.finetune.dev/columns-check" in listed

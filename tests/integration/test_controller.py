@@ -12,14 +12,17 @@ training-operator leaves alone (as it does for MultiKueue).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import config
 from kubernetes.dynamic.exceptions import DynamicApiError
 
-from finetune_operator import api, controller, manifest
+from finetune_operator import api, controller, manifest, story
 from finetune_operator.kube import Kube
 from finetune_operator.objects import Pod
 from finetune_operator.plan import plan_job, plan_status
@@ -476,3 +479,152 @@ def test_scrape_progress_writes_nothing_while_the_job_is_not_running(
 
     assert controller.scrape_progress(kube, job, metrics_port=port) == []
     assert read(kube, namespace, job.name).status == job.status
+
+
+# --------------------------------------------------------------------------- recovering
+
+
+MISSING_CLAIM = (
+    '0/3 nodes are available: persistentvolumeclaim "finetune-checkpoints" not found. '
+    "preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+)  # what kube-scheduler says of a pod whose claim does not exist (seen on the test bed)
+UNSCHEDULED = {
+    "phase": "Pending",
+    "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": MISSING_CLAIM},
+    ],
+}  # fmt: skip
+
+
+def test_a_failure_is_cleared_when_the_job_recovers_and_succeeds(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    job = _running(crd, kube, namespace, "recovers")
+    child_conditions(crd, job, "Created")
+    make_pod(crd, job, f"{job.name}-master-0", "master", UNSCHEDULED)
+
+    controller.refresh(kube, job)
+
+    stuck = read(kube, namespace, job.name)
+    assert stuck.status is not None
+    assert stuck.status.phase == "Pending"
+    assert stuck.status.failure is not None
+    assert stuck.status.failure.reason == "PersistentVolumeClaimMissing"
+    assert "create a PersistentVolumeClaim named finetune-checkpoints" in (
+        stuck.status.failure.message
+    )
+    wide = crd.kubectl("get", "ftj", job.name, "-n", namespace, "-o", "wide")
+    assert wide.returncode == 0, wide.stderr
+    header, row = wide.stdout.splitlines()
+    assert header.split()[-2:] == ["AGE", "MESSAGE"]
+    assert "PersistentVolumeClaimMissing" in row
+    assert "create a PersistentVolumeClaim named finetune-checkpoints" in row
+    assert "MESSAGE" not in crd.kubectl("get", "ftj", job.name, "-n", namespace).stdout
+
+    # The user creates the claim: the pod is scheduled and runs, the job runs, then succeeds.
+    write_status(crd, "pod", namespace, f"{job.name}-master-0", {
+        **_with_ip("127.0.0.1"), "conditions": [{"type": "PodScheduled", "status": "True"}],
+    })  # fmt: skip
+    child_conditions(crd, job, "Created", "Running")
+    controller.refresh(kube, stuck)
+    running = read(kube, namespace, job.name)
+    assert running.status is not None
+    assert (running.status.phase, running.status.failure) == ("Running", None)
+
+    child_conditions(crd, job, "Created", "Succeeded")
+    controller.refresh(kube, running)
+    done = read(kube, namespace, job.name)
+    assert done.status is not None
+    assert (done.status.phase, done.status.failure) == ("Succeeded", None)
+    columns = crd.kubectl("get", "ftj", job.name, "-n", namespace, "-o", "wide").stdout
+    assert "PersistentVolumeClaimMissing" not in columns
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _reasons(events: list[Any]) -> list[str]:
+    return [e.reason for e in events]
+
+
+def test_events_are_this_job_s_own_in_the_order_it_went(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    def lived(name: str) -> tuple[api.FineTuneJob, list[bool]]:
+        """A job reconciled (its Events told as the operator tells them); for each write,
+        whether the controller had applied the children (its ConfigMap first) when its Events
+        were told."""
+        job = create_job(crd, kube, namespace, name)
+        external_child(crd, job)
+        kube_children: list[bool] = []
+        config_map = manifest.config_map_name(name)
+
+        def told(outcome: controller.Outcome) -> None:
+            applied = kube.get("v1", "ConfigMap", namespace, config_map) is not None
+            kube_children.append(applied)
+            story.announce(kube, job.to_document(), outcome)
+
+        controller.reconcile(kube, job, image=IMAGE, on_write=told)
+        return read(kube, namespace, name), kube_children
+
+    first, _ = lived("again")
+    deleted = crd.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=true")
+    assert deleted.returncode == 0, deleted.stderr
+    for child in ("pytorchjob/again", f"configmap/{manifest.config_map_name('again')}"):
+        crd.kubectl("delete", child, "-n", namespace, "--wait=true")  # no garbage collector
+    job, children = lived("again")
+    assert job.metadata.uid != first.metadata.uid
+    # Planned was told before any child was applied (so before a handler of the PyTorchJob's
+    # could tell Pending); Pending after.
+    assert children == [False, True]
+    child_conditions(crd, job, "Created", "Succeeded")  # no refresh saw it Running
+    for outcome in controller.refresh(kube, job):
+        story.announce(kube, job.to_document(), outcome)
+
+    mine = kube.events(namespace, job.metadata.uid or "")
+    assert _reasons(mine) == ["Planned", "Pending", "Running", "Succeeded"]
+    assert _reasons(kube.events(namespace, first.metadata.uid or "")) == ["Planned", "Pending"]
+
+    described = subprocess.run(
+        [str(Path(sys.executable).parent / "finetune"), "describe", "again", "-n", namespace],
+        capture_output=True, text=True, env=crd.env(COLUMNS="200"), timeout=60, check=False,
+    )  # fmt: skip
+    assert described.returncode == 0, described.stderr
+    events = described.stdout.split("Events", 1)[1].splitlines()
+    told = [line.split()[1] for line in events if line.split()[:1] == ["Normal"]]
+    assert told == ["Planned", "Pending", "Running", "Succeeded"], described.stdout
+
+
+def test_a_job_names_every_claim_it_misses_until_they_exist(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    document = load_yaml(ROOT / "examples" / "tiny-local.yaml")
+    document["metadata"] = {"name": "claims", "namespace": namespace}
+    document["spec"]["checkpoint"]["storage"] = "pvc://finetune-checkpoints/tiny"
+    document["spec"]["output"]["storage"] = "pvc://finetune-models/tiny"
+    assert crd.apply(document).returncode == 0
+    job = read(kube, namespace, "claims")
+    external_child(crd, job)
+
+    controller.reconcile(kube, job, image=IMAGE)
+
+    stuck = read(kube, namespace, "claims")
+    assert stuck.status is not None
+    assert stuck.status.failure is not None
+    assert stuck.status.failure.reason == "PersistentVolumeClaimMissing"
+    assert "finetune-checkpoints, finetune-models do not exist" in stuck.status.failure.message
+
+    for claim in ("finetune-checkpoints", "finetune-models"):
+        made = crd.apply({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {"accessModes": ["ReadWriteMany"],
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        })  # fmt: skip
+        assert made.returncode == 0, made.stderr
+    controller.refresh(kube, stuck)
+
+    ready = read(kube, namespace, "claims")
+    assert ready.status is not None
+    assert (ready.status.phase, ready.status.failure) == ("Pending", None)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
-from finetune_operator import crd
+from finetune_operator import api, crd, oplog, render
+from finetune_operator.settings import Settings, SettingsError
 from helpers import EXAMPLES, ROOT
 
 SCRIPT_DIR = Path(sys.executable).parent
@@ -97,3 +102,101 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("validate", "crd"):
         assert command in result.stdout
+
+
+# --------------------------------------------------------------------------- get and watch
+
+
+def _job(name: str, status: dict[str, object] | None = None) -> api.FineTuneJob:
+    document = yaml.safe_load((ROOT / "examples" / "mistral-7b-python-code.yaml").read_text())
+    document["metadata"] = {"name": name, "namespace": "default"}
+    if status is not None:
+        document["status"] = status
+    return api.parse(document)
+
+
+PLANNED = {
+    "phase": "Running",
+    "plan": {
+        "world": 16, "dataParallel": 1, "fsdp": 16, "tensorParallel": 1, "pipelineParallel": 1,
+        "microBatchSize": 2, "gradientAccumulation": 4, "activationCheckpointing": "selective",
+        "estPeakMemoryBytesPerGPU": 1, "estTokensPerSecond": 1, "estMFU": "0.4",
+        "summary": "fsdp16 mbs2 ga4 ac=selective",
+    },
+}  # fmt: skip
+
+
+def _printed(table: object, width: int) -> list[str]:
+    console = Console(width=width, file=io.StringIO(), highlight=False, soft_wrap=True)
+    console.print(table)
+    return console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("name", "plan"),
+    [
+        ("llama3-8b-lora", "fsdp16 mbs2 ga4 ac=selective"),  # all of it
+        ("llama3-8b-cnn-dailymail-lora-r16", "fsdp16 mbs2 ga4 ac=s…"),  # shortened, one line
+        ("mistral-7b-python-code-lora-sweep-lr2e-5-run-03", None),  # no room for a plan
+    ],
+)
+def test_get_fits_80_columns_and_never_cuts_a_name(name: str, plan: str | None) -> None:
+    done = {**PLANNED, "progress": {"step": 450, "summary": "450/1000 (45%)", "loss": "1.2346"}}
+    jobs = [_job(name, done), _job("short", {"phase": "Pending"})]
+    lines = _printed(render.jobs_table(jobs, width=80), 80)
+    assert len(lines) == 3, lines  # the header and one line per job: nothing wraps
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[1].startswith(name + " ")  # the whole name
+    assert "Running" in lines[1]
+    assert "450/1000 (45%)" in lines[1]
+    assert (plan in lines[1]) if plan else ("PLAN" not in lines[0])
+    wide = _printed(render.jobs_table(jobs, width=200), 200)
+    assert "hf://mistralai/Mistral-7B-v0.3" in wide[1]  # a wide terminal shows everything
+    assert wide[0].split() == ["NAME", "PHASE", "MODEL", "GPUS", "PLAN", "PROGRESS", "LOSS", "AGE"]
+
+
+def test_get_says_when_a_running_job_has_no_metrics_and_why_a_job_is_stuck() -> None:
+    stuck = {
+        "phase": "Pending",
+        "failure": {"reason": "PersistentVolumeClaimMissing", "message": "create it"},
+    }
+    lines = _printed(render.jobs_table([_job("a", PLANNED), _job("b", stuck)], width=200), 200)
+    assert "REASON" in lines[0].split()
+    assert "no metrics yet" in lines[1]
+    assert "PersistentVolumeClaimMissing" in lines[2]
+
+
+def test_watch_says_why_there_is_no_bar_yet() -> None:
+    note = render.progress_note(_job("a", PLANNED))
+    assert note.startswith("no metrics from the trainer yet (")
+    assert "finetune logs a" in note
+    stuck = {"phase": "Pending", "failure": {"reason": "Unschedulable", "message": "0/3 nodes"}}
+    assert render.progress_note(_job("b", stuck)) == "waiting for the pods to start: 0/3 nodes"
+    running = {**PLANNED, "progress": {"step": 3, "loss": "2.5"}}
+    assert render.progress_note(_job("c", running)) == "loss 2.5"
+
+
+def test_operator_log_format_is_plain_or_json() -> None:
+    assert Settings.from_env({}).log_format == "plain"
+    assert Settings.from_env({"FINETUNE_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(SettingsError, match="FINETUNE_LOG_FORMAT='xml': expected one of plain"):
+        Settings.from_env({"FINETUNE_LOG_FORMAT": "xml"})
+    refused = run("operator", "--log-format", "xml")
+    assert refused.returncode == 2
+    assert "--log-format xml: expected plain or json" in refused.stderr
+
+
+def test_json_log_lines_carry_their_fields() -> None:
+    stream = io.StringIO()
+    handler = oplog.configure("json", stream)
+    try:
+        logging.getLogger("finetune_operator.jobs").info(
+            "FineTuneJob %s: %s", "ns/a", "Running", extra={"job": "a", "phase": "Running"}
+        )
+        logging.getLogger("kopf.objects").info("Handler 'reconcile' succeeded.")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    (line,) = stream.getvalue().splitlines()  # kopf's line per handler run is left out
+    entry = json.loads(line)
+    assert entry["message"] == "FineTuneJob ns/a: Running"
+    assert (entry["level"], entry["job"], entry["phase"]) == ("INFO", "a", "Running")

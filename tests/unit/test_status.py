@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from finetune_operator import api
+from finetune_operator.controller import Outcome
 from finetune_operator.objects import (
     Condition,
     ContainerState,
@@ -22,6 +24,8 @@ from finetune_operator.status import (
     pod_problem,
     refine_failure,
 )
+from finetune_operator.story import notes
+from helpers import ROOT, load_yaml
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
@@ -226,3 +230,97 @@ def test_a_late_pod_tells_why_a_job_hit_its_backoff_limit() -> None:
     assert (refined.failure.reason, refined.phase) == ("OOMKilled", "Failed")
     assert next(c for c in refined.conditions or [] if c.type == "Failed").reason == "OOMKilled"
     assert refine_failure(refined, [terminated("Error", 1)]) == refined  # specific reasons stay
+
+
+# --------------------------------------------------------------------------- recovering
+
+
+MISSING_CLAIM = pod(
+    conditions=(
+        Condition("PodScheduled", "False", "Unschedulable",
+                  '0/3 nodes are available: persistentvolumeclaim "finetune-models" not found. '
+                  "preemption: 0/3 nodes are available: 3 Preemption is not helpful for "
+                  "scheduling."),
+    ),
+    phase="Pending",
+)  # fmt: skip
+RUNNING = pod(ContainerStatus("pytorch", state=ContainerState()))
+
+
+def test_a_failure_is_cleared_when_the_job_recovers() -> None:
+    stuck = derive(Observed(1, False, child=child("Created"), pods=(MISSING_CLAIM,)), None, T0)
+    assert stuck.failure is not None
+    assert stuck.failure.reason == "PersistentVolumeClaimMissing"
+
+    def seen(*conditions: str, pods: tuple[Pod, ...] = ()) -> Observed:
+        return Observed(
+            1, False, child=child(*conditions), pods=pods, previous_failure=stuck.failure
+        )
+
+    scheduled = derive(seen("Created"), stuck, T1)  # the claim was made: the pods start
+    assert (scheduled.phase, scheduled.failure) == ("Pending", None)
+    running = derive(seen("Created", "Running", pods=(RUNNING,)), stuck, T1)
+    assert (running.phase, running.failure) == ("Running", None)
+    reason = {c.type: c.reason for c in running.conditions or []}
+    assert reason["Running"] == "Running"
+    done = derive(seen("Created", "Succeeded"), running, T1)
+    assert (done.phase, done.failure) == ("Succeeded", None)
+    straight = derive(seen("Created", "Succeeded"), stuck, T1)  # the Running refresh missed
+    assert (straight.phase, straight.failure) == ("Succeeded", None)
+
+
+def test_a_failure_seen_earlier_still_explains_a_job_that_fails() -> None:
+    oom = pod_problem([terminated("OOMKilled", 137, last=True)])
+    backoff = child("Failed", message="Job j has failed because it has reached the backoff limit")
+    status = derive(Observed(1, False, child=backoff, previous_failure=oom), None, T0)
+    assert status.failure == oom  # the pod that OOMed is gone; its reason is not
+
+
+def test_a_missing_claim_is_named_with_what_to_do() -> None:
+    problem = pod_problem([MISSING_CLAIM])
+    assert problem is not None
+    assert problem.reason == "PersistentVolumeClaimMissing"
+    assert "PersistentVolumeClaim finetune-models does not exist" in problem.message
+    assert "create a PersistentVolumeClaim named finetune-models" in problem.message
+    assert "GPU" not in problem.message
+    assert "nodeSelector" not in problem.message
+    status = derive(Observed(1, False, child=child("Created"), pods=(MISSING_CLAIM,)), None, T0)
+    running = next(c for c in status.conditions or [] if c.type == "Running")
+    assert (status.phase, running.reason) == ("Pending", "PersistentVolumeClaimMissing")
+
+
+# --------------------------------------------------------------------------- the story told
+
+
+def _told(before: str | None, status: FineTuneJobStatus) -> list[tuple[str, str]]:
+    job = api.parse(load_yaml(ROOT / "examples" / "tiny-local.yaml"))
+    outcome = Outcome(before, status.phase, status, True, job)
+    return [(n.type, n.reason) for n in notes(outcome)]
+
+
+def test_a_job_that_succeeded_always_tells_that_it_ran() -> None:
+    pending = derive(Observed(1, False, child=child("Created")), None, T0)
+    done = derive(Observed(1, False, child=child("Created", "Succeeded")), pending, T1)
+    assert _told("Pending", done) == [("Normal", "Running"), ("Normal", "Succeeded")]
+    running = derive(Observed(1, False, child=child("Created", "Running")), pending, T1)
+    assert _told("Pending", running) == [("Normal", "Running")]
+    assert _told("Running", done) == [("Normal", "Succeeded")]
+    assert _told("Running", running) == []  # no transition, nothing to tell
+
+
+def test_a_failure_is_told_as_a_warning_with_its_reason() -> None:
+    failed = derive(Observed(1, False, plan_error="needs 4 GPUs"), None, T0)
+    assert _told(None, failed) == [("Warning", "PlanInfeasible")]
+
+
+def test_every_missing_claim_is_named_up_front() -> None:
+    missing = ("finetune-checkpoints", "finetune-models")
+    obs = Observed(1, False, child=child("Created"), pods=(MISSING_CLAIM,), missing_claims=missing)
+    status = derive(obs, None, T0)
+    assert status.phase == "Pending"
+    assert status.failure is not None
+    assert status.failure.reason == "PersistentVolumeClaimMissing"
+    assert "PersistentVolumeClaims finetune-checkpoints, finetune-models do not exist" in (
+        status.failure.message
+    )
+    assert "named finetune-checkpoints and one named finetune-models" in status.failure.message

@@ -1,0 +1,86 @@
+"""What a FineTuneJob's phase transitions tell the user: one Kubernetes Event and one log line
+per transition, in the order the transitions happened.
+
+A status write can jump over a phase (a refresh that first sees the PyTorchJob Succeeded never
+saw it Running): the story still tells the phase it jumped over, so a job that succeeded always
+shows that it ran. Pure but for the ``recorder`` it is handed (the real one is
+:class:`finetune_operator.kube.Kube`) and the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from finetune_operator.controller import Outcome
+
+log = logging.getLogger("finetune_operator.jobs")
+
+
+@dataclass(frozen=True)
+class Note:
+    """One Event: Normal or Warning, its reason (the phase, or the failure's reason), message."""
+
+    type: str
+    reason: str
+    message: str
+
+
+class Recorder(Protocol):
+    """What records Events about an object (Kube.event)."""
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record an Event about ``obj``."""
+
+
+def notes(outcome: Outcome) -> list[Note]:
+    """The Events one status write tells, in order; none when the phase did not change."""
+    before, after = outcome.before, outcome.after
+    if before == after or after is None:
+        return []
+    status = outcome.status
+    told: list[Note] = []
+    if after == "Succeeded" and before != "Running":  # it ran, though no write saw it running
+        told.append(Note("Normal", "Running", "training started"))
+    if after == "Failed" and status.failure is not None:
+        told.append(Note("Warning", status.failure.reason, status.failure.message))
+        return told
+    waiting = f": {status.failure.message}" if status.failure else ""
+    messages = {
+        "Planned": status.plan.reason if status.plan else "the trainer will plan at start",
+        "Pending": f"PyTorchJob created; waiting for the pods{waiting}",
+        "Running": "training started",
+        "Suspended": "suspended: the pods are stopped",
+        "Succeeded": "training finished",
+    }
+    told.append(Note("Normal", after, messages.get(after, after)))
+    return told
+
+
+def announce(recorder: Recorder, body: dict[str, Any], outcome: Outcome) -> None:
+    """Record the Events of ``outcome`` about the job ``body``, and log its transition."""
+    told = notes(outcome)
+    if not told:
+        return
+    meta = body.get("metadata", {})
+    namespace, name = meta.get("namespace"), meta.get("name")
+    failure = outcome.status.failure
+    log.info(
+        "FineTuneJob %s/%s: %s -> %s%s",
+        namespace,
+        name,
+        outcome.before or "(new)",
+        outcome.after,
+        f" ({failure.reason}: {failure.message})" if failure else "",
+        extra={
+            "namespace": namespace,
+            "job": name,
+            "uid": meta.get("uid"),
+            "before": outcome.before,
+            "phase": outcome.after,
+            "reason": failure.reason if failure else None,
+        },
+    )
+    for note in told:
+        recorder.event(body, note.type, note.reason, note.message)
