@@ -90,6 +90,13 @@ BAD: list[Bad] = [
     Bad("neither-epochs-nor-steps", {f"{H}.maxSteps": DELETE}, f"{H}.epochs", "exactly one"),
     Bad("lr-float", {f"{H}.learningRate": 2e-5}, f"{H}.learningRate", "quotes"),
     Bad("lr-word", {f"{H}.learningRate": "fast"}, f"{H}.learningRate", "decimal"),
+    Bad(
+        "dropout-word",
+        {"spec.method": {"type": "lora", "lora": {"dropout": "x"}}},
+        "spec.method.lora.dropout",
+        "decimal",
+    ),
+    Bad("eval-fraction-word", {f"{D}.evalFraction": "some"}, f"{D}.evalFraction", "decimal"),
     Bad("lr-zero", {f"{H}.learningRate": "0"}, f"{H}.learningRate", "(0, 1]"),
     Bad("weight-decay-float", {f"{H}.weightDecay": 0.1}, f"{H}.weightDecay", "quotes"),
     Bad("gbs-zero", {f"{H}.globalBatchSize": 0}, f"{H}.globalBatchSize", "out of range"),
@@ -121,6 +128,15 @@ BAD: list[Bad] = [
     Bad("tp-typo", {P: {"tensorParalel": 2}}, f"{P}.tensorParalel", "tensorParallel"),
     # resources
     Bad("gpus-zero", {f"{R}.gpusPerNode": 0}, f"{R}.gpusPerNode"),
+    # one mistake, one message: the parallel-degree rules keep quiet about a world of 0 GPUs
+    Bad("gpus-zero-with-degrees", {f"{R}.gpusPerNode": 0, P: {"fsdp": 2}}, f"{R}.gpusPerNode"),
+    Bad("gpus-zero-manual", {f"{R}.gpusPerNode": 0, P: {"mode": "manual"}}, f"{R}.gpusPerNode"),
+    Bad(
+        "gpus-more-than-a-node-holds",
+        {f"{R}.gpuType": "H100-80GB", f"{R}.gpusPerNode": 16},
+        f"{R}.gpusPerNode",
+        "gpusPerNode: 8",
+    ),
     Bad("gpus-too-many", {f"{R}.gpusPerNode": 32}, f"{R}.gpusPerNode"),
     Bad("gpu-type-unknown", {f"{R}.gpuType": "RTX-4090"}, f"{R}.gpuType", "H100-80GB"),
     Bad("memory-word", {f"{R}.memory": "lots"}, f"{R}.memory", "quantity"),

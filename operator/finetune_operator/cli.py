@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune_operator import __version__, api, crd, kubeyaml
-from finetune_operator.plan import plan_config, plan_job
+from finetune_operator.plan import plan_config, plan_job, planning_problem
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import to_trainer_config
 from finetune_trainer.planner import PlanInfeasible, format_table
@@ -78,7 +78,8 @@ def _is_other_kind(content: Any) -> bool:
 def validate(
     files: Annotated[list[str], typer.Argument(help="FineTuneJob YAML files ('-' for stdin).")],
 ) -> None:
-    """Check FineTuneJobs against the rules the API server enforces (schema and CEL).
+    """Check FineTuneJobs against the rules the API server enforces (schema and CEL), then
+    against the planner: a job no plan fits is refused with what would fit, as the operator would.
 
     Prints one line per problem with its field path; exits 1 if any document is invalid.
     """
@@ -97,6 +98,9 @@ def validate(
                 )
                 continue
             problems = api.validate_document(doc.content)
+            if not problems:  # valid, so it parses: the planner's verdict, offline
+                planned = planning_problem(api.parse(doc.content).spec)
+                problems = [planned] if planned else []
             if problems:
                 invalid += 1
                 for problem in problems:

@@ -9,6 +9,8 @@ differ. Pure.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
@@ -135,37 +137,55 @@ def openapi_schema() -> dict[str, Any]:
     }
 
 
+#: Annotation with the SHA-256 of the CRD's spec: the Helm chart compares it with a CRD that is
+#: already in the cluster (applied with kubectl) to say whether that one is its own version.
+SPEC_HASH_ANNOTATION = "finetune.dev/spec-sha256"
+
+
+def spec_hash(crd_spec: dict[str, Any]) -> str:
+    """SHA-256 of a CRD's spec, keys sorted (the same spec always gives the same hash)."""
+    canonical = json.dumps(crd_spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def crd() -> dict[str, Any]:
     """The whole CustomResourceDefinition object."""
+    spec = _crd_spec()
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{api.PLURAL}.{api.GROUP}",
             "labels": {"app.kubernetes.io/name": "finetune-operator"},
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec)},
         },
-        "spec": {
-            "group": api.GROUP,
-            "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
-                "categories": list(api.CATEGORIES),
-            },
-            "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": api.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
-                }
-            ],
+        "spec": spec,
+    }
+
+
+def _crd_spec() -> dict[str, Any]:
+    """The CRD's spec: names, scope, and the one version with its schema and columns."""
+    return {
+        "group": api.GROUP,
+        "names": {
+            "kind": api.KIND,
+            "listKind": f"{api.KIND}List",
+            "plural": api.PLURAL,
+            "singular": api.SINGULAR,
+            "shortNames": list(api.SHORT_NAMES),
+            "categories": list(api.CATEGORIES),
         },
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": api.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": openapi_schema()},
+            }
+        ],
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from finetune_operator.api import Problem
 from finetune_operator.sources import parse_source
 from finetune_operator.spec import FineTuneJobSpec, LoraSpec
 from finetune_operator.status import PlanStatus
@@ -26,7 +27,14 @@ from finetune_trainer.planner import (
     plan_parallelism,
 )
 
-__all__ = ["PlanInfeasible", "model_facts", "plan_config", "plan_job", "plan_status"]
+__all__ = [
+    "PlanInfeasible",
+    "model_facts",
+    "plan_config",
+    "plan_job",
+    "plan_status",
+    "planning_problem",
+]
 
 
 def model_facts(spec: FineTuneJobSpec) -> ModelFacts | None:
@@ -68,6 +76,16 @@ def plan_job(spec: FineTuneJobSpec) -> PlanResult | None:
     return plan_parallelism(
         facts, cluster, workload(spec), constraints(spec), mode=spec.parallelism.mode
     )
+
+
+def planning_problem(spec: FineTuneJobSpec) -> Problem | None:
+    """Why the operator would fail ``spec`` with PlanInfeasible, as a problem that says what would
+    fit; None when a plan fits or the model is planned by the trainer (unknown offline)."""
+    try:
+        plan_job(spec)
+    except PlanInfeasible as exc:
+        return Problem("spec", f"no plan fits (the operator would fail it: PlanInfeasible): {exc}")
+    return None
 
 
 def plan_status(result: PlanResult) -> PlanStatus:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from finetune_operator.cel import Rule
+from finetune_trainer.planner.hardware import get_gpu
 
 # ---------------------------------------------------------------------------------------------
 # Shared field shapes
@@ -67,6 +68,12 @@ PATTERN_HINTS: dict[str, str] = {
 def decimal(description: str) -> Any:
     """Field for a non-negative decimal string (no floats in the API)."""
     return Field(description=description, pattern=DECIMAL_PATTERN, max_length=32)
+
+
+def if_decimal(field: str, rule: str) -> str:
+    """``rule`` about the decimal string ``field``, checked only when it is a decimal: a word
+    (e.g. "fast") gets the pattern's message alone, not a second, CEL conversion error too."""
+    return f"!self.{field}.matches(r'{DECIMAL_PATTERN}') || ({rule})"
 
 
 #: Object fields default to {} in the CRD so the API server fills their inner defaults, as the
@@ -208,12 +215,13 @@ class DatasetSpec(ApiModel):
     cel_rules = (
         Rule("self == oldSelf", "dataset is immutable: create a new FineTuneJob to change it"),
         Rule(
-            "!has(self.evalSplit) || double(self.evalFraction) == 0.0",
+            "!has(self.evalSplit) || "
+            + if_decimal("evalFraction", "double(self.evalFraction) == 0.0"),
             "set either evalSplit or evalFraction, not both",
             "evalFraction",
         ),
         Rule(
-            "double(self.evalFraction) < 0.5",
+            if_decimal("evalFraction", "double(self.evalFraction) < 0.5"),
             "evalFraction must be below 0.5 (it is the share of documents held out for eval)",
             "evalFraction",
         ),
@@ -331,7 +339,13 @@ class LoraSpec(ApiModel):
         ),
     ] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    cel_rules = (Rule("double(self.dropout) < 1.0", "dropout must be below 1", "dropout"),)
+    cel_rules = (
+        Rule(
+            if_decimal("dropout", "double(self.dropout) < 1.0"),
+            "dropout must be below 1",
+            "dropout",
+        ),
+    )
 
 
 class MethodSpec(ApiModel):
@@ -370,12 +384,23 @@ class Hyperparameters(ApiModel):
             "FieldValueRequired",
         ),
         Rule(
-            "double(self.learningRate) > 0.0 && double(self.learningRate) <= 1.0",
+            if_decimal(
+                "learningRate",
+                "double(self.learningRate) > 0.0 && double(self.learningRate) <= 1.0",
+            ),
             "learningRate must be in (0, 1]",
             "learningRate",
         ),
-        Rule("double(self.weightDecay) <= 1.0", "weightDecay must be in [0, 1]", "weightDecay"),
-        Rule("double(self.maxGradNorm) > 0.0", "maxGradNorm must be above 0", "maxGradNorm"),
+        Rule(
+            if_decimal("weightDecay", "double(self.weightDecay) <= 1.0"),
+            "weightDecay must be in [0, 1]",
+            "weightDecay",
+        ),
+        Rule(
+            if_decimal("maxGradNorm", "double(self.maxGradNorm) > 0.0"),
+            "maxGradNorm must be above 0",
+            "maxGradNorm",
+        ),
         Rule(
             "!has(self.maxSteps) || self.warmupSteps < self.maxSteps",
             "warmupSteps must be below maxSteps",
@@ -510,8 +535,35 @@ GpuType = Literal[
 GPU_TYPES: tuple[str, ...] = get_args(GpuType)
 
 
+#: The schema's bound on gpusPerNode (no GPU server holds more).
+MAX_GPUS_PER_NODE = 16
+
+
+def _gpus_per_node_rules() -> tuple[Rule, ...]:
+    """gpusPerNode at most what one node of gpuType holds (the planner's hardware table), for the
+    GPU types whose servers hold fewer than the schema's maximum."""
+    by_limit: dict[int, list[str]] = {}
+    for name in GPU_TYPES:
+        limit = get_gpu(name).max_gpus_per_node
+        if limit < MAX_GPUS_PER_NODE:
+            by_limit.setdefault(limit, []).append(name)
+    return tuple(
+        Rule(
+            "!has(self.gpuType) || !has(self.gpusPerNode) || "
+            f"!(self.gpuType in {names}) || self.gpusPerNode <= {limit}",
+            f"one {' or '.join(names)} node holds at most {limit} GPUs: write gpusPerNode: {limit} "
+            f"(or fewer) and raise numNodes, e.g. numNodes: 2 and gpusPerNode: {limit} for "
+            f"{2 * limit} GPUs",
+            "gpusPerNode",
+        )
+        for limit, names in sorted(by_limit.items())
+    )
+
+
 class Resources(ApiModel):
     """The machines the job runs on."""
+
+    cel_rules = _gpus_per_node_rules()
 
     num_nodes: Annotated[
         int, Field(description="Nodes (pods): one master plus numNodes-1 workers.", ge=1, le=1000)
@@ -524,7 +576,7 @@ class Resources(ApiModel):
                 "the number of CPU training processes per node and no GPU is requested."
             ),
             ge=1,
-            le=16,
+            le=MAX_GPUS_PER_NODE,
         ),
     ] = 8
     gpu_type: Annotated[
@@ -659,6 +711,12 @@ _ALL_DEGREES = (
     f"{_DP_TIMES_FSDP} * {_DEG.format('tensorParallel')} * {_DEG.format('pipelineParallel')}"
 )
 _WORLD = "self.resources.numNodes * self.resources.gpusPerNode"
+#: numNodes or gpusPerNode below 1 has its own schema message: the degree rules keep quiet then.
+_NO_WORLD = "self.resources.numNodes < 1 || self.resources.gpusPerNode < 1"
+_ANY_DEGREE = " || ".join(
+    f"has(self.parallelism.{d})"
+    for d in ("dataParallel", "fsdp", "tensorParallel", "pipelineParallel")
+)
 
 
 class PodMetadata(ApiModel):
@@ -684,13 +742,14 @@ class FineTuneJobSpec(ApiModel):
 
     cel_rules = (
         Rule(
-            f"self.parallelism.mode != 'manual' || {_ALL_DEGREES} == {_WORLD}",
+            f"self.parallelism.mode != 'manual' || {_NO_WORLD} || {_ALL_DEGREES} == {_WORLD}",
             "in manual mode dataParallel x fsdp x tensorParallel x pipelineParallel must equal "
             "numNodes x gpusPerNode",
             "parallelism",
         ),
         Rule(
-            f"{_ALL_DEGREES} <= {_WORLD} && ({_WORLD}) % ({_ALL_DEGREES}) == 0",
+            f"!({_ANY_DEGREE}) || {_NO_WORLD} || "
+            f"({_ALL_DEGREES} <= {_WORLD} && ({_WORLD}) % ({_ALL_DEGREES}) == 0)",
             "the parallel degrees must divide numNodes x gpusPerNode",
             "parallelism",
         ),

@@ -7,6 +7,7 @@ mode, and that the aggregated roles give users view/edit rights on FineTuneJobs.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -122,6 +123,42 @@ def adopt_crd(tb: Any, release: str, namespace: str) -> None:
     )  # fmt: skip
 
 
+HELM_OWNER = ("meta.helm.sh/release-name", "meta.helm.sh/release-namespace")
+SPEC_HASH = "finetune.dev/spec-sha256"
+
+
+def finetune_crd() -> str:
+    """What ``finetune crd`` prints (the installed CLI, as README runs it)."""
+    p = subprocess.run(
+        [str(Path(sys.executable).parent / "finetune"), "crd"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return p.stdout
+
+
+def crd_the_readme_way(tb: Any) -> None:
+    """The CRD as on a cluster where README's ``finetune crd | kubectl apply --server-side -f -``
+    ran and no Helm release ever held it (an earlier test's release may have: drop its marks)."""
+    tb.kubectl("label", f"crd/{CRD}", "app.kubernetes.io/managed-by-", check=True)
+    tb.kubectl("annotate", f"crd/{CRD}", *(f"{key}-" for key in HELM_OWNER), check=True)
+    fresh = tb.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", "-", input=finetune_crd()
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    readme = tb.kubectl("apply", "--server-side", "-f", "-", input=finetune_crd())
+    assert readme.returncode == 0, readme.stderr
+
+
+def live_crd_metadata(tb: Any) -> dict[str, Any]:
+    meta = tb.kubectl_json("get", f"crd/{CRD}")["metadata"]
+    return {"labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})}
+
+
+def chart_crd_hash() -> str:
+    chart_copy = yaml.safe_load((CHART / "files" / "finetunejob.yaml").read_text())
+    return str(chart_copy["metadata"]["annotations"][SPEC_HASH])
+
+
 def sa_kubeconfig(tb: Any, namespace: str, sa: str, path: Path) -> Path:
     """A kubeconfig that authenticates with a token of the chart's ServiceAccount."""
     token = tb.kubectl("create", "token", sa, "-n", namespace, "--duration=1h", check=True)
@@ -147,6 +184,10 @@ def test_install_cluster_wide_and_run_the_operator_as_its_service_account(
     adopt_crd(tb, release, ns)
     notes = helm_install(tb, release, ns, "crds.install=true", "crds.keep=true")
     assert "kubectl get ftj" in notes
+    # The release holds the CRD: it installs and upgrades it, and keeps it on uninstall.
+    assert "installed and upgraded by this release, and kept on `helm uninstall`" in notes, notes
+    manifest = tb.helm_run("get", "manifest", release, "-n", ns, check=True).stdout
+    assert f"name: {CRD}" in manifest
     assert f"rollout status deployment/{release}-finetune-operator" in notes
     sa = f"{release}-finetune-operator"
     who = f"system:serviceaccount:{ns}:{sa}"
@@ -170,6 +211,47 @@ def test_install_cluster_wide_and_run_the_operator_as_its_service_account(
         assert p.returncode == 0, p.stderr
     # crds.keep: the CRD (and every FineTuneJob) survives the uninstall.
     assert tb.kubectl("get", f"crd/{CRD}").returncode == 0
+    crd_the_readme_way(tb)  # leave the shared test bed's CRD as README makes it
+
+
+def test_helm_install_after_the_readme_crd_leaves_it_and_says_so(
+    crd: Any, release_namespace: str
+) -> None:
+    """README's order: ``finetune crd | kubectl apply --server-side -f -``, then ``helm install``
+    with the default values. Helm refuses to take over an object it does not own, so the chart
+    leaves the CRD alone (install, upgrade, uninstall) and NOTES.txt says so."""
+    tb, ns = crd, release_namespace
+    release = f"ft-{uuid.uuid4().hex[:5]}"
+    crd_the_readme_way(tb)
+    before = live_crd_metadata(tb)
+    assert before["annotations"][SPEC_HASH] == chart_crd_hash()  # the CLI's CRD is the chart's
+    try:
+        notes = helm_install(tb, release, ns)
+        assert "held by kubectl or another tool, not a Helm release: left as it is" in notes, notes
+        assert "It is this chart's version." in notes, notes
+        assert "crds.install=false" in notes
+        manifest = tb.helm_run("get", "manifest", release, "-n", ns, check=True).stdout
+        assert "CustomResourceDefinition" not in manifest
+        assert live_crd_metadata(tb) == before  # not taken over, not relabelled
+
+        # An older CRD (as an older CLI's `finetune crd | kubectl apply --server-side` leaves
+        # it): the upgrade says so and how to update it; README's command then does.
+        older = yaml.safe_load(finetune_crd())
+        older["metadata"]["annotations"][SPEC_HASH] = "0" * 64
+        applied = tb.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(older))
+        assert applied.returncode == 0, applied.stderr
+        upgrade = tb.helm_run("upgrade", release, str(CHART), "-n", ns, "--reuse-values")
+        assert upgrade.returncode == 0, upgrade.stderr
+        assert "It is NOT this chart's version: update it" in upgrade.stdout, upgrade.stdout
+        assert "finetune crd | kubectl apply --server-side -f -" in upgrade.stdout
+        readme = tb.kubectl("apply", "--server-side", "-f", "-", input=finetune_crd())
+        assert readme.returncode == 0, readme.stderr
+        assert live_crd_metadata(tb) == before
+    finally:
+        p = tb.helm_run("uninstall", release, "-n", ns)
+        assert p.returncode == 0, p.stderr
+    # Never the release's: the uninstall leaves it (and every FineTuneJob) as it was.
+    assert live_crd_metadata(tb) == before
 
 
 def run_operator_and_a_job(tb: Any, kubeconfig: Path, jobs_ns: str, log: Path) -> None:

@@ -176,10 +176,11 @@ def test_crd_toggles(helm) -> None:
     committed = yaml.safe_load((REPO / "crds" / "finetunejob.yaml").read_text())
     kept = _one(documents(helm.template().stdout), "CustomResourceDefinition")
     assert kept["spec"] == committed["spec"]
-    assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    spec_hash = committed["metadata"]["annotations"]  # the chart compares it with the cluster's
+    assert kept["metadata"]["annotations"] == {**spec_hash, "helm.sh/resource-policy": "keep"}
     assert kept["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     dropped = documents(helm.template(**{"crds.keep": "false"}).stdout)
-    assert "annotations" not in _one(dropped, "CustomResourceDefinition")["metadata"]
+    assert _one(dropped, "CustomResourceDefinition")["metadata"]["annotations"] == spec_hash
     none = documents(helm.template(**{"crds.install": "false"}).stdout)
     assert not _by_kind(none, "CustomResourceDefinition")
 

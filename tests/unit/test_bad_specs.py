@@ -27,12 +27,14 @@ def test_model_rejects_with_field_message(bad: Bad, tiny_job: dict[str, Any]) ->
     named = [p for p in problems if p.path == bad.path]
     assert named, f"no problem names {bad.path}: {[str(p) for p in problems]}"
     assert any(bad.says in p.message for p in named), [str(p) for p in named]
+    assert len(problems) == 1, f"one mistake, one message: {[str(p) for p in problems]}"
 
 
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.id)
 def test_generated_crd_rejects(bad: Bad, tiny_job: dict[str, Any], committed_crd: Any) -> None:
     failures = crd_failures(committed_crd, apply(tiny_job, bad.changes))
     assert failures, "the CRD accepted it"
+    assert len(failures) == 1, f"one mistake, one message: {failures}"
     # the field itself, or the object that misses it or has it unknown (required, typos)
     field = "." + bad.path
     assert field in failures or field.rpartition(".")[0] in failures, failures

@@ -64,6 +64,44 @@ def test_validate_reports_each_document_of_a_multi_document_file(tmp_path: Path)
     assert f"{path}#3: spec.hyperparameters.epochs" in result.stdout
 
 
+def _mistral(tmp_path: Path, **resources: object) -> Path:
+    """The Mistral example on other resources, full fine-tune, with planner settings pinned."""
+    doc = yaml.safe_load((ROOT / "examples" / "mistral-7b-python-code.yaml").read_text())
+    doc["spec"]["resources"].update(resources)
+    doc["spec"]["method"] = {"type": "full"}
+    doc["spec"]["parallelism"] = {"cpuOffload": False}
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(doc))  # JSON keeps learningRate a string for kubectl's reader
+    return path
+
+
+def test_validate_refuses_a_job_no_plan_fits_saying_what_would(tmp_path: Path) -> None:
+    path = _mistral(tmp_path, numNodes=1, gpusPerNode=1, gpuType="A100-40GB")
+    result = run("validate", str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stdout.strip().splitlines()
+    assert line.startswith(f"✗ {path}: spec: no plan fits"), line
+    assert "PlanInfeasible" in line
+    assert "Would fit:" in line, line
+    assert "2 GPUs" in line, line
+
+
+def test_validate_accepts_the_same_job_once_it_fits(tmp_path: Path) -> None:
+    path = _mistral(tmp_path, numNodes=1, gpusPerNode=8, gpuType="A100-40GB")
+    result = run("validate", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid FineTuneJob" in result.stdout
+
+
+def test_validate_refuses_more_gpus_per_node_than_a_node_holds(tmp_path: Path) -> None:
+    path = _mistral(tmp_path, numNodes=1, gpusPerNode=16, gpuType="H100-80GB")
+    result = run("validate", str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stdout.strip().splitlines()
+    assert line.startswith(f"✗ {path}: spec.resources.gpusPerNode: one H100-80GB"), line
+    assert "at most 8 GPUs: write gpusPerNode: 8" in line, line
+
+
 def test_validate_reads_stdin() -> None:
     text = (ROOT / "examples" / "tiny-local.yaml").read_text()
     result = run("validate", "-", stdin=text)

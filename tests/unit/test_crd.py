@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,3 +117,12 @@ def test_conditions_are_a_map_list(committed_crd: dict[str, Any]) -> None:
 
 def test_crd_yaml_round_trips() -> None:
     assert yaml.safe_load(crd.crd_yaml()) == crd.crd()
+
+
+def test_the_spec_hash_annotation_names_this_very_spec(committed_crd: dict[str, Any]) -> None:
+    """The chart compares it with a CRD already in the cluster to tell whether it is its own."""
+    annotations = committed_crd["metadata"]["annotations"]
+    assert annotations[crd.SPEC_HASH_ANNOTATION] == crd.spec_hash(committed_crd["spec"])
+    other = copy.deepcopy(committed_crd["spec"])
+    other["versions"][0]["additionalPrinterColumns"].pop()
+    assert crd.spec_hash(other) != crd.spec_hash(committed_crd["spec"])

@@ -71,15 +71,14 @@ def _resources_and_parallelism(draw: st.DrawFn) -> dict[str, Any]:
     cpuOffload only on GPUs.
     """
     resources = draw(
-        _optional(
-            numNodes=st.integers(1, 64),
-            gpusPerNode=st.sampled_from([1, 2, 4, 8, 16]),
-            gpuType=st.sampled_from(list(GPU_TYPES)),
-        )
+        _optional(numNodes=st.integers(1, 64), gpuType=st.sampled_from(list(GPU_TYPES)))
     )
+    on_gpus = resources.get("gpuType", DEFAULT_GPU) != "CPU"
+    # One GPU server holds at most 8 GPUs (the gpusPerNode rule); CPU processes up to 16.
+    per_node = [1, 2, 4, 8] if on_gpus else [1, 2, 4, 8, 16]
+    resources |= draw(_optional(gpusPerNode=st.sampled_from(per_node)))
     gpus_per_node = resources.get("gpusPerNode", DEFAULT_GPUS_PER_NODE)
     world = resources.get("numNodes", DEFAULT_NODES) * gpus_per_node
-    on_gpus = resources.get("gpuType", DEFAULT_GPU) != "CPU"
 
     parallelism: dict[str, Any] = draw(
         _optional(

@@ -77,3 +77,48 @@ app.kubernetes.io/part-of: finetune-operator
 {{- toYaml .Values.operator.watchNamespaces }}
 {{- end }}
 {{- end }}
+
+{{/* The FineTuneJob CRD as generated (files/finetunejob.yaml, a copy of crds/finetunejob.yaml). */}}
+{{- define "finetune-operator.crd" -}}
+{{ .Files.Get "files/finetunejob.yaml" }}
+{{- end }}
+
+{{/*
+Who holds the FineTuneJob CRD that is already in the cluster, when it is not this release: empty
+when there is none (or lookup cannot see the cluster: helm template, client dry run) or this
+release owns it. Helm refuses to install over an object it does not own, so the chart leaves
+such a CRD alone (crd.yaml) and NOTES.txt says so.
+*/}}
+{{- define "finetune-operator.crdHolder" -}}
+{{- $name := (include "finetune-operator.crd" . | fromYaml).metadata.name }}
+{{- $live := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" $name }}
+{{- if $live }}
+{{- $labels := $live.metadata.labels | default dict }}
+{{- $annotations := $live.metadata.annotations | default dict }}
+{{- $release := index $annotations "meta.helm.sh/release-name" | default "" }}
+{{- $namespace := index $annotations "meta.helm.sh/release-namespace" | default "" }}
+{{- $helm := eq (index $labels "app.kubernetes.io/managed-by" | default "") "Helm" }}
+{{- if not (and $helm (eq $release .Release.Name) (eq $namespace .Release.Namespace)) }}
+{{- if and $helm $release }}
+{{- printf "the Helm release %s in namespace %s" $release $namespace }}
+{{- else }}
+{{- print "kubectl or another tool, not a Helm release" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Non-empty when this release installs and upgrades the CRD (crds.install, and no one else holds it). */}}
+{{- define "finetune-operator.crdRendered" -}}
+{{- if and .Values.crds.install (not (include "finetune-operator.crdHolder" .)) }}true{{ end }}
+{{- end }}
+
+{{/* "same" when the cluster's CRD is this chart's version (the spec hash annotation), else "differs". */}}
+{{- define "finetune-operator.crdVersion" -}}
+{{- $crd := include "finetune-operator.crd" . | fromYaml }}
+{{- $live := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" $crd.metadata.name }}
+{{- $key := "finetune.dev/spec-sha256" }}
+{{- $mine := index ($crd.metadata.annotations | default dict) $key }}
+{{- $theirs := dig "metadata" "annotations" $key "" ($live | default dict) }}
+{{- if eq $mine $theirs }}same{{ else }}differs{{ end }}
+{{- end }}
