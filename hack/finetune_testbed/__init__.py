@@ -22,7 +22,11 @@ Environment:
                              kube-scheduler if present) from there instead of building them
   FINETUNE_TESTBED_STATE     state dir (default: <repo>/hack/.state, git-ignored)
   FINETUNE_TESTBED_CACHE     binary cache (default: ${XDG_CACHE_HOME:-~/.cache}/finetune-operator)
-  TESTBED_GPU_NODES          number of fake 8-GPU nodes (default 2)
+  TESTBED_GPU_NODES          number of fake 8x H100-80GB nodes (default 2)
+  TESTBED_A100_NODES         number of fake 8x A100-40GB nodes (default 1)
+  TESTBED_IMAGES             repository names the fake registry holds besides finetune-trainer,
+                             finetune-operator and busybox (comma-separated, e.g. pytorch);
+                             pods with other images wait in ErrImagePull/ImagePullBackOff
   TESTBED_POD_RUN_SECONDS    how long a training pod runs before it completes (default 5)
   TESTBED_BUILD_JOBS         go build -p (default: number of CPUs, at most 4)
   TESTBED_UP_TIMEOUT         seconds to wait for health (default 180)

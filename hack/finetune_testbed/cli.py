@@ -8,11 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import finetune_testbed
 
-from . import health, up
+from . import health, rendezvous, up
 from .build import Need, binaries, ensure_openssl, kubectl_in_cache, training_operator_source
 from .log import TestbedError, log
 from .procs import pid_alive, rss_kib, stop
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
             return down(settings)
         if args.command == "status":
             return status(settings)
+        if args.command == "rendezvous":
+            return rendezvous.run(Path(args.state_dir))
         if args.command == "env":
             return env(settings, as_json=args.json)
         return build(settings, tools=args.tools, api_only=args.api_only)
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only etcd + kube-apiserver with the PyTorchJob CRD (no controllers, no nodes)",
     )
     sub.add_parser("down", help="stop the test bed of this state dir")
+    # The fake trainer's rendezvous loop (a component that `up` starts; not for users).
+    cmd = sub.add_parser("rendezvous")
+    cmd.add_argument("--state-dir", required=True)
     sub.add_parser("status", help="health and memory of each component (exit 1 if down)")
     cmd = sub.add_parser("env", help="shell exports: KUBECONFIG, PATH, TESTBED_*")
     cmd.add_argument("--json", action="store_true", help="the same as JSON, for programs")

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from . import rendezvous
 from .procs import pid_alive
 from .state import State
 
@@ -40,6 +41,7 @@ def probe(st: State, component: str) -> Callable[[], bool]:
         "kube-scheduler": lambda: http_ok(f"https://127.0.0.1:{p['scheduler']}/healthz"),
         "kwok": lambda: http_ok(f"https://127.0.0.1:{p['kwok']}/healthz", cafile=ca),
         "training-operator": lambda: http_ok(f"http://127.0.0.1:{p['to-probe']}/readyz"),
+        "rendezvous": lambda: rendezvous.alive(st.state_dir),
     }
     return urls[component]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +129,31 @@ def training_operator_objects(pki: Path, webhook_port: int) -> list[Obj]:
     ]
 
 
-def nodes(gpu_nodes: int) -> list[Obj]:
-    """``kwok-gpu-<i>`` (8 H100s each, zones alternating) and one ``kwok-cpu-0``."""
+@dataclass(frozen=True)
+class GpuPool:
+    """What NVIDIA GPU feature discovery says about the nodes of one GPU type."""
+
+    product: str  # nvidia.com/gpu.product
+    family: str  # nvidia.com/gpu.family
+    memory_mib: int  # nvidia.com/gpu.memory
+    instance_type: str  # node.kubernetes.io/instance-type
+
+
+H100 = GpuPool("NVIDIA-H100-80GB-HBM3", "hopper", 81559, "gpu-8x-h100-80gb")
+A100 = GpuPool("NVIDIA-A100-SXM4-40GB", "ampere", 40960, "gpu-8x-a100-40gb")
+
+
+def nodes(gpu_nodes: int, a100_nodes: int = 0) -> list[Obj]:
+    """``kwok-gpu-<i>`` (8 H100-80GB each), ``kwok-a100-<i>`` (8 A100-40GB each), zones
+    alternating, and one ``kwok-cpu-0``."""
     out = [gpu_node(f"kwok-gpu-{i}", GPU_ZONES[i % 2]) for i in range(gpu_nodes)]
+    out += [gpu_node(f"kwok-a100-{i}", GPU_ZONES[i % 2], A100) for i in range(a100_nodes)]
     out.append(cpu_node("kwok-cpu-0"))
     return out
 
 
-def gpu_node(name: str, zone: str) -> Obj:
-    """A node as the NVIDIA GPU operator labels one of a real 8×H100 pool, tainted for GPU pods."""
+def gpu_node(name: str, zone: str, pool: GpuPool = H100) -> Obj:
+    """A node as the NVIDIA GPU operator labels one of a real 8-GPU pool, tainted for GPU pods."""
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -149,14 +166,14 @@ def gpu_node(name: str, zone: str) -> Obj:
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
                 "finetune.dev/testbed": "true",
-                "node.kubernetes.io/instance-type": "gpu-8x-h100-80gb",
+                "node.kubernetes.io/instance-type": pool.instance_type,
                 "topology.kubernetes.io/region": "testbed",
                 "topology.kubernetes.io/zone": zone,
                 "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                "nvidia.com/gpu.family": "hopper",
+                "nvidia.com/gpu.product": pool.product,
+                "nvidia.com/gpu.family": pool.family,
                 "nvidia.com/gpu.count": "8",
-                "nvidia.com/gpu.memory": "81559",
+                "nvidia.com/gpu.memory": str(pool.memory_mib),
                 "nvidia.com/gpu.machine": "testbed-gpu-node",
                 "nvidia.com/cuda.driver.major": "550",
                 "nvidia.com/cuda.runtime.major": "12",
@@ -197,12 +214,15 @@ def cpu_node(name: str) -> Obj:
     return n
 
 
-def kwok_config(pod_run_seconds: float, trainer_log: Path) -> str:
-    """kwok's ``--config``: our pod Stages (hack/kwok/stages.yaml, the default run time filled
-    in) and a ClusterLogs that serves ``trainer_log`` as every ``pytorch`` container's log."""
+def kwok_config(pod_run_seconds: float, trainer_log: Path, images: tuple[str, ...]) -> str:
+    """kwok's ``--config``: our pod Stages (hack/kwok/stages.yaml, the default run time and the
+    registry's repositories ``images`` filled in) and a ClusterLogs that serves ``trainer_log``
+    as every ``pytorch`` container's log."""
     run_ms = int(pod_run_seconds * 1000)
     text = (HACK / "kwok" / "stages.yaml").read_text()
     text = text.replace("__DEFAULT_RUN_MS__", str(run_ms)).replace("__DEFAULT_RUN__", f"{run_ms}ms")
+    text = text.replace("__KNOWN_IMAGES_JQ__", json.dumps(list(images)))
+    text = text.replace("__KNOWN_IMAGES_TPL__", "(list " + " ".join(f'"{i}"' for i in images) + ")")
     logs = {
         "apiVersion": "kwok.x-k8s.io/v1alpha1",
         "kind": "ClusterLogs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ class Settings:
     cache_dir: Path  # FINETUNE_TESTBED_CACHE, default ${XDG_CACHE_HOME:-~/.cache}/finetune-operator
     kubeconfig: str | None  # KUBECONFIG
     assets: Path | None  # KUBEBUILDER_ASSETS
-    gpu_nodes: int  # TESTBED_GPU_NODES
+    gpu_nodes: int  # TESTBED_GPU_NODES (8x H100-80GB each)
+    a100_nodes: int  # TESTBED_A100_NODES (8x A100-40GB each)
+    images: tuple[str, ...]  # the registry's repositories: DEFAULT_IMAGES + TESTBED_IMAGES
     pod_run_seconds: float  # TESTBED_POD_RUN_SECONDS
     build_jobs: int  # TESTBED_BUILD_JOBS
     up_timeout: float  # TESTBED_UP_TIMEOUT
@@ -58,10 +61,32 @@ def from_env(env: Mapping[str, str]) -> Settings:
         kubeconfig=get("KUBECONFIG"),
         assets=Path(assets) if assets else None,
         gpu_nodes=_number(env, "TESTBED_GPU_NODES", int, 2, minimum=0),
+        a100_nodes=_number(env, "TESTBED_A100_NODES", int, 1, minimum=0),
+        images=_images(env.get("TESTBED_IMAGES", "")),
         pod_run_seconds=_number(env, "TESTBED_POD_RUN_SECONDS", float, 5.0, minimum=0),
         build_jobs=_number(env, "TESTBED_BUILD_JOBS", int, min(4, os.cpu_count() or 1), minimum=1),
         up_timeout=_number(env, "TESTBED_UP_TIMEOUT", float, 180.0, minimum=1),
     )
+
+
+#: The repositories the test bed's registry holds (any registry host, any tag): this project's
+#: images, the test image and the training-operator's init container image (alpine, which waits
+#: for the master's address in every worker). A pod with another image waits in
+#: ErrImagePull/ImagePullBackOff.
+DEFAULT_IMAGES = ("finetune-trainer", "finetune-operator", "busybox", "alpine")
+_REPOSITORY = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*$")
+
+
+def _images(raw: str) -> tuple[str, ...]:
+    """DEFAULT_IMAGES and the repository names (last path part, no tag) in TESTBED_IMAGES."""
+    extra = [name.strip() for name in raw.split(",") if name.strip()]
+    for name in extra:
+        if not _REPOSITORY.match(name):
+            raise TestbedError(
+                f"TESTBED_IMAGES: {name!r} is not a repository name (e.g. pytorch, without "
+                "registry host, path or tag)"
+            )
+    return tuple(dict.fromkeys([*DEFAULT_IMAGES, *extra]))
 
 
 N = TypeVar("N", int, float)

@@ -19,6 +19,7 @@ COMPONENTS = (
     "kube-controller-manager",
     "kube-scheduler",
     "kwok",
+    "rendezvous",
     "training-operator",
 )
 API_ONLY = ("etcd", "kube-apiserver")  # `up --api-only`

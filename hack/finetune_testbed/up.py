@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from .build import Need, binaries, ensure_openssl, training_operator_source
 from .kubeapi import Api, resource_path
 from .log import TestbedError, log
 from .procs import Supervisor, stop
-from .settings import Settings
+from .settings import HACK, Settings
 from .state import API_ONLY, CLUSTER_TIER, COMPONENTS, State, load
 
 # The ports each component listens on, by name in state.json.
@@ -32,6 +33,7 @@ PORTS = {
     "kube-controller-manager": ("kcm",),
     "kube-scheduler": ("scheduler",),
     "kwok": ("kwok",),
+    "rendezvous": (),
     "training-operator": ("to-metrics", "to-probe", "to-webhook"),
 }
 # cert-controller (used by the training-operator) only checks that this file exists.
@@ -93,6 +95,8 @@ def up(settings: Settings, api_only: bool) -> int:
             if set(wanted) <= set(st.components):
                 log(f"already up ({settings.state_dir}); `hack/cluster down` to stop")
                 return 0
+            if not st.api_only:  # started by an older `up`: add what it lacks
+                return _add_missing(settings, st, [c for c in wanted if c not in st.components])
             return _complete(settings, st, t_start)
         log("previous test bed is unhealthy: stopping it")
     if st:
@@ -126,6 +130,24 @@ def _complete(settings: Settings, st: State, t_start: float) -> int:
     except (TestbedError, OSError, KeyboardInterrupt) as e:
         return _fail(bed, e)
     return _done(bed, t_start, t_ready)
+
+
+def _add_missing(settings: Settings, st: State, missing: list[str]) -> int:
+    """Start the components a full test bed started by an older ``up`` lacks (the rendezvous)."""
+    starters = {"rendezvous": start_rendezvous}
+    unknown = [c for c in missing if c not in starters]
+    if unknown:
+        raise TestbedError(f"the test bed lacks {unknown}: `hack/cluster down` and `up` again")
+    log(f"the test bed lacks {missing}: starting them")
+    procs = Supervisor(st.state_dir, adopted=st.pids)
+    bed = Bed(settings, st, {}, Path(), procs)
+    st.components = COMPONENTS
+    for component in missing:
+        starters[component](bed)
+        bed.wait(component)
+    bed.save()
+    bed.state.write_env()
+    return 0
 
 
 def _new_bed(
@@ -299,6 +321,7 @@ def start_cluster_tier(bed: Bed) -> None:
     write_component_pki(bed)
     apply_bootstrap_objects(bed)
     start_kwok(bed)
+    start_rendezvous(bed)
     start_training_operator(bed)
     for component in CLUSTER_TIER:
         bed.wait(component)
@@ -347,7 +370,7 @@ def apply_bootstrap_objects(bed: Bed) -> None:
     path = resource_path("rbac.authorization.k8s.io/v1", "ClusterRole", "training-operator")
     bed.api.apply(path, role.read_bytes())
     objs = manifests.training_operator_objects(bed.pki, bed.state.ports["to-webhook"])
-    objs += manifests.nodes(bed.settings.gpu_nodes)
+    objs += manifests.nodes(bed.settings.gpu_nodes, bed.settings.a100_nodes)
     (bed.dir / "bootstrap.json").write_text(manifests.as_list(objs))
     bed.api.apply_objects(objs)
 
@@ -356,7 +379,9 @@ def start_kwok(bed: Bed) -> None:
     config = bed.dir / "kwok-stages.yaml"
     trainer_log = bed.dir / "trainer.log"
     trainer_log.write_text(manifests.trainer_log())
-    config.write_text(manifests.kwok_config(bed.settings.pod_run_seconds, trainer_log))
+    config.write_text(
+        manifests.kwok_config(bed.settings.pod_run_seconds, trainer_log, bed.settings.images)
+    )
     port = bed.state.ports["kwok"]
     bed.procs.start("kwok", [
         bed.bins["kwok"], f"--kubeconfig={bed.kubeconfig('kwok')}", f"--config={config}",
@@ -366,6 +391,15 @@ def start_kwok(bed: Bed) -> None:
         f"--tls-cert-file={bed.pki / 'kwok.crt'}", f"--tls-private-key-file={bed.pki / 'kwok.key'}",
         "--node-lease-duration-seconds=40",
     ], env={"HOME": str(bed.dir)})  # fmt: skip
+    bed.save()
+
+
+def start_rendezvous(bed: Bed) -> None:
+    """The fake trainer's rendezvous (rendezvous.py): training pods finish only once every pod
+    of their PyTorchJob runs."""
+    bed.procs.start("rendezvous", [
+        sys.executable, "-m", "finetune_testbed", "rendezvous", "--state-dir", bed.dir,
+    ], env={"PYTHONPATH": str(HACK)})  # fmt: skip
     bed.save()
 
 
@@ -404,7 +438,7 @@ def ensure_rotator_placeholder(pki_dir: Path) -> None:
 
 def wait_for_nodes(bed: Bed) -> None:
     """Every kwok node (the GPU nodes and the CPU node) Ready."""
-    expected = bed.settings.gpu_nodes + 1
+    expected = bed.settings.gpu_nodes + bed.settings.a100_nodes + 1
 
     def ready(node: manifests.Obj) -> bool:
         conditions = node.get("status", {}).get("conditions") or []

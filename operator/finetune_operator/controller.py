@@ -20,6 +20,7 @@ from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     TERMINAL,
     FineTuneJobStatus,
+    GpuAsk,
     Observed,
     PlanStatus,
     derive,
@@ -132,6 +133,7 @@ def _observe(
     claims = sources.claims(job.spec)
     missing = kube.missing_claims(ns, claims) if claims else []
     return Observed(
+        gpu=gpu_ask(job),
         generation=job.metadata.generation,
         suspend_requested=job.spec.run_policy.suspend and not manifest.queued(job),
         plan=plan,
@@ -140,6 +142,15 @@ def _observe(
         previous_failure=job.status.failure if job.status else None,
         missing_claims=tuple(missing),
     )
+
+
+def gpu_ask(job: api.FineTuneJob) -> GpuAsk | None:
+    """The GPU type and count the job's pods ask nodes for (None for CPU jobs)."""
+    res = job.spec.resources
+    products = manifest.gpu_node_products(res.gpu_type)
+    if not products:
+        return None
+    return GpuAsk(res.gpu_type, res.gpus_per_node, products, bool(res.node_selector))
 
 
 def _unheard(_: Outcome) -> None:

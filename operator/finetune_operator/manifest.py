@@ -12,6 +12,7 @@ from finetune_operator import api
 from finetune_operator.sources import claims, parse_source, pvc_mount_path
 from finetune_trainer import names
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.planner import get_gpu
 
 PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 PYTORCHJOB_KIND = "PyTorchJob"
@@ -27,6 +28,9 @@ MANAGED_BY = "finetune-operator"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PLAN_ANNOTATION = f"{api.GROUP}/plan"
 GPU_RESOURCE = "nvidia.com/gpu"
+#: Node labels of NVIDIA GPU feature discovery (GFD): the product name and the GPUs per node.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 
 
 def config_map_name(job_name: str) -> str:
@@ -160,6 +164,31 @@ def _tolerations(job: api.FineTuneJob) -> list[dict[str, Any]]:
     return given
 
 
+def gpu_node_products(gpu_type: str) -> tuple[str, ...]:
+    """The ``nvidia.com/gpu.product`` values of nodes with ``gpu_type`` GPUs (none for CPU)."""
+    return () if gpu_type == "CPU" else get_gpu(gpu_type).node_products
+
+
+def _affinity(job: api.FineTuneJob) -> dict[str, Any] | None:
+    """Node affinity to the GPU type and count the job was planned for: the pods only go to nodes
+    that GFD labels with one of that GPU's product names and at least ``gpusPerNode`` GPUs."""
+    res = job.spec.resources
+    products = gpu_node_products(res.gpu_type)
+    if not products:
+        return None
+    term = {
+        "matchExpressions": [
+            {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(products)},
+            {"key": GPU_COUNT_LABEL, "operator": "Gt", "values": [str(res.gpus_per_node - 1)]},
+        ]
+    }
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+        }
+    }
+
+
 def pod_template(
     job: api.FineTuneJob, image: str, metrics_port: int = METRICS_PORT
 ) -> dict[str, Any]:
@@ -197,6 +226,9 @@ def pod_template(
         },
         "enableServiceLinks": False,
     }
+    affinity = _affinity(job)
+    if affinity is not None:
+        spec["affinity"] = affinity
     if job.spec.resources.node_selector:
         spec["nodeSelector"] = dict(job.spec.resources.node_selector)
     if job.spec.scheduling and job.spec.scheduling.priority_class_name:

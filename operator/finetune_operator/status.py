@@ -269,7 +269,19 @@ def _terminated_failure(pod: Pod) -> Failure | None:
     return None
 
 
-def pod_problem(pods: Sequence[Pod]) -> Failure | None:
+@dataclass(frozen=True)
+class GpuAsk:
+    """The GPUs a job's pods ask for, as their node affinity says (see manifest._affinity)."""
+
+    gpu_type: str
+    per_node: int
+    #: The ``nvidia.com/gpu.product`` label values of nodes with that GPU.
+    products: tuple[str, ...]
+    #: Whether spec.resources.nodeSelector narrows the nodes further.
+    node_selector: bool = False
+
+
+def pod_problem(pods: Sequence[Pod], gpu: GpuAsk | None = None) -> Failure | None:
     """The most telling problem among the job's pods, in terms a user can act on."""
     for pod in pods:
         found = _terminated_failure(pod)
@@ -296,7 +308,7 @@ def pod_problem(pods: Sequence[Pod]) -> Failure | None:
                 and cond.status == "False"
                 and cond.reason == "Unschedulable"
             ):
-                return _unschedulable(pod.name, cond.message)
+                return _unschedulable(pod.name, cond.message, gpu)
     return None
 
 
@@ -329,10 +341,34 @@ def claims_missing(claims: Sequence[str], pod: str | None = None) -> Failure:
     )
 
 
-def _unschedulable(pod: str, message: str) -> Failure:
+#: How kube-scheduler's NodeAffinity plugin counts the nodes a pod's affinity/selector excludes.
+_AFFINITY_MISMATCH = "didn't match Pod's node affinity/selector"
+
+
+def no_gpu_node(pod: str, gpu: GpuAsk, scheduler_message: str) -> Failure:
+    """The failure of a job whose pods no node can take: none has its GPU type and count."""
+    products = ", ".join(gpu.products)
+    selector = " that also match spec.resources.nodeSelector" if gpu.node_selector else ""
+    return Failure(
+        reason="Unschedulable",
+        message=(
+            f"pod {pod} cannot be scheduled: no node offers {gpu.per_node} {gpu.gpu_type} GPUs "
+            f"(nodes labelled nvidia.com/gpu.product in [{products}] with nvidia.com/gpu.count "
+            f">= {gpu.per_node}{selector}); add such nodes, or set spec.resources.gpuType and "
+            f"gpusPerNode to GPUs the cluster has (scheduler: {scheduler_message})"
+        ),
+        pod=pod,
+    )
+
+
+def _unschedulable(pod: str, message: str, gpu: GpuAsk | None = None) -> Failure:
     claim = missing_claim(message)
     if claim is not None:
         return claims_missing([claim], pod)
+    if gpu is not None and _AFFINITY_MISMATCH in message and "Insufficient" not in message:
+        # Every node was excluded by affinity (or a taint): none has the planned GPUs. Where some
+        # node had them but not free, the scheduler says "Insufficient nvidia.com/gpu" instead.
+        return no_gpu_node(pod, gpu, message)
     return Failure(
         reason="Unschedulable",
         message=(
@@ -374,6 +410,8 @@ class Observed:
     #: The PersistentVolumeClaims the job names that do not exist (checked up front: the
     #: scheduler names only the first one a pod misses).
     missing_claims: tuple[str, ...] = ()
+    #: The GPUs the pods ask for (None: no GPUs, or not known).
+    gpu: GpuAsk | None = None
 
 
 def _cond(
@@ -406,7 +444,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     completion = prev.completion_time
     start = prev.start_time
     child_conds = obs.child.true_conditions() if obs.child is not None else {}
-    problem = pod_problem(obs.pods)
+    problem = pod_problem(obs.pods, obs.gpu)
 
     if obs.plan_error is not None:
         phase: Phase = "Failed"

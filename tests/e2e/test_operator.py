@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -448,3 +449,88 @@ def test_operator_logs_its_start_and_each_transition_as_json(
     assert [(f["phase"], f["reason"]) for f in failed] == [("Failed", "PlanInfeasible")]
     assert "PlanInfeasible" in failed[0]["message"]
     assert not any("Handler" in line["message"] for line in lines)  # not a line per handler run
+
+
+def test_a_job_with_too_few_gpus_never_succeeds(operator: Any) -> None:
+    """Three 8-GPU nodes asked of two H100 nodes: the third pod never starts, so (as torchrun
+    would) the master never finishes: the job waits, Unschedulable, and never Succeeds."""
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job(
+        "short",
+        resources={"numNodes": 3, "gpusPerNode": 8, "gpuType": "H100-80GB"},
+        hyperparameters={"epochs": 1, "globalBatchSize": 48},
+    )  # the test bed's default run-duration: pods that run finish after 5 s
+    assert testbed.apply(job, "-n", ns).returncode == 0
+
+    def master_running() -> bool:
+        return any(
+            p["metadata"]["name"] == "short-master-0" and p["status"].get("phase") == "Running"
+            for p in pods(testbed, ns, "short")
+        )
+
+    testbed.wait_for(master_running, timeout=120, desc="the master Running")
+    time.sleep(15)  # three run-durations
+    status = ftj(testbed, ns, "short")["status"]
+    assert status["phase"] == "Pending", status
+    assert status["failure"]["reason"] == "Unschedulable"
+    child = testbed.kubectl_json("get", "pytorchjob", "short", "-n", ns)
+    assert not any(
+        c["type"] == "Succeeded" and c["status"] == "True"
+        for c in child["status"].get("conditions", [])
+    )
+    phases = {p["metadata"]["name"]: p["status"].get("phase") for p in pods(testbed, ns, "short")}
+    assert phases["short-master-0"] == "Running", phases
+
+
+def test_an_image_that_does_not_exist_says_so_and_never_runs(operator: Any) -> None:
+    testbed, ns = operator.testbed, operator.namespace
+    image = "ghcr.io/finetune-dev/finetune-trainr:0.1.0"  # the typo a user makes
+    assert testbed.apply(gpu_job("typo", image=image), "-n", ns).returncode == 0
+
+    def pull_failure() -> dict[str, Any] | None:
+        status = ftj(testbed, ns, "typo").get("status", {})
+        failure = status.get("failure") or {}
+        return status if failure.get("reason") == "ImagePullBackOff" else None
+
+    status = testbed.wait_for(pull_failure, timeout=120, desc="an ImagePullBackOff failure")
+    assert image in status["failure"]["message"]
+    assert "check spec.image" in status["failure"]["message"]
+    time.sleep(8)  # longer than a pod's run-duration: it never ran
+    assert ftj(testbed, ns, "typo")["status"]["phase"] == "Pending"
+    assert all(p["status"].get("phase") == "Pending" for p in pods(testbed, ns, "typo"))
+
+
+def _node_products(testbed: Any, ns: str, name: str) -> set[str]:
+    found = set()
+    for pod in pods(testbed, ns, name):
+        node = testbed.kubectl_json("get", "node", pod["spec"]["nodeName"])
+        found.add(node["metadata"]["labels"]["nvidia.com/gpu.product"])
+    return found
+
+
+def test_a_job_planned_for_one_gpu_type_is_never_scheduled_on_another(operator: Any) -> None:
+    """The test bed has H100-80GB nodes and an A100-40GB node: each job's pods land on its own
+    GPU type, and a job for a type no node has (A100-80GB) waits and says so."""
+    testbed, ns = operator.testbed, operator.namespace
+    hour = {"annotations": {"testbed.finetune.dev/run-duration": "1h"}}
+    for name, gpu in (("on-a100", "A100-40GB"), ("on-h100", "H100-80GB"), ("none", "A100-80GB")):
+        resources = {"numNodes": 1, "gpusPerNode": 8, "gpuType": gpu}
+        job = gpu_job(name, resources=resources, podMetadata=hour)
+        assert testbed.apply(job, "-n", ns).returncode == 0
+    wait_phase(testbed, ns, "on-a100", "Running")
+    wait_phase(testbed, ns, "on-h100", "Running")
+    assert _node_products(testbed, ns, "on-a100") == {"NVIDIA-A100-SXM4-40GB"}
+    assert _node_products(testbed, ns, "on-h100") == {"NVIDIA-H100-80GB-HBM3"}
+
+    def no_node_said() -> dict[str, Any] | None:
+        status = ftj(testbed, ns, "none").get("status", {})
+        failure = status.get("failure") or {}
+        return status if "no node offers" in failure.get("message", "") else None
+
+    status = testbed.wait_for(no_node_said, timeout=120, desc="no node offers A100-80GB")
+    assert status["phase"] == "Pending"
+    assert status["failure"]["reason"] == "Unschedulable"
+    assert "no node offers 8 A100-80GB GPUs" in status["failure"]["message"]
+    assert "NVIDIA-A100-SXM4-80GB" in status["failure"]["message"]
+    (pod,) = pods(testbed, ns, "none")
+    assert not pod["spec"].get("nodeName")

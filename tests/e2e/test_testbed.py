@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -335,3 +336,107 @@ def test_failing_pod_fails_pytorchjob_after_backoff_limit(gpu_testbed, kube_name
     assert restarts, seen
     assert max(int(r[1]) for r in restarts) >= 2, seen
     assert all(r[2] == "1" for r in restarts), seen
+
+
+RENDEZVOUS = "testbed.finetune.dev/rendezvous"
+
+
+def test_master_waits_for_every_worker_like_torchrun(gpu_testbed, kube_namespace):
+    """A training pod runs its course only once every pod of its PyTorchJob runs (torchrun's
+    rendezvous): a worker held Pending keeps the master Running past its run-duration, and the
+    job finishes only after the worker starts."""
+    tb = gpu_testbed
+    if tb.external:
+        pytest.skip("the rendezvous and the pending annotation are the test bed's")
+    namespace = kube_namespace
+    run = {"testbed.finetune.dev/run-duration": "2s"}
+    held = {**run, "testbed.finetune.dev/pending": "true"}
+    job = pytorchjob(
+        "gang", namespace, {"Master": replica("true", run), "Worker": replica("true", held)}
+    )
+    assert tb.apply(job).returncode == 0
+
+    def master_running():
+        ps = {p["metadata"]["name"]: p for p in job_pods(tb, namespace, "gang")}
+        master = ps.get("gang-master-0", {})
+        return master if master.get("status", {}).get("phase") == "Running" else None
+
+    tb.wait_for(master_running, TIMEOUT, desc="the master Running")
+    # Five times its run-duration later, the master still waits for the worker.
+    time.sleep(10)
+    master = master_running()
+    assert master is not None, "the master finished while its worker was Pending"
+    assert RENDEZVOUS not in (master["metadata"].get("annotations") or {})
+    pj = tb.kubectl_json("get", "pytorchjob", "gang", "-n", namespace)
+    assert condition(pj, "Succeeded") is None
+
+    # The worker starts: both join, run their 2 s and the job succeeds.
+    tb.kubectl("annotate", "pod", "gang-worker-0", "-n", namespace,
+               "testbed.finetune.dev/pending-", check=True)  # fmt: skip
+    tb.wait_for(
+        lambda: condition(
+            tb.kubectl_json("get", "pytorchjob", "gang", "-n", namespace), "Succeeded"
+        ),
+        TIMEOUT,
+        desc="PyTorchJob Succeeded once every pod ran",
+    )
+    for pod in job_pods(tb, namespace, "gang"):
+        assert RENDEZVOUS in pod["metadata"]["annotations"], pod["metadata"]["name"]
+        assert pod["status"]["phase"] == "Succeeded"
+
+
+def test_an_image_the_registry_lacks_is_never_started(gpu_testbed, kube_namespace):
+    """A typo'd image goes ErrImagePull -> ImagePullBackOff as a kubelet reports it; the pod
+    never runs (the other container, whose image exists, waits in ContainerCreating)."""
+    tb = gpu_testbed
+    if tb.external:
+        pytest.skip("the test bed's registry")
+    namespace = kube_namespace
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "typo", "namespace": namespace},
+        "spec": {
+            "tolerations": [GPU_TOLERATION],
+            "containers": [
+                {"name": "bad", "image": "ghcr.io/finetune-dev/finetune-trainr:0.1.0"},
+                {"name": "good", "image": "busybox:1.36"},
+            ],
+        },
+    }
+    assert tb.apply(pod).returncode == 0
+
+    def backoff():
+        st = tb.kubectl_json("get", "pod", "typo", "-n", namespace).get("status", {})
+        states = {c["name"]: c["state"] for c in st.get("containerStatuses") or []}
+        waiting = states.get("bad", {}).get("waiting", {})
+        return (st, states) if waiting.get("reason") == "ImagePullBackOff" else None
+
+    st, states = tb.wait_for(backoff, TIMEOUT, desc="ImagePullBackOff")
+    assert st["phase"] == "Pending"
+    assert "podIP" not in st
+    bad = states["bad"]["waiting"]
+    assert bad["message"] == 'Back-off pulling image "ghcr.io/finetune-dev/finetune-trainr:0.1.0"'
+    assert states["good"]["waiting"]["reason"] == "ContainerCreating"
+    table = tb.kubectl("get", "pod", "typo", "-n", namespace).stdout
+    assert "ImagePullBackOff" in table  # what a user sees
+
+
+def test_gpu_nodes_of_two_types_carry_gpu_feature_discovery_labels(gpu_testbed):
+    """H100-80GB and A100-40GB nodes, labelled as NVIDIA GPU feature discovery labels them."""
+    tb = gpu_testbed
+    if tb.external:
+        pytest.skip("the test bed's nodes")
+    nodes = tb.kubectl_json("get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"]
+    products = {}
+    for node in nodes:
+        labels = node["metadata"]["labels"]
+        products.setdefault(labels["nvidia.com/gpu.product"], []).append(labels)
+        assert labels["nvidia.com/gpu.count"] == node["status"]["allocatable"]["nvidia.com/gpu"]
+    assert set(products) == {"NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-40GB"}
+    assert {labels["nvidia.com/gpu.memory"] for labels in products["NVIDIA-A100-SXM4-40GB"]} == {
+        "40960"
+    }
+    assert {labels["nvidia.com/gpu.family"] for labels in products["NVIDIA-H100-80GB-HBM3"]} == {
+        "hopper"
+    }

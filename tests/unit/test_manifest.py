@@ -146,3 +146,58 @@ def test_the_shared_names_are_the_api_s() -> None:
     assert container["name"] == names.CONTAINER
     assert container["command"] == ["torchrun", "-m", names.ENTRY_POINT]
     assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+
+
+def _node_terms(child: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The nodeSelectorTerms of each replica's pods (their matchExpressions)."""
+    out = []
+    for spec in child["spec"]["pytorchReplicaSpecs"].values():
+        affinity = spec["template"]["spec"]["affinity"]["nodeAffinity"]
+        required = affinity["requiredDuringSchedulingIgnoredDuringExecution"]
+        out += [t["matchExpressions"] for t in required["nodeSelectorTerms"]]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("gpu_type", "gpus", "products"),
+    [
+        ("H100-80GB", 8, {"NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"}),
+        ("A100-40GB", 4, {"NVIDIA-A100-SXM4-40GB", "A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"}),
+        ("A100-80GB", 8, {"NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"}),
+        ("H200-141GB", 8, {"NVIDIA-H200"}),
+        ("L40S-48GB", 2, {"NVIDIA-L40S"}),
+        ("B200-180GB", 8, {"NVIDIA-B200"}),
+    ],
+)
+def test_pods_need_nodes_with_the_planned_gpu_type_and_count(
+    tiny_job: dict[str, Any], gpu_type: str, gpus: int, products: set[str]
+) -> None:
+    doc = apply(
+        tiny_job,
+        {"spec.resources.gpuType": gpu_type, "spec.resources.gpusPerNode": gpus},
+    )
+    child = manifest.pytorch_job(_job(doc), image="i", plan_summary=None, exists=False)
+    terms = _node_terms(child)
+    assert terms, "no node affinity"
+    for expressions in terms:
+        by_key = {e["key"]: e for e in expressions}
+        product = by_key["nvidia.com/gpu.product"]
+        assert product["operator"] == "In"
+        assert products <= set(product["values"])
+        # No other GPU type's product name is accepted.
+        others = {
+            p
+            for t in ("H100-80GB", "A100-40GB", "A100-80GB", "H200", "L40S", "B200")
+            if manifest.gpu_node_products(t) != manifest.gpu_node_products(gpu_type)
+            for p in manifest.gpu_node_products(t)
+        }
+        assert not others & set(product["values"])
+        count = by_key["nvidia.com/gpu.count"]
+        assert (count["operator"], count["values"]) == ("Gt", [str(gpus - 1)])
+
+
+def test_cpu_jobs_have_no_gpu_affinity(tiny_job: dict[str, Any]) -> None:
+    doc = apply(tiny_job, {"spec.resources.gpuType": "CPU", "spec.resources.gpusPerNode": 2})
+    child = manifest.pytorch_job(_job(doc), image="i", plan_summary=None, exists=False)
+    for spec in child["spec"]["pytorchReplicaSpecs"].values():
+        assert "affinity" not in spec["template"]["spec"]

@@ -19,6 +19,7 @@ from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     Failure,
     FineTuneJobStatus,
+    GpuAsk,
     Observed,
     derive,
     pod_problem,
@@ -324,3 +325,42 @@ def test_every_missing_claim_is_named_up_front() -> None:
         status.failure.message
     )
     assert "named finetune-checkpoints and one named finetune-models" in status.failure.message
+
+
+#: What kube-scheduler says when no node has the GPU product/count the pod's affinity asks for.
+NO_GPU_NODE = (
+    "0/4 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }, "
+    "3 node(s) didn't match Pod's node affinity/selector. preemption: 0/4 nodes are available: "
+    "4 Preemption is not helpful for scheduling."
+)
+H100X8 = GpuAsk("H100-80GB", 8, ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"))
+
+
+def _pending(message: str) -> Pod:
+    cond = Condition("PodScheduled", "False", "Unschedulable", message)
+    return pod(conditions=(cond,), phase="Pending")
+
+
+def test_no_node_with_the_planned_gpus_is_named_in_status() -> None:
+    obs = Observed(1, False, child=child("Created"), pods=(_pending(NO_GPU_NODE),), gpu=H100X8)
+    status = derive(obs, None, T0)
+    assert status.phase == "Pending"
+    assert status.failure is not None
+    assert status.failure.reason == "Unschedulable"
+    message = status.failure.message
+    assert "no node offers 8 H100-80GB GPUs" in message
+    assert "nvidia.com/gpu.product in [NVIDIA-H100-80GB-HBM3, NVIDIA-H100-PCIe]" in message
+    assert "nvidia.com/gpu.count >= 8" in message
+    assert "didn't match Pod's node affinity/selector" in message  # the scheduler's own words
+
+
+def test_gpus_that_exist_but_are_busy_are_not_called_missing() -> None:
+    busy = (
+        "0/4 nodes are available: 2 Insufficient nvidia.com/gpu, 2 node(s) didn't match Pod's "
+        "node affinity/selector."
+    )
+    found = pod_problem([_pending(busy)], H100X8)
+    assert found is not None
+    assert found.reason == "Unschedulable"
+    assert "no node offers" not in found.message
+    assert "Insufficient nvidia.com/gpu" in found.message

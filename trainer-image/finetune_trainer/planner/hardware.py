@@ -20,6 +20,9 @@ Sources:
   benchmarks used (torchtitan logs show 95.0 GiB capacity). Expected to run 10-15% below an
   80 GB SXM part (lower clocks and memory bandwidth): modelled as a 0.875 sustained-clock factor
   (assumed, the midpoint of that range; not fitted).
+- Node labels: NVIDIA GPU feature discovery labels a node ``nvidia.com/gpu.product`` with the
+  driver's product name (nvidia-smi's, spaces as dashes; drivers before R470 leave out "NVIDIA-"),
+  e.g. ``NVIDIA-H100-80GB-HBM3``, ``NVIDIA-A100-SXM4-40GB``, ``A100-PCIE-40GB``.
 Bandwidths below are per GPU per direction (what one rank of a ring can push).
 Host memory per node (for CPU offload): DGX H100/H200 2 TB, DGX A100 320GB-system 1 TB,
 DGX A100 640GB-system 2 TB, DGX B200 2 TB (base), L40S servers ~1 TB (typical, assumed).
@@ -57,6 +60,13 @@ class GPUSpec(BaseModel):
     max_gpus_per_node: int = Field(default=8, gt=0)
     host_memory_bytes: int = Field(default=2 * 10**12, gt=0, description="host RAM per node")
     nominal_gb: int = Field(gt=0, description="marketing memory size in GB")
+    node_products: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "values of the nvidia.com/gpu.product node label (NVIDIA GPU feature discovery: "
+            "the driver's product name, spaces as dashes) that are this GPU"
+        ),
+    )
 
     @property
     def peak_flops(self) -> float:
@@ -78,6 +88,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
     for g in (
         _gpu(
             name="H100-80GB",
+            node_products=("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"),
             nominal_gb=80,
             architecture="hopper",
             memory_bytes=81_559 * MiB,
@@ -101,6 +112,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="H200",
+            node_products=("NVIDIA-H200", "NVIDIA-H200-NVL"),
             nominal_gb=141,
             architecture="hopper",
             memory_bytes=143_771 * MiB,
@@ -112,6 +124,12 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="A100-40GB",
+            node_products=(
+                "NVIDIA-A100-SXM4-40GB",
+                "NVIDIA-A100-PCIE-40GB",
+                "A100-SXM4-40GB",
+                "A100-PCIE-40GB",
+            ),
             host_memory_bytes=10**12,
             nominal_gb=40,
             architecture="ampere",
@@ -123,6 +141,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="A100-80GB",
+            node_products=("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe", "A100-SXM4-80GB"),
             nominal_gb=80,
             architecture="ampere",
             memory_bytes=81_920 * MiB,
@@ -133,6 +152,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="L40S",
+            node_products=("NVIDIA-L40S",),
             host_memory_bytes=10**12,
             nominal_gb=48,
             architecture="ada",
@@ -144,6 +164,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
         ),
         _gpu(
             name="B200",
+            node_products=("NVIDIA-B200",),
             nominal_gb=180,
             architecture="blackwell",
             memory_bytes=180 * GB,
