@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data
 from finetune_trainer.checkpoint import Checkpointer, check_writable, latest
@@ -177,6 +178,8 @@ class Trainer:
     def build(cls, cfg: TrainerConfig, env: DistEnv) -> Trainer:
         """Data, model (parallelized as planned), optimizer, resumed state and metrics."""
         preflight(cfg, env)
+        # One display: our progress bar and one line per stage, no library bars.
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         device = init_distributed(env)
         torch.manual_seed(cfg.schedule.seed)
         tok = rank0_first(env, lambda: load_tokenizer(cfg.model))
@@ -186,7 +189,8 @@ class Trainer:
             env.rank,
             f"data: {len(train_ds)} training rows of <= {cfg.data.max_seq_length} tokens "
             f"(packing {'on' if cfg.data.packing else 'off'}), {len(eval_ds)} eval rows; "
-            f"{total} steps of {cfg.schedule.global_batch_size} rows = {sampler.dp_size} ranks "
+            f"{total} steps of {cfg.schedule.global_batch_size} rows = {sampler.dp_size} "
+            f"{'rank' if sampler.dp_size == 1 else 'ranks'} "
             f"x {sampler.micro_batch_size} micro-batch x {sampler.accumulation} accumulation",
         )
         hf_model, module, applied, flops = _parallel_model(cfg, env, device)
