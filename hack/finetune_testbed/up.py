@@ -330,29 +330,33 @@ def start_cluster_tier(bed: Bed) -> None:
     wait_for_webhook(bed)
 
 
+def _serving_flags(bed: Bed, user: str, port: str) -> list[str]:
+    """What the controller-manager and the scheduler share: their kubeconfig for every client,
+    a secure port on loopback, no leader election, no profiling."""
+    kc = bed.kubeconfig(user)
+    return [
+        f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1",
+        f"--secure-port={bed.state.ports[port]}", "--leader-elect=false", "--profiling=false",
+        "--v=1",
+    ]  # fmt: skip
+
+
 def start_controller_manager(bed: Bed) -> None:
-    kc = bed.kubeconfig("kcm")
     bed.procs.start("kube-controller-manager", [
-        bed.bins["kube-controller-manager"], f"--kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-        "--bind-address=127.0.0.1", f"--secure-port={bed.state.ports['kcm']}",
-        "--leader-elect=false", "--use-service-account-credentials=true",
+        bed.bins["kube-controller-manager"], *_serving_flags(bed, "kcm", "kcm"),
+        "--use-service-account-credentials=true",
         f"--service-account-private-key-file={bed.pki / 'sa.key'}",
         f"--root-ca-file={bed.pki / 'ca.crt'}",
         f"--cluster-signing-cert-file={bed.pki / 'ca.crt'}",
         f"--cluster-signing-key-file={bed.pki / 'ca.key'}",
-        "--profiling=false", "--v=1",
     ])  # fmt: skip
     bed.save()
 
 
 def start_scheduler(bed: Bed) -> None:
-    kc = bed.kubeconfig("scheduler")
     bed.procs.start("kube-scheduler", [
-        bed.bins["kube-scheduler"], f"--kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-        "--bind-address=127.0.0.1", f"--secure-port={bed.state.ports['scheduler']}",
-        "--leader-elect=false", "--profiling=false", "--v=1",
+        bed.bins["kube-scheduler"], *_serving_flags(bed, "scheduler", "scheduler"),
     ])  # fmt: skip
     bed.save()
 
