@@ -167,7 +167,13 @@ def main() -> None:
     children.stop()
     cpu_after, peak = _proc_usage(operator.pid)
     operator.terminate()
-    operator.wait(timeout=30)
+    stop = time.monotonic()
+    try:  # kopf finishes the handlers in flight before it exits
+        operator.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        operator.kill()
+        operator.wait()
+    shutdown_seconds = time.monotonic() - stop
     latencies = sorted(children.seen[n] - created[n] for n in names if n in children.seen)
 
     # --- floor: the same PyTorchJobs created directly -> training-operator -> pods
@@ -207,6 +213,7 @@ def main() -> None:
             else None,
             "operator_cpu_seconds": round(cpu_after - cpu_before, 2),
             "operator_peak_rss_bytes": peak,
+            "operator_shutdown_seconds": round(shutdown_seconds, 2),
         },
         "floor_training_operator": {
             "all_pods_exist_seconds": round(floor_total, 2),
