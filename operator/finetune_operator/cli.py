@@ -6,6 +6,7 @@ invalid, 2 the command could not run (unreadable file, bad arguments).
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from finetune_operator import __version__, api, crd, kubeyaml
 from finetune_operator.plan import plan_config, plan_job, planning_problem
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import to_trainer_config
-from finetune_trainer.planner import PlanInfeasible, format_table
+from finetune_trainer.planner import ModelConfigError, ModelFacts, PlanInfeasible, format_table
 
 if TYPE_CHECKING:
     from finetune_operator.kube import Kube
@@ -132,13 +133,43 @@ def load_job(path: str) -> api.FineTuneJob:
         raise typer.Exit(1) from None
 
 
+def load_model_config(path: Path, name: str) -> ModelFacts:
+    """The model's shape from a Hugging Face config.json; exits 2 (unreadable) or 1 (unusable)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        err.print(f"[red]error[/]: {escape(str(path))}: cannot read: {escape(str(exc.strerror))}")
+        raise typer.Exit(2) from None
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]✗[/] {escape(str(path))}: not JSON: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    if not isinstance(cfg, dict):
+        err.print(f"[red]✗[/] {escape(str(path))}: a config.json is a JSON object")
+        raise typer.Exit(1)
+    try:
+        return ModelFacts.from_hf_config(cfg, name=name)
+    except ModelConfigError as exc:
+        err.print(f"[red]✗[/] {escape(str(path))}: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+
 @app.command()
-def plan(file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")]) -> None:
+def plan(
+    file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")],
+    model_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="The model's config.json, for a model outside the planner's offline catalog "
+            "(a private or new Hub repo, a folder on a PVC): plan it without reading the Hub."
+        ),
+    ] = None,
+) -> None:
     """Show the parallelism plan the operator would choose, with the runners-up.
 
     Exits 1 when no plan fits, with what would (more GPUs, LoRA, shorter sequences).
     """
     job = load_job(file)
+    facts = load_model_config(model_config, job.spec.model.source) if model_config else None
     res = job.spec.resources
     out.print(
         f"[bold]{escape(job.name)}[/]: {escape(job.spec.model.source)} {job.spec.method.type} "
@@ -147,14 +178,14 @@ def plan(file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")]) 
         f"{res.gpu_type}"
     )
     try:
-        result = plan_job(job.spec)
+        result = plan_job(job.spec, facts)
     except PlanInfeasible as exc:
         err.print(f"[red]✗ no plan fits[/]: {escape(exc.message)}")
         raise typer.Exit(1) from None
     if result is None:
         out.print(
             "The model's shape is not known offline: the trainer plans when it has read its "
-            "config.json."
+            "config.json (give it here with --model-config FILE to plan now)."
         )
         return
     out.print(escape(format_table(result)))

@@ -62,9 +62,10 @@ def constraints(spec: FineTuneJobSpec) -> Constraints:
     return Constraints(**spec.parallelism.model_dump(exclude={"mode"}))
 
 
-def plan_job(spec: FineTuneJobSpec) -> PlanResult | None:
-    """The plan for ``spec``; None when the model is unknown offline. Raises PlanInfeasible."""
-    facts = model_facts(spec)
+def plan_job(spec: FineTuneJobSpec, facts: ModelFacts | None = None) -> PlanResult | None:
+    """The plan for ``spec`` (for the model ``facts`` when given, e.g. read from a config.json);
+    None when the model is unknown offline. Raises PlanInfeasible."""
+    facts = facts or model_facts(spec)
     if facts is None:
         return None
     res = spec.resources

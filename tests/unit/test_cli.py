@@ -238,3 +238,78 @@ def test_json_log_lines_carry_their_fields() -> None:
     entry = json.loads(line)
     assert entry["message"] == "FineTuneJob ns/a: Running"
     assert (entry["level"], entry["job"], entry["phase"]) == ("INFO", "a", "Running")
+
+
+# MPT-30B's config.json as published on the Hub (the fields the planner reads): not in the
+# planner's offline catalog.
+MPT_30B = {
+    "architectures": ["MPTForCausalLM"],
+    "model_type": "mpt",
+    "d_model": 7168,
+    "n_heads": 64,
+    "n_layers": 48,
+    "expansion_ratio": 4,
+    "max_seq_len": 8192,
+    "vocab_size": 50432,
+    "no_bias": True,
+}
+
+
+def _outside_catalog(tmp_path: Path) -> Path:
+    doc = json.loads(_mistral(tmp_path, numNodes=2, gpusPerNode=8).read_text())
+    doc["spec"]["model"]["source"] = "hf://mosaicml/mpt-30b"
+    path = tmp_path / "mpt.yaml"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_plan_of_a_model_outside_the_catalog_comes_from_its_config_json(tmp_path: Path) -> None:
+    job = _outside_catalog(tmp_path)
+    without = run("plan", str(job))
+    assert without.returncode == 0, without.stderr
+    assert "--model-config" in without.stdout  # says how to plan it now
+    assert "peak GiB" not in without.stdout
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MPT_30B))
+    result = run("plan", str(job), "--model-config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "peak GiB" in result.stdout
+    chosen = next(line for line in result.stdout.splitlines() if line.startswith("*"))
+    assert "fsdp" in chosen or "tp" in chosen  # 30B in 16-bit AdamW states cannot sit on one GPU
+    # the shape is MPT-30B's own: a smaller config gives a faster plan
+    small = dict(MPT_30B, n_layers=8)
+    config.write_text(json.dumps(small))
+    faster = run("plan", str(job), "--model-config", str(config))
+    tok = [
+        int(line.split()[-2].replace(",", ""))
+        for line in (result.stdout, faster.stdout)
+        for line in [next(x for x in line.splitlines() if x.startswith("*"))]
+    ]
+    assert tok[1] > 3 * tok[0], tok
+
+
+@pytest.mark.parametrize(
+    ("content", "says", "code"),
+    [
+        ('{"model_type": "mixtral", "num_local_experts": 8}', "mixture of experts", 1),
+        (
+            '{"model_type": "llama", "hidden_size": 4096}',
+            "no 'num_hidden_layers', 'num_attention_heads', 'vocab_size'",
+            1,
+        ),
+        ('{"model_type": "t5", "is_encoder_decoder": true}', "encoder-decoder", 1),
+        ("[1, 2]", "a config.json is a JSON object", 1),
+        ("{not json", "not JSON", 1),
+        (None, "cannot read", 2),
+    ],
+)
+def test_plan_refuses_a_config_json_it_cannot_use_saying_why(
+    tmp_path: Path, content: str | None, says: str, code: int
+) -> None:
+    config = tmp_path / "config.json"
+    if content is not None:
+        config.write_text(content)
+    result = run("plan", str(_outside_catalog(tmp_path)), "--model-config", str(config))
+    assert result.returncode == code, result.stdout + result.stderr
+    assert says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

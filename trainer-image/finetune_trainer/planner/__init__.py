@@ -17,6 +17,7 @@ from .layout import Layout
 from .model import (
     KNOWN_CONFIGS,
     TINY_CONFIGS,
+    ModelConfigError,
     ModelFacts,
     hf_config,
     is_known_model,
@@ -35,6 +36,7 @@ __all__ = [
     "Estimate",
     "GPUSpec",
     "Layout",
+    "ModelConfigError",
     "ModelFacts",
     "Plan",
     "PlanInfeasible",

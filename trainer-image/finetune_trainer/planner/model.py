@@ -15,12 +15,31 @@ import copy
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # model_type -> whether the MLP is gated (SwiGLU/GeGLU: gate, up, down)
 _GATED = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo"}
 # HF PretrainedConfig defaults tie_word_embeddings=True; these architectures override it to False.
 _UNTIED_BY_DEFAULT = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo"}
+
+# config.json keys that count experts: a model with more than one is a mixture of experts
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+# config.json keys the planner cannot do without, per family (the others have defaults)
+_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "mpt": ("d_model", "n_layers", "n_heads", "vocab_size"),
+    "gpt2": ("n_embd", "n_layer", "n_head", "vocab_size"),
+    "llama": ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
+}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class ModelConfigError(ValueError):
+    """A config.json the planner cannot read: what is missing or unsupported, in words."""
 
 
 class ModelFacts(BaseModel):
@@ -52,8 +71,46 @@ class ModelFacts(BaseModel):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], name: str | None = None) -> ModelFacts:
-        """Parse a Hugging Face config.json dict (Llama/Mistral/Qwen2/MPT/GPT-2/GPT-NeoX keys)."""
+        """Parse a Hugging Face config.json dict (Llama/Mistral/Qwen2/MPT/GPT-2/GPT-NeoX keys).
+
+        Raises :class:`ModelConfigError` (a ValueError) saying what is missing or unsupported.
+        """
         mt = str(cfg.get("model_type", "llama")).lower()
+        if cfg.get("is_encoder_decoder"):
+            raise ModelConfigError(
+                f"model_type {mt!r} is an encoder-decoder model; the planner and trainer "
+                "fine-tune decoder-only causal language models"
+            )
+        experts = next((k for k in _MOE_KEYS if _count(cfg.get(k)) > 1), None)
+        if experts:
+            raise ModelConfigError(
+                f"model_type {mt!r} is a mixture of experts ({experts}={cfg[experts]}); the "
+                "planner and trainer fine-tune dense decoder models only"
+            )
+        required = _REQUIRED_KEYS.get(mt, _REQUIRED_KEYS["llama"])
+        missing = [key for key in required if cfg.get(key) is None]
+        if missing:
+            raise ModelConfigError(
+                f"the config.json of a {mt!r} model has no {', '.join(map(repr, missing))}: the "
+                f"planner reads the model's shape from {', '.join(required)}"
+            )
+        try:
+            return cls._parse(cfg, mt, name)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, KeyError):
+                what = f"it has no {exc.args[0]!r}"
+            elif isinstance(exc, ValidationError):
+                what = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+                )
+            else:
+                what = str(exc)
+            raise ModelConfigError(
+                f"cannot read the shape of a {mt!r} model from its config.json: {what}"
+            ) from None
+
+    @classmethod
+    def _parse(cls, cfg: dict[str, Any], mt: str, name: str | None) -> ModelFacts:
         label = name or str(cfg.get("_name_or_path") or mt)
         if mt == "mpt":
             h = int(cfg["d_model"])
