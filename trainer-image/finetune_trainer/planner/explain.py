@@ -5,6 +5,9 @@ from __future__ import annotations
 from .hardware import GiB
 from .plan import Estimate, Plan, PlanResult, RankedPlan
 
+# GPU architectures with fp8 tensor cores (Hopper, Ada, Blackwell). The trainer computes in bf16:
+# on these the reason says so, since fp8 could be faster (not planned or measured yet).
+FP8_ARCHITECTURES = frozenset({"hopper", "ada", "blackwell"})
 _AC_WORDS = {"none": "no recompute", "selective": "selective recompute", "full": "full recompute"}
 
 
@@ -41,9 +44,10 @@ def reason(plan: Plan, est: Estimate) -> str:
     if plan.workload.method == "lora":
         bits.append(f"LoRA r={plan.workload.lora_rank}")
     cap = est.memory_capacity_bytes / GiB
+    fp8 = "; bf16, fp8 not used" if plan.cluster.gpu.architecture in FP8_ARCHITECTURES else ""
     return (
         f"{', '.join(bits)}: fits in {est.peak_memory_bytes / GiB:.0f} GiB of {cap:.0f} GiB, "
-        f"~{est.tokens_per_s_per_gpu:,.0f} tok/s/GPU (MFU {est.mfu:.0%})"
+        f"~{est.tokens_per_s_per_gpu:,.0f} tok/s/GPU (MFU {est.mfu:.0%}{fp8})"
     )
 
 
