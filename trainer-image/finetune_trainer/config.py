@@ -141,6 +141,28 @@ class PlanConfig(_Config):
         """The ranks the plan covers: data parallel x fsdp x tensor parallel x pipeline."""
         return self.data_parallel * self.fsdp * self.tensor_parallel * self.pipeline_parallel
 
+    @property
+    def summary(self) -> str:
+        """E.g. 'fsdp8 tp2 mbs2 ga4 ac=selective' (the planner's words)."""
+        degrees = [
+            f"{name}{n}"
+            for name, n in (
+                ("dp", self.data_parallel),
+                ("fsdp", self.fsdp),
+                ("tp", self.tensor_parallel),
+                ("pp", self.pipeline_parallel),
+            )
+            if n > 1
+        ]
+        return " ".join(
+            [
+                *(degrees or ["single"]),
+                f"mbs{self.micro_batch_size}",
+                f"ga{self.gradient_accumulation}",
+                f"ac={self.activation_checkpointing}",
+            ]
+        )
+
 
 def checkpoint_dirname(step: int) -> str:
     """The folder of the checkpoint taken at ``step`` under ``CheckpointConfig.dir`` (the
@@ -160,6 +182,18 @@ class MetricsConfig(_Config):
     log_every_steps: int = Field(default=10, ge=1)
 
 
+class ResilienceConfig(_Config):
+    """How the run stops instead of hanging or training on garbage."""
+
+    #: A collective (all-reduce, all-gather, ...) that has not completed after this long fails
+    #: the run with CollectiveTimeout (a stopped or lost rank), instead of waiting for ever. It
+    #: also bounds how long the other ranks wait for rank 0 to download the model and data.
+    collective_timeout_seconds: int = Field(default=1800, ge=1)
+    #: Steps in a row with a NaN or infinite loss or gradient norm (their updates are skipped)
+    #: before the run stops with LossDiverged.
+    nonfinite_steps: int = Field(default=3, ge=1)
+
+
 class TrainerConfig(_Config):
     """Everything one training run needs."""
 
@@ -176,6 +210,7 @@ class TrainerConfig(_Config):
     checkpoint: CheckpointConfig = CheckpointConfig()
     output_dir: str
     metrics: MetricsConfig = MetricsConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -15,9 +15,11 @@ from finetune_trainer.errors import ConfigError
 T = TypeVar("T")
 
 
-def init_distributed(env: DistEnv) -> torch.device:
+def init_distributed(env: DistEnv, collective_timeout_s: float) -> torch.device:
     """This rank's device (its GPU, or the CPU), with the process group started (NCCL on GPU,
-    gloo on CPU) when the run is distributed."""
+    gloo on CPU) when the run is distributed. A collective that has not completed after
+    ``collective_timeout_s`` raises (gloo) or aborts the process (NCCL's watchdog), so a lost
+    rank ends the run instead of hanging it."""
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
@@ -25,7 +27,7 @@ def init_distributed(env: DistEnv) -> torch.device:
         device = torch.device("cpu")
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout_s))
     return device
 
 

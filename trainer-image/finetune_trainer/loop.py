@@ -71,6 +71,8 @@ class StepResult:
     tokens: int
     seconds: float
     wait_seconds: float
+    #: False when the loss or gradient norm was not finite and the update was skipped.
+    updated: bool = True
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -165,17 +167,21 @@ class Loop:
                 total += loss_sum.detach().float()
         norm = self._clip()
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         summed = float(_all_reduce(total.reshape(1)).item()) / self.loss_copies
         loss = summed / global_tokens
+        # Every rank sees the same global loss and norm, so all skip or all step.
+        updated = math.isfinite(loss) and math.isfinite(norm)
+        if updated:  # a NaN/inf gradient would poison the weights and Adam's moments
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         real_tokens = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
         real = _all_reduce(torch.tensor([float(real_tokens)], device=self.device))
         tokens = int(real.item()) // self.readers
-        return StepResult(step + 1, loss, norm, lr, tokens, time.perf_counter() - start, wait)
+        seconds = time.perf_counter() - start
+        return StepResult(step + 1, loss, norm, lr, tokens, seconds, wait, updated)
 
     def _clip(self) -> float:
         """Clip the global gradient norm (over every shard, TP slice and pipeline stage)."""

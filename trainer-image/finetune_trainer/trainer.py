@@ -27,6 +27,7 @@ from finetune_trainer.distenv import DistEnv
 from finetune_trainer.distributed import any_rank, init_distributed, rank0_first
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import export
+from finetune_trainer.failure import LossDivergedError
 from finetune_trainer.lm import CausalLMLoss
 from finetune_trainer.loop import Loop, lr_lambda, make_optimizer
 from finetune_trainer.model_loading import (
@@ -173,6 +174,8 @@ class Trainer:
     step: int = 0
     #: Set by SIGTERM (preemption): the run saves a checkpoint and stops.
     stopping: bool = False
+    #: Step of the newest complete checkpoint of this run (resumed from or saved), if any.
+    saved_step: int | None = None
 
     @classmethod
     def build(cls, cfg: TrainerConfig, env: DistEnv) -> Trainer:
@@ -180,7 +183,7 @@ class Trainer:
         preflight(cfg, env)
         # One display: our progress bar and one line per stage, no library bars.
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        device = init_distributed(env)
+        device = init_distributed(env, cfg.resilience.collective_timeout_seconds)
         torch.manual_seed(cfg.schedule.seed)
         tok = rank0_first(env, lambda: load_tokenizer(cfg.model))
         train_ds, eval_ds = rank0_first(env, lambda: _load_data(cfg, env, tok))
@@ -231,6 +234,7 @@ class Trainer:
             ckpt=ckpt,
             report=report,
             step=resumed[1] if resumed else 0,
+            saved_step=resumed[1] if resumed else None,
         )
 
     def train(self) -> int:
@@ -241,10 +245,24 @@ class Trainer:
         self.report.begin(self.step)
         every_eval = self.cfg.schedule.eval_every_steps
         every_save = self.cfg.checkpoint.every_steps
+        bad_since: int | None = None  # first of the current run of non-finite steps
         while self.step < self.total:
             result = self.loop.step(self.step)
             self.step = result.step
             self.report.step(result)
+            if not result.updated:
+                bad_since = bad_since or self.step
+                self.report.message(
+                    f"step {self.step}: loss {result.loss}, grad norm {result.grad_norm}: not "
+                    "finite, update skipped"
+                )
+                streak = self.step - bad_since + 1
+                if streak >= self.cfg.resilience.nonfinite_steps or self.step == self.total:
+                    raise LossDivergedError(
+                        self.step, bad_since, result.loss, result.grad_norm, self.saved_step
+                    )
+                continue  # no evaluation, no checkpoint of a step that went wrong
+            bad_since = None
             if every_eval and self.step % every_eval == 0 and self.step < self.total:
                 self._evaluate()
             if any_rank(self.stopping, self.device):
@@ -278,4 +296,5 @@ class Trainer:
         if self.ckpt is not None:
             _path, seconds = self.ckpt.save(self.step, self.module, self.optim, self.sched, {})
             self.report.saved(self.step, seconds)
+            self.saved_step = self.step
         return self.step
