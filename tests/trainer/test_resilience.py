@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from conftest import losses, poll, read_journal, torchrun, trainer_config, wait, write_config
+from conftest import (
+    losses,
+    poll,
+    rank_pid,
+    read_journal,
+    torchrun,
+    trainer_config,
+    wait,
+    write_config,
+)
 
 pytestmark = pytest.mark.trainer
 
@@ -58,22 +67,6 @@ def test_a_diverging_loss_stops_with_loss_diverged_and_keeps_the_good_checkpoint
     assert f"error: LossDiverged: {cause['message']}" in out  # and in the log, as it is
 
 
-def _rank_pid(parent: int, rank: int) -> int | None:
-    """The process of ``rank`` among torchrun's children (read from /proc)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    return None
-
-
 def test_a_rank_that_stops_answering_ends_the_run_within_the_collective_timeout(
     small_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,7 +84,7 @@ def test_a_rank_that_stops_answering_ends_the_run_within_the_collective_timeout(
     frozen: int | None = None
     try:
         assert poll(lambda: len(losses(journal)) >= 2, timeout=600), "training never started"
-        frozen = _rank_pid(proc.pid, 1)
+        frozen = rank_pid(proc.pid, 1)
         assert frozen is not None
         os.kill(frozen, signal.SIGSTOP)
         stopped_at = time.monotonic()

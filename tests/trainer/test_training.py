@@ -3,6 +3,7 @@ standard-library alpaca data. One run per scenario, shared by the assertions abo
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import urllib.request
@@ -15,6 +16,7 @@ from conftest import (
     free_port,
     losses,
     poll,
+    rank_pid,
     read_journal,
     run_trainer,
     torchrun,
@@ -187,6 +189,43 @@ def test_resumed_run_equals_uninterrupted(
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], abs=RESUME_TOLERANCE), step
     assert (run / "model" / "config.json").is_file()
+
+
+def test_a_rank_killed_mid_run_resumes_from_the_last_complete_checkpoint(
+    small_model_dir: Path, session_dir: Path, two_ranks: dict[str, Any]
+) -> None:
+    """A rank SIGKILLed (a lost node: no chance to save) fails the run; run again, it resumes
+    from the last checkpoint that was complete and trains the same losses as the uninterrupted
+    2-rank run."""
+    run = session_dir / "killed"
+    cfg = trainer_config(small_model_dir, run, schedule__max_steps=SHORT)
+    cfg["hardware"]["procs_per_node"] = 2
+    cfg["checkpoint"]["every_steps"] = 3
+    config = write_config(cfg, run / "config.json")
+    journal = run / "journal.jsonl"
+    proc = torchrun(config, 2, journal)
+    assert poll(lambda: len(losses(journal)) >= 5, timeout=600)
+    victim = rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    out = wait(proc)
+    assert proc.returncode != 0, "a run that lost a rank must not report success"
+    killed_at = max(losses(journal))
+    assert killed_at < SHORT, "the run ended before the kill: nothing to resume"
+    complete = [p.name for p in (run / "ckpt").iterdir() if not p.name.endswith(".tmp")]
+    newest = max(int(name.removeprefix("step-")) for name in complete)
+    # the checkpoint of the last multiple of 3, or the one before if the kill hit its write
+    assert newest in {killed_at // 3 * 3, killed_at // 3 * 3 - 3}, (complete, killed_at)
+    assert newest > 0, out[-2000:]
+
+    resumed_journal = run / "resumed.jsonl"
+    log = run_trainer(config, 2, resumed_journal)
+    assert f"at step {newest}" in log
+    resumed = losses(resumed_journal)
+    assert sorted(resumed) == list(range(newest + 1, SHORT + 1))
+    reference = losses(two_ranks["journal"])
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], abs=RESUME_TOLERANCE), step
 
 
 def test_lora_on_two_ranks_exports_a_merged_model(small_model_dir: Path, session_dir: Path) -> None:
