@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -41,7 +42,10 @@ def test_a_diverging_loss_stops_with_loss_diverged_and_keeps_the_good_checkpoint
     exported."""
     log = tmp_path / "termination-log"
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(log))
+    token = "hf_" + secrets.token_urlsafe(27)  # as the pods get it from the user's Secret
+    monkeypatch.setenv("HF_TOKEN", token)
     cfg = trainer_config(small_model_dir, tmp_path, schedule__max_steps=10)
+    cfg["model"]["token_env"] = "HF_TOKEN"
     cfg["optim"] = {"learning_rate": 1e30, "lr_scheduler": "constant", "warmup_steps": 0}
     cfg["hardware"]["procs_per_node"] = 2
     cfg["checkpoint"].update(every_steps=1, keep_last=5)
@@ -65,6 +69,9 @@ def test_a_diverging_loss_stops_with_loss_diverged_and_keeps_the_good_checkpoint
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000001"]
     assert not (tmp_path / "model").exists()
     assert f"error: LossDiverged: {cause['message']}" in out  # and in the log, as it is
+    # The Hub token is in none of what the trainer wrote: log, journal, termination message.
+    for written in (out, journal.read_text(), log.read_text()):
+        assert token not in written
 
 
 def test_a_rank_that_stops_answering_ends_the_run_within_the_collective_timeout(
