@@ -5,8 +5,9 @@
 (b) ``hf_trainer``: ``transformers.Trainer`` with its defaults (dynamic padding, no packing), with
     our learning rate and schedule so that losses compare.
 (c) ``ours``: the finetune trainer's data pipeline and loop (packing with per-document position
-    ids, prompt masking, the LM head only where there are labels, bf16 autocast where the CPU
-    has native bf16, the FSDP2/AdamW step).
+    ids, prompt masking, the LM head only where there are labels, bf16 autocast where it measured
+    faster than fp32 at start-up, the FSDP2/AdamW step); ``ours_other_precision`` is the same
+    in the precision it did not choose, to show the choice.
 
 Each gets the same wall-clock budget, runs ``--repeats`` times (interleaved, so machine noise
 spreads over all three), and is scored by real (non-pad) tokens per second of training and by
@@ -45,6 +46,7 @@ from finetune_trainer.data import IGNORE, StepSampler, collate, prepare, rows_at
 from finetune_trainer.lm import CausalLMLoss
 from finetune_trainer.loop import Loop, lr_lambda, make_optimizer
 from finetune_trainer.model_loading import autocast_dtype, load_tokenizer
+from finetune_trainer.precision import choose_cpu_autocast
 from finetune_trainer.stdlib_data import build_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,9 +205,14 @@ def run_hf_trainer(train: Dataset, tok: Any, budget: float, device: torch.device
 
 
 def run_ours(
-    packed: Dataset, tok: Any, budget: float, device: torch.device, rows_per_step: int
+    packed: Dataset,
+    tok: Any,
+    budget: float,
+    device: torch.device,
+    rows_per_step: int,
+    autocast: torch.dtype | None,
 ) -> dict[str, Any]:
-    """(c) the finetune trainer's loop on packed rows."""
+    """(c) the finetune trainer's loop on packed rows, computing under ``autocast``."""
     model = new_model(device)
     module = CausalLMLoss(model)
     sampler = StepSampler(
@@ -218,7 +225,6 @@ def run_ours(
     )
     opt = make_optimizer(module, LR, 0.0, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", WARMUP, 1))
-    autocast = autocast_dtype("bfloat16", device, sharded=False)
     loop = Loop(
         module,
         opt,
@@ -245,6 +251,17 @@ def run_ours(
         "seconds": seconds,
         "autocast": str(autocast) if autocast else "none",
     }
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide matmul speed per dtype (so results can be told apart)."""
+    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "fma"}
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return sorted(wanted & set(line.split(":", 1)[-1].split()))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -285,10 +302,22 @@ def main() -> None:
     # Ours trains on about as many real tokens per step as (a) and (b): packed rows are fuller.
     rows_per_step = max(1, round(BATCH * mean_doc / mean_row))
 
+    # The precision ours computes in: what the trainer chooses at start-up (measured on this
+    # machine on CPU); "ours_other_precision" runs the other one, to show the choice was right.
+    wanted = autocast_dtype("bfloat16", device, sharded=False)
+    chosen, choice = wanted, None
+    if wanted is not None and device.type == "cpu":
+        choice = choose_cpu_autocast(wanted, int(MODEL["hidden_size"]))
+        chosen = choice.dtype
+        print(choice.describe(), flush=True)
+    other = None if chosen is not None else torch.bfloat16
     runners = {
         "reference": lambda: run_reference(unpacked, tok, args.budget, device),
         "hf_trainer": lambda: run_hf_trainer(unpacked, tok, args.budget, device),
-        "ours": lambda: run_ours(packed, tok, args.budget, device, rows_per_step),
+        "ours": lambda: run_ours(packed, tok, args.budget, device, rows_per_step, chosen),
+        "ours_other_precision": lambda: run_ours(
+            packed, tok, args.budget, device, rows_per_step, other
+        ),
     }
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in runners}
     for repeat in range(args.repeats):
@@ -317,12 +346,15 @@ def main() -> None:
         "ours_vs_reference_tokens_per_second": tps["ours"] / tps["reference"],
         "ours_vs_hf_trainer_tokens_per_second": tps["ours"] / tps["hf_trainer"],
         "ours_minus_hf_trainer_held_out_loss": loss["ours"] - loss["hf_trainer"],
+        "ours_vs_other_precision_tokens_per_second": tps["ours"] / tps["ours_other_precision"],
     }
     targets = {
         "ours_vs_reference_at_least_3x": ratios["ours_vs_reference_tokens_per_second"] >= 3.0,
         "ours_vs_hf_trainer_at_least_1_5x": ratios["ours_vs_hf_trainer_tokens_per_second"] >= 1.5,
         "held_out_loss_no_worse_than_hf_trainer": ratios["ours_minus_hf_trainer_held_out_loss"]
         <= 0.0,
+        "chosen_precision_is_the_faster": ratios["ours_vs_other_precision_tokens_per_second"]
+        >= 1.0,
     }
     result = {
         "benchmark": "trainer",
@@ -331,6 +363,12 @@ def main() -> None:
         else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "precision": {
+            "chosen_autocast": str(chosen) if chosen else "none (fp32)",
+            "measured_fp32_s": choice.fp32_s if choice else None,
+            "measured_autocast_s": choice.autocast_s if choice else None,
+        },
         "torch": torch.__version__,
         "model": {
             **MODEL,

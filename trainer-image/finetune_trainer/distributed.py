@@ -60,3 +60,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def from_rank0(fn: Callable[[], T]) -> T:
+    """``fn()`` computed on rank 0 and sent to every rank (a choice all ranks must share)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box: list[T | None] = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    value = box[0]
+    assert value is not None
+    return value

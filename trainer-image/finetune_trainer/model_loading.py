@@ -134,21 +134,11 @@ def load_model(cfg: ModelConfig, *, seed: int, dtype: torch.dtype) -> PreTrained
 
 
 # -- dtypes ----------------------------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(dtype: str, device: torch.device, *, sharded: bool) -> torch.dtype | None:
     """The autocast dtype for ``model.dtype``: none for float32, none where FSDP already
-    computes in bf16 (sharded on GPU), none on a CPU that would only emulate it."""
+    computes in bf16 (sharded on GPU). On a CPU this is what the run asks for; whether the CPU
+    is faster with it is measured (:func:`finetune_trainer.precision.choose_cpu_autocast`)."""
     if dtype == "float32" or (device.type == "cuda" and sharded):
-        return None
-    if device.type == "cpu" and not cpu_has_bf16():
         return None
     return DTYPES[dtype]
 

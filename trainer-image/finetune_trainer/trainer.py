@@ -24,7 +24,7 @@ from finetune_trainer import data
 from finetune_trainer.checkpoint import Checkpointer, check_writable, latest
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.distenv import DistEnv
-from finetune_trainer.distributed import any_rank, init_distributed, rank0_first
+from finetune_trainer.distributed import any_rank, from_rank0, init_distributed, rank0_first
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import export
 from finetune_trainer.failure import LossDivergedError
@@ -44,6 +44,7 @@ from finetune_trainer.parallelize import (
     data_parallel_rank,
     trained_module,
 )
+from finetune_trainer.precision import choose_cpu_autocast
 from finetune_trainer.progress import log
 from finetune_trainer.telemetry import Reporter, flops_per_token
 
@@ -201,6 +202,12 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             optim, lr_lambda(cfg.optim.lr_scheduler, cfg.optim.warmup_steps, total)
         )
+        autocast = autocast_dtype(cfg.model.dtype, device, sharded=env.world_size > 1)
+        if autocast is not None and device.type == "cpu":
+            wanted, hidden = autocast, int(getattr(hf_model.config, "hidden_size", 0) or 512)
+            choice = from_rank0(lambda: choose_cpu_autocast(wanted, hidden))
+            log(env.rank, choice.describe())
+            autocast = choice.dtype
         loop = Loop(
             module,
             optim,
@@ -209,7 +216,7 @@ class Trainer:
             train_ds,
             device,
             pad_id=tok.pad_token_id,
-            autocast=autocast_dtype(cfg.model.dtype, device, sharded=env.world_size > 1),
+            autocast=autocast,
             max_grad_norm=cfg.optim.max_grad_norm,
             parallel=applied,
             seq_len=cfg.data.max_seq_length,
