@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune_operator import __version__, api, crd, kubeyaml
-from finetune_operator.plan import plan_config, plan_job, planning_problem
+from finetune_operator.plan import GPU_TYPE_FROM_NODES, plan_config, plan_job, planning_problem
 from finetune_operator.spec import FineTuneJobSpec
 from finetune_operator.translate import to_trainer_config
 from finetune_trainer.planner import ModelConfigError, ModelFacts, PlanInfeasible, format_table
@@ -175,8 +175,11 @@ def plan(
         f"[bold]{escape(job.name)}[/]: {escape(job.spec.model.source)} {job.spec.method.type} "
         f"fine-tune, seq {job.spec.dataset.max_seq_length}, global batch "
         f"{job.spec.hyperparameters.global_batch_size}, on {res.num_nodes} x {res.gpus_per_node} "
-        f"{res.gpu_type}"
+        f"{res.gpu_type or 'GPUs of the type the nodes show'}"
     )
+    if res.gpu_type is None:
+        out.print(GPU_TYPE_FROM_NODES)
+        return
     try:
         result = plan_job(job.spec, facts)
     except PlanInfeasible as exc:
@@ -220,6 +223,12 @@ def run(
     """
     job = load_job(file)
     spec = _with_local_processes(job.spec, nproc)
+    if spec.resources.gpu_type is None:
+        err.print(
+            "[red]error[/]: spec.resources.gpuType is left out (in a cluster the operator infers "
+            "it from the nodes); a local run needs it: set gpuType: CPU, or this machine's GPU type"
+        )
+        raise typer.Exit(2)
     try:
         planned = plan_job(spec)
     except PlanInfeasible as exc:

@@ -8,12 +8,13 @@ Kubernetes calls go through :class:`Cluster`, the little the controller needs fr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from finetune_operator import api, manifest, sources
+from finetune_operator.gputype import NotInferred, infer_gpu_type, with_gpu_type
 from finetune_operator.objects import Pod, PyTorchJob
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.scrape import parse_checkpoint, parse_progress
@@ -21,6 +22,7 @@ from finetune_operator.status import (
     TERMINAL,
     FineTuneJobStatus,
     GpuAsk,
+    InferredGpuType,
     Observed,
     PlanStatus,
     derive,
@@ -62,6 +64,10 @@ class Cluster(Protocol):
 
     def metrics(self, pod: Pod, port: int) -> str | None:
         """The /metrics text ``pod`` serves on ``port``; None if it does not answer."""
+
+    def gpu_node_products(self, node_selector: Mapping[str, str]) -> list[str]:
+        """The ``nvidia.com/gpu.product`` label of each node that has one and whose labels
+        match ``node_selector`` (one value per node)."""
 
 
 def now() -> str:
@@ -120,7 +126,11 @@ def _write(kube: Cluster, job: api.FineTuneJob, compute: Compute) -> Outcome | N
 
 
 def _observe(
-    kube: Cluster, job: api.FineTuneJob, plan: PlanStatus | None, seen: Pod | None = None
+    kube: Cluster,
+    job: api.FineTuneJob,
+    plan: PlanStatus | None,
+    inferred: InferredGpuType | None,
+    seen: Pod | None = None,
 ) -> Observed:
     """What the cluster shows now; ``seen`` is a pod from an event (it may be gone already, and
     its last state is often the only record of why a container died)."""
@@ -133,7 +143,8 @@ def _observe(
     claims = sources.claims(job.spec)
     missing = kube.missing_claims(ns, claims) if claims else []
     return Observed(
-        gpu=gpu_ask(job),
+        gpu=gpu_ask(job, inferred),
+        inferred_gpu_type=inferred,
         generation=job.metadata.generation,
         suspend_requested=job.spec.run_policy.suspend and not manifest.queued(job),
         plan=plan,
@@ -144,13 +155,43 @@ def _observe(
     )
 
 
-def gpu_ask(job: api.FineTuneJob) -> GpuAsk | None:
-    """The GPU type and count the job's pods ask nodes for (None for CPU jobs)."""
+def gpu_ask(job: api.FineTuneJob, inferred: InferredGpuType | None = None) -> GpuAsk | None:
+    """The GPU type and count the job's pods ask nodes for (None for CPU jobs, and while the
+    GPU type is not known)."""
     res = job.spec.resources
-    products = manifest.gpu_node_products(res.gpu_type)
+    gpu_type = res.gpu_type or (inferred.gpu_type if inferred else None)
+    if gpu_type is None:
+        return None
+    products = manifest.gpu_node_products(gpu_type)
     if not products:
         return None
-    return GpuAsk(res.gpu_type, res.gpus_per_node, products, bool(res.node_selector))
+    return GpuAsk(gpu_type, res.gpus_per_node, products, bool(res.node_selector))
+
+
+def recorded_gpu_type(job: api.FineTuneJob) -> InferredGpuType | None:
+    """The GPU type status records as inferred from the nodes, while the spec leaves it out."""
+    if job.spec.resources.gpu_type is not None or job.status is None:
+        return None
+    return job.status.inferred_gpu_type
+
+
+def waits_for_gpu_type(job: api.FineTuneJob) -> bool:
+    """Whether the job has no GPU type yet (left out, and not inferred from the nodes): only
+    :func:`reconcile` moves it on (it infers again, e.g. once the nodes are labelled)."""
+    return job.spec.resources.gpu_type is None and recorded_gpu_type(job) is None
+
+
+def resolve_gpu_type(kube: Cluster, job: api.FineTuneJob) -> InferredGpuType | NotInferred | None:
+    """None when the spec names its GPU type. Else the type status records (a job keeps the GPUs
+    it was planned for, whatever nodes come and go), or the one the nodes show now."""
+    res = job.spec.resources
+    if res.gpu_type is not None:
+        return None
+    recorded = recorded_gpu_type(job)
+    if recorded is not None:
+        return recorded
+    selector = res.node_selector or {}
+    return infer_gpu_type(kube.gpu_node_products(selector), node_selector=bool(selector))
 
 
 def _unheard(_: Outcome) -> None:
@@ -172,25 +213,36 @@ def reconcile(
     if job.status is not None and job.status.phase in TERMINAL:
         return []  # never recreate children of a finished job
     generation = job.metadata.generation
+    inferred = resolve_gpu_type(kube, job)
+    if isinstance(inferred, NotInferred):  # waits until spec.resources.gpuType is set
+        waiting = Observed(generation, False, gpu_type_error=inferred.message)
+        written = _write(kube, job, lambda j: derive(waiting, j.status, now()))
+        if written is not None:
+            on_write(written)
+        return _written(written)
+    spec = with_gpu_type(job.spec, inferred.gpu_type) if inferred else job.spec
     try:
-        result = plan_job(job.spec)
+        result = plan_job(spec)
     except PlanInfeasible as exc:
-        infeasible = Observed(generation, False, plan_error=exc.message)
+        message = f"{inferred.message}: {exc.message}" if inferred else exc.message
+        infeasible = Observed(generation, False, plan_error=message, inferred_gpu_type=inferred)
         failed = _write(kube, job, lambda j: derive(infeasible, j.status, now()))
         if failed is not None:
             on_write(failed)
         return _written(failed)
     plan = plan_status(result) if result else None
     outcomes: list[Outcome | None] = []
-    if job.status is None or job.status.plan != plan:  # status.plan before any pod exists
-        planned = Observed(generation, False, plan=plan)
+    if (  # status.plan (and the inferred GPU type) before any pod exists
+        job.status is None or job.status.plan != plan or job.status.inferred_gpu_type != inferred
+    ):
+        planned = Observed(generation, False, plan=plan, inferred_gpu_type=inferred)
         first = _write(kube, job, lambda j: derive(planned, j.status, now()))
         outcomes.append(first)
         if first is not None:
             on_write(first)
             job = first.job
     config = to_trainer_config(
-        job.spec,
+        spec,
         name=job.name,
         default_output_dir=POD_OUTPUT_DIR,
         plan=plan_config(result) if result else None,
@@ -198,14 +250,15 @@ def reconcile(
     )
     ns = job.metadata.namespace or ""
     exists = kube.pytorchjob(ns, job.name) is not None
-    kube.apply(manifest.config_map(job, config))
+    resolved = job.model_copy(update={"spec": spec})  # what the pods run as
+    kube.apply(manifest.config_map(resolved, config))
     summary = result.summary if result else None
     kube.apply(
         manifest.pytorch_job(
-            job, image=image, plan_summary=summary, exists=exists, metrics_port=metrics_port
+            resolved, image=image, plan_summary=summary, exists=exists, metrics_port=metrics_port
         )
     )
-    last = _write(kube, job, lambda j: derive(_observe(kube, j, plan), j.status, now()))
+    last = _write(kube, job, lambda j: derive(_observe(kube, j, plan, inferred), j.status, now()))
     if last is not None:
         on_write(last)
     return _written(*outcomes, last)
@@ -219,6 +272,8 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
     """Update status from the children without changing them (on a child or pod event)."""
     if job.status is None:
         return []
+    if waits_for_gpu_type(job):
+        return []  # no GPU type yet, so no children: reconcile says why, and tries again
     if job.status.phase in TERMINAL:  # only a late pod can still tell why it failed
         if seen is None:
             return []
@@ -227,7 +282,7 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
 
     def compute(j: api.FineTuneJob) -> FineTuneJobStatus:
         plan = j.status.plan if j.status else None
-        return derive(_observe(kube, j, plan, seen), j.status, now())
+        return derive(_observe(kube, j, plan, recorded_gpu_type(j), seen), j.status, now())
 
     return _written(_write(kube, job, compute))
 

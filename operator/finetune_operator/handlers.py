@@ -129,6 +129,16 @@ def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     every Settings.progress_interval seconds, registered by :func:`run`)."""
     job = _parse(body)
     config: Settings = memo.settings
+    if controller.waits_for_gpu_type(job):  # the nodes may tell its GPU type now
+        with telemetry.timed():
+            controller.reconcile(
+                memo.kube,
+                job,
+                image=config.trainer_image,
+                metrics_port=config.trainer_metrics_port,
+                on_write=lambda outcome: _announce_one(memo.kube, body, outcome),
+            )
+        return
     with telemetry.timed():
         outcomes = controller.scrape_progress(
             memo.kube, job, config.trainer_metrics_port

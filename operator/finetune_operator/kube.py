@@ -3,7 +3,7 @@
 Server-side apply under one field manager for children; status written by replacing it through
 the status subresource, guarded by the resourceVersion it was computed from; reads of
 FineTuneJobs, of the PyTorchJob and its pods (parsed here into :mod:`finetune_operator.objects`);
-Events; pod logs; and the master pod's metrics endpoint.
+Events; pod logs; the GPU product labels of nodes; and the master pod's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 from finetune_operator import api
 from finetune_operator.controller import Cluster, WriteConflictError
+from finetune_operator.gputype import PRODUCT_LABEL
 from finetune_operator.manifest import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND
 from finetune_operator.objects import Event, Pod, PyTorchJob
 from finetune_trainer.names import CONTAINER, JOB_NAME_LABEL
@@ -168,6 +170,17 @@ class Kube:
         )
         present = {item["metadata"]["name"] for item in found.to_dict().get("items", [])}
         return [c for c in claims if c not in present]
+
+    def gpu_node_products(self, node_selector: Mapping[str, str]) -> list[str]:
+        """The ``nvidia.com/gpu.product`` label of each node that has one and matches
+        ``node_selector`` (one value per node; the API server does the selecting)."""
+        selector = ",".join([PRODUCT_LABEL, *(f"{k}={v}" for k, v in node_selector.items())])
+        found = self._resource("v1", "Node").get(
+            label_selector=selector, _request_timeout=REQUEST_TIMEOUT
+        )
+        return [
+            item["metadata"]["labels"][PRODUCT_LABEL] for item in found.to_dict().get("items", [])
+        ]
 
     def replace_status(self, document: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Write ``status`` over the FineTuneJob read as ``document``; the object as written.

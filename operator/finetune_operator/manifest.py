@@ -173,6 +173,11 @@ def _affinity(job: api.FineTuneJob) -> dict[str, Any] | None:
     """Node affinity to the GPU type and count the job was planned for: the pods only go to nodes
     that GFD labels with one of that GPU's product names and at least ``gpusPerNode`` GPUs."""
     res = job.spec.resources
+    if res.gpu_type is None:  # the controller infers it from the nodes before building pods
+        raise ValueError(
+            f"FineTuneJob {job.name}: spec.resources.gpuType must be resolved (inferred from the "
+            "nodes) before its pods are built"
+        )
     products = gpu_node_products(res.gpu_type)
     if not products:
         return None
@@ -206,6 +211,9 @@ def pod_template(
         "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
         "resources": _resources(job),
         "volumeMounts": mounts,
+        # The trainer writes its failure's cause to /dev/termination-log (one JSON line, read
+        # back by status.py); a crash that wrote none leaves the log's tail there instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},

@@ -28,6 +28,7 @@ from finetune_trainer.planner import (
 )
 
 __all__ = [
+    "GPU_TYPE_FROM_NODES",
     "PlanInfeasible",
     "model_facts",
     "plan_config",
@@ -64,11 +65,14 @@ def constraints(spec: FineTuneJobSpec) -> Constraints:
 
 def plan_job(spec: FineTuneJobSpec, facts: ModelFacts | None = None) -> PlanResult | None:
     """The plan for ``spec`` (for the model ``facts`` when given, e.g. read from a config.json);
-    None when the model is unknown offline. Raises PlanInfeasible."""
+    None when the model is unknown offline (the trainer plans) or gpuType is left out (the
+    operator plans once it has inferred it from the nodes). Raises PlanInfeasible."""
+    res = spec.resources
+    if res.gpu_type is None:  # the operator infers it from the nodes, then plans
+        return None
     facts = facts or model_facts(spec)
     if facts is None:
         return None
-    res = spec.resources
     try:
         cluster = Cluster.of(res.gpu_type, nodes=res.num_nodes, gpus_per_node=res.gpus_per_node)
     except ValidationError as exc:  # e.g. more GPUs per node than that GPU's servers hold
@@ -77,6 +81,14 @@ def plan_job(spec: FineTuneJobSpec, facts: ModelFacts | None = None) -> PlanResu
     return plan_parallelism(
         facts, cluster, workload(spec), constraints(spec), mode=spec.parallelism.mode
     )
+
+
+#: What ``finetune plan``/``validate`` say offline about a job that leaves gpuType out.
+GPU_TYPE_FROM_NODES = (
+    "spec.resources.gpuType is left out: the operator infers it from the cluster's nodes (their "
+    "nvidia.com/gpu.product labels, when all GPU nodes are of one type) and plans the job when it "
+    "sees them; set gpuType to plan it here"
+)
 
 
 def planning_problem(spec: FineTuneJobSpec) -> Problem | None:

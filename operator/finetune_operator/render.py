@@ -157,7 +157,14 @@ def describe(job: FineTuneJob, events: list[Event]) -> RenderableType:
     head.add_row("Phase", _phase(job))
     head.add_row("Model", f"{spec.model.source} ({spec.method.type})")
     head.add_row("Dataset", f"{spec.dataset.source} ({spec.dataset.format})")
-    head.add_row("GPUs", f"{res.num_nodes} x {res.gpus_per_node} {res.gpu_type}")
+    gpu: str
+    if res.gpu_type is not None:
+        gpu = res.gpu_type
+    elif status and status.inferred_gpu_type:
+        gpu = f"{status.inferred_gpu_type.gpu_type} (inferred from the nodes)"
+    else:
+        gpu = "(gpuType left out: inferred from the nodes)"
+    head.add_row("GPUs", f"{res.num_nodes} x {res.gpus_per_node} {gpu}")
     parts: list[RenderableType] = [head]
     if status and status.plan:
         head.add_row("Plan", status.plan.summary)

@@ -532,7 +532,7 @@ class Toleration(ApiModel):
 GpuType = Literal[
     "H100-80GB", "H200-141GB", "A100-40GB", "A100-80GB", "L40S-48GB", "B200-180GB", "CPU"
 ]
-GPU_TYPES: tuple[str, ...] = get_args(GpuType)
+GPU_TYPES: tuple[GpuType, ...] = get_args(GpuType)
 
 
 #: The schema's bound on gpusPerNode (no GPU server holds more).
@@ -580,9 +580,18 @@ class Resources(ApiModel):
         ),
     ] = 8
     gpu_type: Annotated[
-        GpuType,
-        Field(description="GPU model: the planner's memory and speed figures come from it."),
-    ] = "H100-80GB"
+        GpuType | None,
+        Field(
+            description=(
+                "GPU model: the planner's memory and speed figures come from it, and the pods go "
+                "only to nodes whose nvidia.com/gpu.product label (NVIDIA GPU feature discovery) "
+                "is that GPU. Left out: inferred from the nodes' nvidia.com/gpu.product labels "
+                "when the cluster's GPU nodes (those matching nodeSelector, if set) are all of "
+                "one type, and recorded in status.inferredGpuType; with several types, or no "
+                "labelled node, the job waits and says to set it. CPU: no GPUs."
+            )
+        ),
+    ] = None
     cpu: Annotated[
         str | None,
         Field(
@@ -768,7 +777,7 @@ class FineTuneJobSpec(ApiModel):
         ),
         Rule(
             "!has(self.parallelism.cpuOffload) || !self.parallelism.cpuOffload || "
-            "self.resources.gpuType != 'CPU'",
+            "!has(self.resources.gpuType) || self.resources.gpuType != 'CPU'",
             "cpuOffload needs GPUs",
             "parallelism.cpuOffload",
         ),

@@ -14,8 +14,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from finetune_operator import termination
 from finetune_operator.objects import Condition as JobCondition
 from finetune_operator.objects import Pod, PyTorchJob, Waiting
+from finetune_operator.spec import GpuType
 
 Phase = Literal["Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionType = Literal["Validated", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
@@ -108,6 +110,25 @@ class PlanStatus(StatusModel):
     reason: Annotated[str, Field(description="Why the planner chose this plan.")] = ""
 
 
+class InferredGpuType(StatusModel):
+    """The GPU type the job is planned for when spec.resources.gpuType is left out, as inferred
+    from the nodes' nvidia.com/gpu.product labels (kept for the job's life once recorded)."""
+
+    gpu_type: Annotated[GpuType, Field(description="The GPU type planned for, e.g. H100-80GB.")]
+    node_products: Annotated[
+        list[str],
+        Field(description="The nvidia.com/gpu.product label values of the nodes it came from."),
+    ]
+    nodes: Annotated[int, Field(description="How many nodes carried those labels.", ge=0)]
+    message: Annotated[
+        str,
+        Field(
+            description='e.g. "gpuType inferred from nodes: H100-80GB (node label '
+            'nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3 on 2 nodes)".'
+        ),
+    ]
+
+
 class PyTorchJobRef(StatusModel):
     """The Kubeflow PyTorchJob that runs this job."""
 
@@ -165,8 +186,10 @@ class Failure(StatusModel):
         str,
         Field(
             description=(
-                "PlanInfeasible, OOMKilled, ImagePullBackOff, Unschedulable, "
-                "PersistentVolumeClaimMissing, Error, DeadlineExceeded or BackoffLimitExceeded."
+                "PlanInfeasible, GpuTypeNotInferred, OOMKilled, ImagePullBackOff, "
+                "Unschedulable, PersistentVolumeClaimMissing, Error, DeadlineExceeded, "
+                "BackoffLimitExceeded, or the trainer's own reason: LossDiverged, "
+                "GPUOutOfMemory, CollectiveTimeout, BadInput, TrainerError."
             )
         ),
     ]
@@ -196,6 +219,10 @@ class FineTuneJobStatus(StatusModel):
         ),
     ] = None
     plan: Annotated[PlanStatus | None, Field(description="The chosen parallelism plan.")] = None
+    inferred_gpu_type: Annotated[
+        InferredGpuType | None,
+        Field(description="The GPU type inferred from the nodes (spec.resources.gpuType unset)."),
+    ] = None
     pytorch_job: Annotated[PyTorchJobRef | None, Field(description="The child PyTorchJob.")] = None
     progress: Annotated[Progress | None, Field(description="Training progress.")] = None
     checkpoint: Annotated[CheckpointStatus | None, Field(description="The latest checkpoint.")] = (
@@ -256,6 +283,14 @@ def _terminated_failure(pod: Pod) -> Failure | None:
                         "memory, or lower parallelism.microBatchSize / turn on "
                         "activationCheckpointing"
                     ),
+                    pod=pod.name,
+                    exit_code=code,
+                )
+            cause = termination.parse(term.message)
+            if cause is not None:  # the trainer's own words (finetune_trainer.failure)
+                return Failure(
+                    reason=cause.reason,
+                    message=f"pod {pod.name} (exit {code}): {cause.message}",
                     pod=pod.name,
                     exit_code=code,
                 )
@@ -412,6 +447,10 @@ class Observed:
     missing_claims: tuple[str, ...] = ()
     #: The GPUs the pods ask for (None: no GPUs, or not known).
     gpu: GpuAsk | None = None
+    #: The GPU type inferred from the nodes (spec.resources.gpuType left out).
+    inferred_gpu_type: InferredGpuType | None = None
+    #: Why the nodes do not tell the GPU type (the job waits for spec.resources.gpuType).
+    gpu_type_error: str | None = None
 
 
 def _cond(
@@ -446,14 +485,20 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     child_conds = obs.child.true_conditions() if obs.child is not None else {}
     problem = pod_problem(obs.pods, obs.gpu)
 
-    if obs.plan_error is not None:
-        phase: Phase = "Failed"
+    if obs.gpu_type_error is not None:  # waits: setting spec.resources.gpuType lets it go on
+        phase: Phase = "Pending"
+        failure = Failure(reason="GpuTypeNotInferred", message=obs.gpu_type_error)
+        conds.append(_cond("Planned", False, "GpuTypeNotInferred", obs.gpu_type_error, g, now))
+    elif obs.plan_error is not None:
+        phase = "Failed"
         failure = Failure(reason="PlanInfeasible", message=obs.plan_error)
         conds.append(_cond("Planned", False, "PlanInfeasible", obs.plan_error, g, now))
         conds.append(_cond("Failed", True, "PlanInfeasible", obs.plan_error, g, now))
         completion = completion or now
     else:
         planned_msg = obs.plan.reason if obs.plan else "the trainer plans when it reads the model"
+        if obs.inferred_gpu_type is not None:
+            planned_msg = f"{obs.inferred_gpu_type.message}; {planned_msg}"
         planned_reason = "Planned" if obs.plan else "PlannedByTrainer"
         conds.append(_cond("Planned", True, planned_reason, planned_msg, g, now))
         if "Succeeded" in child_conds:
@@ -497,6 +542,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         phase=phase,
         conditions=_keep_transition_times(prev.conditions or [], conds),
         plan=obs.plan or prev.plan,
+        inferred_gpu_type=obs.inferred_gpu_type,
         pytorch_job=child_ref,
         progress=prev.progress,
         checkpoint=prev.checkpoint,

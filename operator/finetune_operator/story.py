@@ -46,6 +46,10 @@ def notes(outcome: Outcome) -> list[Note]:
     if after == "Failed" and status.failure is not None:
         told.append(Note("Warning", status.failure.reason, status.failure.message))
         return told
+    if after == "Pending" and status.failure is not None and status.pytorch_job is None:
+        # waiting before any child exists (e.g. for its GPU type): the reason, not "created"
+        told.append(Note("Warning", status.failure.reason, status.failure.message))
+        return told
     waiting = f": {status.failure.message}" if status.failure else ""
     messages = {
         "Planned": status.plan.reason if status.plan else "the trainer will plan at start",

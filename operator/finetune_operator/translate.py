@@ -50,6 +50,15 @@ def _lora(spec: FineTuneJobSpec) -> LoraConfig | None:
     )
 
 
+def _gpu_type(spec: FineTuneJobSpec) -> str:
+    if spec.resources.gpu_type is None:  # the operator infers it from the nodes first
+        raise ValueError(
+            "spec.resources.gpuType is left out: infer it from the nodes (or set it) before "
+            "making the trainer config"
+        )
+    return spec.resources.gpu_type
+
+
 def to_trainer_config(
     spec: FineTuneJobSpec,
     *,
@@ -109,7 +118,7 @@ def to_trainer_config(
             eval_every_steps=hp.eval_every_steps,
         ),
         hardware=HardwareConfig(
-            gpu_type=spec.resources.gpu_type,
+            gpu_type=_gpu_type(spec),
             num_nodes=spec.resources.num_nodes,
             procs_per_node=spec.resources.gpus_per_node,
         ),

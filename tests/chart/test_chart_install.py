@@ -63,10 +63,11 @@ DENIED = [
     ("create", "rolebindings.rbac.authorization.k8s.io", ""),
     ("create", "serviceaccounts", "token"),
 ]
-#: Cluster-scoped: only CRD discovery is allowed.
+#: Cluster-scoped: only CRD discovery and reading Nodes (their GPU labels) are allowed.
 CLUSTER_DENIED = [
     ("list", "secrets", ""),  # --all-namespaces
-    ("list", "nodes", ""),
+    ("patch", "nodes", ""),
+    ("update", "nodes", "status"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", ""),
     ("create", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", ""),
@@ -201,6 +202,8 @@ def test_install_cluster_wide_and_run_the_operator_as_its_service_account(
         cluster = permissions(tb, who, None, CLUSTER_DENIED)
         assert not any(cluster.values()), {k: v for k, v in cluster.items() if v}
         assert can_i(tb, who, "watch", "customresourcedefinitions.apiextensions.k8s.io", "", None)
+        # nvidia.com/gpu.product labels: a job's GPU type inferred when gpuType is left out.
+        assert can_i(tb, who, "list", "nodes", "", None)
 
         # The real operator process, authenticated only by the ServiceAccount's token.
         kubeconfig = sa_kubeconfig(tb, ns, sa, tmp_path / "sa.kubeconfig")
@@ -321,6 +324,7 @@ def test_single_namespace_mode_grants_nothing_elsewhere(crd: Any, release_namesp
         assert not any(cluster.values()), {k: v for k, v in cluster.items() if v}
         # kopf's namespace discovery (to follow the namespaces it watches by name).
         assert can_i(tb, who, "watch", "namespaces", "", None)
+        assert can_i(tb, who, "list", "nodes", "", None)  # the GPU type, in either mode
     finally:
         tb.helm_run("uninstall", release, "-n", ns)
         for n in (watched, other):

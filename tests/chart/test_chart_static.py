@@ -263,6 +263,7 @@ def test_namespaced_mode_binds_only_the_watched_namespaces(helm) -> None:
     assert {r for rule in discovery["rules"] for r in rule["resources"]} == {
         "customresourcedefinitions",
         "namespaces",
+        "nodes",  # read-only: their nvidia.com/gpu.product labels (gpuType left out)
     }
     assert {v for rule in discovery["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
     rbs = _by_kind(docs, "RoleBinding")

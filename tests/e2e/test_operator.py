@@ -534,3 +534,42 @@ def test_a_job_planned_for_one_gpu_type_is_never_scheduled_on_another(operator: 
     assert "NVIDIA-A100-SXM4-80GB" in status["failure"]["message"]
     (pod,) = pods(testbed, ns, "none")
     assert not pod["spec"].get("nodeName")
+
+
+def test_a_job_without_gpu_type_on_nodes_of_two_types_waits_until_it_is_set(
+    operator: Any,
+) -> None:
+    """gpuType left out is inferred from the nodes when they have one GPU type; the test bed has
+    H100-80GB and A100-40GB nodes, so the operator does not guess: the job waits, says which types
+    it found and to set gpuType, and runs on those GPUs once it is set."""
+    testbed, ns = operator.testbed, operator.namespace
+    explained = testbed.kubectl("explain", "ftj.spec.resources.gpuType").stdout
+    assert "Left out: inferred from the nodes' nvidia.com/gpu.product" in " ".join(
+        explained.split()
+    )
+    hour = {"annotations": {"testbed.finetune.dev/run-duration": "1h"}}
+    job = gpu_job("which-gpu", resources={"numNodes": 1, "gpusPerNode": 8}, podMetadata=hour)
+    assert testbed.apply(job, "-n", ns).returncode == 0
+
+    def waiting() -> dict[str, Any] | None:
+        status = ftj(testbed, ns, "which-gpu").get("status", {})
+        return (
+            status if (status.get("failure") or {}).get("reason") == "GpuTypeNotInferred" else None
+        )
+
+    status = testbed.wait_for(waiting, timeout=60, desc="GpuTypeNotInferred")
+    message = status["failure"]["message"]
+    assert status["phase"] == "Pending"
+    assert "several GPU types" in message
+    assert "A100-40GB (nvidia.com/gpu.product=NVIDIA-A100-SXM4-40GB on " in message
+    assert "H100-80GB (nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3 on " in message
+    assert "set spec.resources.gpuType to one of A100-40GB, H100-80GB" in message
+    assert condition(ftj(testbed, ns, "which-gpu"), "Planned")["reason"] == "GpuTypeNotInferred"
+    assert testbed.kubectl("get", "pytorchjob", "which-gpu", "-n", ns).returncode != 0
+
+    patch = json.dumps({"spec": {"resources": {"gpuType": "H100-80GB"}}})
+    patched = testbed.kubectl("patch", "ftj", "which-gpu", "-n", ns, "--type=merge", "-p", patch)
+    assert patched.returncode == 0, patched.stderr
+    running = wait_phase(testbed, ns, "which-gpu", "Running")
+    assert "failure" not in running["status"]
+    assert _node_products(testbed, ns, "which-gpu") == {"NVIDIA-H100-80GB-HBM3"}

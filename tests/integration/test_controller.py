@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -628,3 +629,156 @@ def test_a_job_names_every_claim_it_misses_until_they_exist(
     ready = read(kube, namespace, "claims")
     assert ready.status is not None
     assert (ready.status.phase, ready.status.failure) == ("Pending", None)
+
+
+# --------------------------------------------------------------------------- gpuType from the nodes
+
+POOL = "finetune.dev/test-pool"
+#: No pod tolerates it: nothing runs on the test's own nodes.
+TEST_TAINT = {"key": "finetune.dev/test-only", "effect": "NoSchedule"}
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+@pytest.fixture
+def gpu_pool(crd: Any) -> Iterator[Callable[..., str]]:
+    """Nodes of a pool of the test's own: ``pool(*products)`` makes one Node per product,
+    labelled nvidia.com/gpu.product as GPU feature discovery labels it and ``POOL=<id>``, and
+    returns the id. Jobs select the pool with a nodeSelector, so the test bed's own nodes never
+    count. The nodes are tainted (no pod lands on them) and carry no nvidia.com/gpu.present label
+    (the test bed's checks of its own GPU nodes never see them); they go at the end."""
+    made: list[str] = []
+
+    def pool(*products: str, pool_id: str | None = None) -> str:
+        pool_id = pool_id or uuid.uuid4().hex[:8]
+        for product in products:
+            name = f"gpu-type-test-{pool_id}-{len(made)}"
+            node = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": {POOL: pool_id, "nvidia.com/gpu.product": product},
+                },
+                "spec": {"taints": [TEST_TAINT]},
+            }
+            created = crd.apply(node)
+            assert created.returncode == 0, created.stderr
+            made.append(name)
+        return pool_id
+
+    yield pool
+    if made:
+        crd.kubectl("delete", "node", *made, "--wait=false")
+
+
+def job_without_gpu_type(testbed: Any, kube: Kube, namespace: str, name: str, pool: str) -> (
+    api.FineTuneJob
+):  # fmt: skip
+    """The offline example on 2 GPUs of the nodes in ``pool``, gpuType left out."""
+    document = load_yaml(ROOT / "examples" / "tiny-local.yaml")
+    document["metadata"] = {"name": name, "namespace": namespace}
+    resources = document["spec"]["resources"]
+    del resources["gpuType"]
+    resources.update(gpusPerNode=2, nodeSelector={POOL: pool})
+    created = testbed.apply(document)
+    assert created.returncode == 0, created.stderr
+    return read(kube, namespace, name)
+
+
+def node_products(child: dict[str, Any]) -> set[str]:
+    pod = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    required = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (term,) = required["nodeSelectorTerms"]
+    by_key = {e["key"]: e["values"] for e in term["matchExpressions"]}
+    return set(by_key["nvidia.com/gpu.product"])
+
+
+def test_gpu_type_is_inferred_from_nodes_of_one_type_and_kept(
+    crd: Any, kube: Kube, namespace: str, gpu_pool: Callable[..., str]
+) -> None:
+    pool = gpu_pool("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe")
+    job = job_without_gpu_type(crd, kube, namespace, "one-type", pool)
+
+    controller.reconcile(kube, job, image=IMAGE)
+
+    planned = read(kube, namespace, job.name)
+    assert planned.status is not None
+    inferred = planned.status.inferred_gpu_type
+    assert inferred is not None
+    assert (inferred.gpu_type, inferred.nodes) == ("A100-80GB", 2)
+    assert inferred.node_products == ["NVIDIA-A100-80GB-PCIe", "NVIDIA-A100-SXM4-80GB"]
+    assert planned.status.plan is not None
+    assert planned.status.plan.world == 2
+    conditions = {c.type: c for c in planned.status.conditions or []}
+    assert conditions["Planned"].message.startswith(
+        "gpuType inferred from nodes: A100-80GB (node label nvidia.com/gpu.product="
+    )
+    child = kube.get(manifest.PYTORCHJOB_API_VERSION, manifest.PYTORCHJOB_KIND, namespace, job.name)
+    assert child is not None
+    assert node_products(child) == set(manifest.gpu_node_products("A100-80GB"))
+    config = kube.get("v1", "ConfigMap", namespace, manifest.config_map_name(job.name))
+    assert config is not None
+    assert json.loads(config["data"]["config.json"])["hardware"]["gpu_type"] == "A100-80GB"
+
+    # An H100 node joins the pool: the job keeps the GPUs it was planned for.
+    gpu_pool(H100, pool_id=pool)
+    controller.reconcile(kube, planned, image=IMAGE)
+    controller.refresh(kube, read(kube, namespace, job.name))
+    kept = read(kube, namespace, job.name)
+    assert kept.status is not None
+    assert kept.status.inferred_gpu_type == inferred
+    child = kube.get(manifest.PYTORCHJOB_API_VERSION, manifest.PYTORCHJOB_KIND, namespace, job.name)
+    assert child is not None
+    assert node_products(child) == set(manifest.gpu_node_products("A100-80GB"))
+
+
+@pytest.mark.parametrize(
+    ("products", "says"),
+    [
+        (
+            (H100, "NVIDIA-A100-SXM4-40GB"),
+            "the nodes that match spec.resources.nodeSelector have several GPU types",
+        ),
+        (("Tesla-V100-SXM2-16GB",), "nvidia.com/gpu.product=Tesla-V100-SXM2-16GB on 1 node"),
+        ((), "no node that matches spec.resources.nodeSelector has the nvidia.com/gpu.product"),
+    ],
+    ids=["several", "unknown", "none"],
+)
+def test_a_job_whose_gpu_type_the_nodes_do_not_tell_waits_until_it_is_set(
+    crd: Any,
+    kube: Kube,
+    namespace: str,
+    gpu_pool: Callable[..., str],
+    products: tuple[str, ...],
+    says: str,
+) -> None:
+    pool = gpu_pool(*products)
+    job = job_without_gpu_type(crd, kube, namespace, "which-gpu", pool)
+
+    controller.reconcile(kube, job, image=IMAGE)
+
+    waiting = read(kube, namespace, job.name)
+    assert waiting.status is not None
+    assert waiting.status.phase == "Pending"
+    assert waiting.status.failure is not None
+    assert waiting.status.failure.reason == "GpuTypeNotInferred"
+    assert says in waiting.status.failure.message, waiting.status.failure.message
+    assert "set spec.resources.gpuType" in waiting.status.failure.message
+    assert kube.pytorchjob(namespace, job.name) is None
+    assert controller.refresh(kube, waiting) == []  # the timer's refresh leaves it as it is
+
+    patched = crd.kubectl(
+        "patch", "ftj", job.name, "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": {"resources": {"gpuType": "H100-80GB"}}}),
+    )  # fmt: skip
+    assert patched.returncode == 0, patched.stderr
+    controller.reconcile(kube, read(kube, namespace, job.name), image=IMAGE)
+
+    going = read(kube, namespace, job.name)
+    assert going.status is not None
+    assert going.status.phase == "Pending"
+    assert going.status.failure is None or going.status.failure.reason == "Unschedulable"
+    assert going.status.inferred_gpu_type is None
+    child = kube.get(manifest.PYTORCHJOB_API_VERSION, manifest.PYTORCHJOB_KIND, namespace, job.name)
+    assert child is not None
+    assert node_products(child) == set(manifest.gpu_node_products("H100-80GB"))

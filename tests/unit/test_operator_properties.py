@@ -24,11 +24,13 @@ from hypothesis import strategies as st
 
 from crdcheck import status_validator
 from finetune_operator import api, manifest
+from finetune_operator.gputype import infer_gpu_type, with_gpu_type
 from finetune_operator.objects import Pod, PyTorchJob
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.spec import GPU_TYPES
 from finetune_operator.status import (
     FineTuneJobStatus,
+    InferredGpuType,
     Observed,
     PlanStatus,
     PyTorchJobRef,
@@ -304,6 +306,10 @@ def test_operator_path_holds(spec: dict[str, Any], pod: str | None) -> None:
     problems = api.validate_document(document)
     assert problems == [], f"the strategy drew an invalid spec: {[str(p) for p in problems]}"
     job = api.parse(document)
+    if job.spec.resources.gpu_type is None:  # as the operator infers it, on a cluster of H100s
+        inferred = infer_gpu_type(manifest.gpu_node_products(DEFAULT_GPU))
+        assert isinstance(inferred, InferredGpuType), inferred
+        job = job.model_copy(update={"spec": with_gpu_type(job.spec, inferred.gpu_type)})
     event(f"method {job.spec.method.type}, mode {job.spec.parallelism.mode}")
     try:
         result = plan_job(job.spec)

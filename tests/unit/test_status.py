@@ -82,6 +82,26 @@ def test_pod_states_become_failure_reasons(
         assert "j-master-0" in found.message
 
 
+def test_the_trainers_termination_message_becomes_the_failure() -> None:
+    """The trainer's one-line cause (finetune_trainer.failure) is the reason and the message;
+    other text stays a plain Error with it as detail."""
+    line = '{"reason": "LossDiverged", "message": "loss not finite since step 7"}'
+    said = pod(
+        ContainerStatus("pytorch", state=ContainerState(terminated=Terminated(1, "Error", line)))
+    )
+    found = pod_problem([said])
+    assert found is not None
+    assert (found.reason, found.exit_code) == ("LossDiverged", 1)
+    assert found.message == "pod j-master-0 (exit 1): loss not finite since step 7"
+    plain = pod(
+        ContainerStatus("pytorch", state=ContainerState(terminated=Terminated(3, "Error", "boom")))
+    )
+    found = pod_problem([plain])
+    assert found is not None
+    assert found.reason == "Error"
+    assert "boom" in found.message
+
+
 @pytest.mark.parametrize(
     ("obs", "phase"),
     [

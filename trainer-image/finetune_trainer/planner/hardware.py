@@ -225,6 +225,13 @@ def get_gpu(name: str) -> GPUSpec:
     raise KeyError(f"unknown GPU type {name!r}; known: {known}")
 
 
+def gpu_of_node_product(product: str) -> GPUSpec | None:
+    """The GPU whose ``nvidia.com/gpu.product`` node label value is ``product`` (as GPU feature
+    discovery writes it, compared exactly, as node affinity compares it); None if no GPU in the
+    catalog has that label value."""
+    return next((g for g in GPU_CATALOG.values() if product in g.node_products), None)
+
+
 class Cluster(BaseModel):
     """The world the job runs on: nodes x GPUs per node of one GPU type."""
 
