@@ -1,9 +1,15 @@
-"""Local Kubernetes test bed for finetune-operator (standard library only).
+"""Local Kubernetes test bed for finetune-operator (standard library only; --trainer-metrics
+also needs the project's Python environment).
 
     hack/cluster up      build or reuse the binaries, start the whole test bed, wait until healthy
     hack/cluster up --api-only
                          only etcd + kube-apiserver with the PyTorchJob CRD (seconds); a later
                          `up` adds the rest in place
+    hack/cluster up --trainer-metrics
+                         also serve the trainer's metrics from every running master pod's IP
+                         (a simulated run: steps, loss, checkpoints), so `finetune watch` and
+                         `kubectl get ftj` show progress; needs the project's Python (make venv);
+                         added in place to a running test bed
     hack/cluster down    stop everything this state dir started (no leaked processes)
     hack/cluster status  health of each component (exit 1 if something is down)
     hack/cluster env     shell exports (KUBECONFIG, PATH, TESTBED_*); `env --json` for programs
@@ -13,8 +19,9 @@
 What `up` starts, all on 127.0.0.1 with free ports: etcd (Debian's etcd-server),
 kube-apiserver (RBAC, service-account keys, static-token users), kube-controller-manager,
 kube-scheduler (all v1.31 built from Go modules by hack/k8s), kwok with fake GPU nodes and
-our pod Stages (hack/kwok), and the Kubeflow training-operator with its PyTorchJob CRD and a
-real validating webhook. See hack/README.md.
+our pod Stages (hack/kwok), the fake trainer's rendezvous, a storage provisioner (default
+StorageClass `standard`), and the Kubeflow training-operator with its PyTorchJob CRD and a real
+validating webhook. See hack/README.md; hack/walkthrough runs README's walk-through on it.
 
 Environment:
   KUBECONFIG                 an existing cluster: `up` starts nothing (only builds the tools)
@@ -28,6 +35,7 @@ Environment:
                              finetune-operator and busybox (comma-separated, e.g. pytorch);
                              pods with other images wait in ErrImagePull/ImagePullBackOff
   TESTBED_POD_RUN_SECONDS    how long a training pod runs before it completes (default 5)
+  TESTBED_TRAINER_METRICS    1: as `up --trainer-metrics` (default 0)
   TESTBED_BUILD_JOBS         go build -p (default: number of CPUs, at most 4)
   TESTBED_UP_TIMEOUT         seconds to wait for health (default 180)
 """

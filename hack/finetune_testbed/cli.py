@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -13,12 +14,12 @@ from typing import Any
 
 import finetune_testbed
 
-from . import health, rendezvous, up
+from . import health, provisioner, rendezvous, up
 from .build import Need, binaries, ensure_openssl, kubectl_in_cache, training_operator_source
 from .log import TestbedError, log
 from .procs import pid_alive, rss_kib, stop
 from .settings import Settings, from_env
-from .state import COMPONENTS, load, load_env
+from .state import COMPONENTS, OPTIONAL, load, load_env
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str]) -> int:
     try:
         settings = from_env(os.environ)
         if args.command == "up":
+            if args.trainer_metrics:
+                settings = dataclasses.replace(settings, trainer_metrics=True)
             return up.up(settings, api_only=args.api_only)
         if args.command == "down":
             return down(settings)
@@ -38,6 +41,13 @@ def main(argv: list[str]) -> int:
             return status(settings)
         if args.command == "rendezvous":
             return rendezvous.run(Path(args.state_dir))
+        if args.command == "provisioner":
+            return provisioner.run(Path(args.state_dir))
+        if args.command == "trainer-metrics":
+            # needs the trainer's packages (prometheus_client, pydantic): imported only here
+            from . import trainer_metrics  # noqa: PLC0415
+
+            return trainer_metrics.run(Path(args.state_dir), args.default_run_seconds)
         if args.command == "env":
             return env(settings, as_json=args.json)
         return build(settings, tools=args.tools, api_only=args.api_only)
@@ -59,10 +69,22 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only etcd + kube-apiserver with the PyTorchJob CRD (no controllers, no nodes)",
     )
+    cmd.add_argument(
+        "--trainer-metrics",
+        action="store_true",
+        help="also serve the trainer's metrics, from a simulated run, on every running master "
+        "pod's IP (needs the project's Python environment; added in place to a running test bed)",
+    )
     sub.add_parser("down", help="stop the test bed of this state dir")
     # The fake trainer's rendezvous loop (a component that `up` starts; not for users).
     cmd = sub.add_parser("rendezvous")
     cmd.add_argument("--state-dir", required=True)
+    # The storage provisioner and the fake trainer's metrics (components too; not for users).
+    cmd = sub.add_parser("provisioner")
+    cmd.add_argument("--state-dir", required=True)
+    cmd = sub.add_parser("trainer-metrics")
+    cmd.add_argument("--state-dir", required=True)
+    cmd.add_argument("--default-run-seconds", type=float, required=True)
     sub.add_parser("status", help="health and memory of each component (exit 1 if down)")
     cmd = sub.add_parser("env", help="shell exports: KUBECONFIG, PATH, TESTBED_*")
     cmd.add_argument("--json", action="store_true", help="the same as JSON, for programs")
@@ -78,7 +100,7 @@ def down(settings: Settings) -> int:
     if not st or not st.pids:
         log("nothing running")
         return 0
-    left = stop(st.pids, reversed(COMPONENTS))
+    left = stop(st.pids, reversed(COMPONENTS + OPTIONAL))
     st.pids = {n: pid for n, pid in st.pids.items() if n in left}
     st.save()
     if left:

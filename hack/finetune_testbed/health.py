@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
-from . import rendezvous
+from . import provisioner, rendezvous
 from .procs import pid_alive
 from .state import State
 
@@ -42,8 +44,19 @@ def probe(st: State, component: str) -> Callable[[], bool]:
         "kwok": lambda: http_ok(f"https://127.0.0.1:{p['kwok']}/healthz", cafile=ca),
         "training-operator": lambda: http_ok(f"http://127.0.0.1:{p['to-probe']}/readyz"),
         "rendezvous": lambda: rendezvous.alive(st.state_dir),
+        "provisioner": lambda: provisioner.alive(st.state_dir),
+        # not imported: that module needs the trainer's Python packages, `status` must not
+        "trainer-metrics": lambda: beat(st.state_dir / "trainer-metrics.heartbeat"),
     }
     return urls[component]
+
+
+def beat(heartbeat: Path, within: float = 10.0) -> bool:
+    """A component's loop has touched its heartbeat file in the last ``within`` seconds."""
+    try:
+        return time.time() - heartbeat.stat().st_mtime < within
+    except OSError:
+        return False
 
 
 def all_alive(st: State) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,13 +144,39 @@ H100 = GpuPool("NVIDIA-H100-80GB-HBM3", "hopper", 81559, "gpu-8x-h100-80gb")
 A100 = GpuPool("NVIDIA-A100-SXM4-40GB", "ampere", 40960, "gpu-8x-a100-40gb")
 
 
-def nodes(gpu_nodes: int, a100_nodes: int = 0) -> list[Obj]:
+def nodes(gpu_nodes: int, a100_nodes: int = 0, pod_network: str = "") -> list[Obj]:
     """``kwok-gpu-<i>`` (8 H100-80GB each), ``kwok-a100-<i>`` (8 A100-40GB each), zones
-    alternating, and one ``kwok-cpu-0``."""
+    alternating, and one ``kwok-cpu-0``; with ``pod_network``, each node's pod CIDR is the
+    next /24 of it (kwok gives a pod the next free address of its node's pod CIDR)."""
     out = [gpu_node(f"kwok-gpu-{i}", GPU_ZONES[i % 2]) for i in range(gpu_nodes)]
     out += [gpu_node(f"kwok-a100-{i}", GPU_ZONES[i % 2], A100) for i in range(a100_nodes)]
     out.append(cpu_node("kwok-cpu-0"))
+    if pod_network:
+        for i, node in enumerate(out):
+            cidr = node_pod_cidr(pod_network, i)
+            node["spec"] = {**node["spec"], "podCIDR": cidr, "podCIDRs": [cidr]}
     return out
+
+
+def pod_network(second_octet: int) -> str:
+    """A pod network of the test bed: ``127.<second_octet>.0.0/16``. Every address of
+    127.0.0.0/8 is this machine's own (Linux routes the whole /8 to ``lo``), so a fake pod's IP
+    can be bound and reached here without root or any network set-up. The API server takes
+    loopback pod IPs (it checks only that they are IPs); EndpointSlices and Endpoints refuse
+    them, so the controller-manager warns (``FailedToUpdateEndpointSlices``) about the Services
+    of such pods: nothing on the test bed uses those."""
+    if not 1 <= second_octet <= 254:
+        raise ValueError(
+            f"second octet {second_octet} is not 1-254 (127.0.x.x is the control plane's)"
+        )
+    return f"127.{second_octet}.0.0/16"
+
+
+def node_pod_cidr(network: str, index: int) -> str:
+    """The ``index``-th node's /24 of the /16 ``network`` (from the second /24 on)."""
+    net = ipaddress.ip_network(network)
+    subnets = list(net.subnets(new_prefix=24))
+    return str(subnets[index + 1])
 
 
 def gpu_node(name: str, zone: str, pool: GpuPool = H100) -> Obj:

@@ -29,6 +29,7 @@ class Settings:
     pod_run_seconds: float  # TESTBED_POD_RUN_SECONDS
     build_jobs: int  # TESTBED_BUILD_JOBS
     up_timeout: float  # TESTBED_UP_TIMEOUT
+    trainer_metrics: bool = False  # TESTBED_TRAINER_METRICS=1 or `up --trainer-metrics`
 
     @property
     def external_kubeconfig(self) -> str | None:
@@ -66,7 +67,15 @@ def from_env(env: Mapping[str, str]) -> Settings:
         pod_run_seconds=_number(env, "TESTBED_POD_RUN_SECONDS", float, 5.0, minimum=0),
         build_jobs=_number(env, "TESTBED_BUILD_JOBS", int, min(4, os.cpu_count() or 1), minimum=1),
         up_timeout=_number(env, "TESTBED_UP_TIMEOUT", float, 180.0, minimum=1),
+        trainer_metrics=_flag(env, "TESTBED_TRAINER_METRICS"),
     )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "0").strip().lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise TestbedError(f"{name}={raw!r}: expected 1 or 0")
+    return raw in ("1", "true")
 
 
 #: The repositories the test bed's registry holds (any registry host, any tag): this project's

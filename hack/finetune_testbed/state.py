@@ -20,8 +20,11 @@ COMPONENTS = (
     "kube-scheduler",
     "kwok",
     "rendezvous",
+    "provisioner",
     "training-operator",
 )
+#: Started only when asked for (``up --trainer-metrics``), after the others.
+OPTIONAL = ("trainer-metrics",)
 API_ONLY = ("etcd", "kube-apiserver")  # `up --api-only`
 CLUSTER_TIER = tuple(c for c in COMPONENTS if c not in API_ONLY)  # the rest of `up`
 
@@ -38,6 +41,8 @@ class State:
     components: tuple[str, ...]  # what this test bed runs: API_ONLY or COMPONENTS
     pids: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
+    #: The loopback range the kwok nodes' pod CIDRs are cut from ("" on an older test bed).
+    pod_network: str = ""
 
     @property
     def api_only(self) -> bool:
@@ -55,6 +60,7 @@ class State:
             "pids": self.pids,
             "started": self.started,
             "components": list(self.components),
+            "pod_network": self.pod_network,
         }
         (self.state_dir / "state.json").write_text(json.dumps(data, indent=2) + "\n")
 
@@ -67,6 +73,8 @@ class State:
             "external": False,
             "components": list(self.components),
             "api_only": self.api_only,
+            "pod_network": self.pod_network,
+            "trainer_metrics": "trainer-metrics" in self.components,
         }
 
     def write_env(self) -> None:
@@ -91,6 +99,7 @@ def load(state_dir: Path) -> State | None:
         components=tuple(d.get("components") or COMPONENTS),
         pids={str(k): int(v) for k, v in (d.get("pids") or {}).items()},
         started=float(d.get("started") or 0.0),
+        pod_network=str(d.get("pod_network") or ""),
     )
 
 

@@ -11,6 +11,9 @@ waiting where they do not depend on each other, and waited for at the end.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
+import random
 import shutil
 import socket
 import sys
@@ -23,8 +26,8 @@ from .build import Need, binaries, ensure_openssl, training_operator_source
 from .kubeapi import Api, resource_path
 from .log import TestbedError, log
 from .procs import Supervisor, stop
-from .settings import HACK, Settings
-from .state import API_ONLY, CLUSTER_TIER, COMPONENTS, State, load
+from .settings import HACK, REPO, Settings
+from .state import API_ONLY, CLUSTER_TIER, COMPONENTS, OPTIONAL, State, load
 
 # The ports each component listens on, by name in state.json.
 PORTS = {
@@ -34,7 +37,9 @@ PORTS = {
     "kube-scheduler": ("scheduler",),
     "kwok": ("kwok",),
     "rendezvous": (),
+    "provisioner": (),
     "training-operator": ("to-metrics", "to-probe", "to-webhook"),
+    "trainer-metrics": (),
 }
 # cert-controller (used by the training-operator) only checks that this file exists.
 ROTATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
@@ -88,16 +93,18 @@ def up(settings: Settings, api_only: bool) -> int:
         log(f"KUBECONFIG is set ({ext}): using that cluster, starting nothing")
         binaries(settings, Need.TOOLS)
         return 0
-    wanted = API_ONLY if api_only else COMPONENTS
+    wanted = API_ONLY if api_only else _full(settings)
+    if "trainer-metrics" in wanted:
+        check_trainer_python()
     st = load(settings.state_dir)
     if st and health.all_alive(st):
         if health.healthy(st):
             if set(wanted) <= set(st.components):
                 log(f"already up ({settings.state_dir}); `hack/cluster down` to stop")
                 return 0
-            if not st.api_only:  # started by an older `up`: add what it lacks
+            if not st.api_only:  # started by an older `up`, or without an optional one
                 return _add_missing(settings, st, [c for c in wanted if c not in st.components])
-            return _complete(settings, st, t_start)
+            return _complete(settings, st, t_start, wanted)
         log("previous test bed is unhealthy: stopping it")
     if st:
         _stop(st)
@@ -115,7 +122,24 @@ def up(settings: Settings, api_only: bool) -> int:
     return _done(bed, t_start, t_ready)
 
 
-def _complete(settings: Settings, st: State, t_start: float) -> int:
+def _full(settings: Settings) -> tuple[str, ...]:
+    """What a full test bed runs with these settings."""
+    return COMPONENTS + (OPTIONAL if settings.trainer_metrics else ())
+
+
+def check_trainer_python() -> None:
+    """The trainer-metrics component runs the trainer's metrics module with this Python."""
+    lacking = [m for m in ("prometheus_client", "pydantic") if importlib.util.find_spec(m) is None]
+    if lacking:
+        raise TestbedError(
+            f"--trainer-metrics serves the trainer's own metrics module, which needs "
+            f"{' and '.join(lacking)}, missing from {sys.executable}: run hack/cluster with the "
+            "project's Python environment first on PATH (`make venv` prints it; then "
+            "`PATH=<venv>/bin:$PATH hack/cluster up --trainer-metrics`)"
+        )
+
+
+def _complete(settings: Settings, st: State, t_start: float, wanted: tuple[str, ...]) -> int:
     """Add the cluster tier to a running --api-only test bed."""
     log("the test bed is up with --api-only: starting the rest of it")
     ensure_openssl()
@@ -123,7 +147,9 @@ def _complete(settings: Settings, st: State, t_start: float) -> int:
     procs = Supervisor(st.state_dir, adopted=st.pids)
     bed = Bed(settings, st, bins, training_operator_source(settings), procs)
     st.binaries = {k: str(v) for k, v in bins.items()}
-    st.components = COMPONENTS
+    st.components = wanted
+    if "trainer-metrics" in wanted and not st.pod_network:
+        st.pod_network = new_pod_network()
     t_ready = time.time()
     try:
         start_cluster_tier(bed)
@@ -133,15 +159,20 @@ def _complete(settings: Settings, st: State, t_start: float) -> int:
 
 
 def _add_missing(settings: Settings, st: State, missing: list[str]) -> int:
-    """Start the components a full test bed started by an older ``up`` lacks (the rendezvous)."""
-    starters = {"rendezvous": start_rendezvous}
+    """Start the components a running full test bed lacks: those an older ``up`` did not start
+    (the rendezvous, the provisioner), or trainer-metrics when asked for now."""
+    starters = {
+        "rendezvous": start_rendezvous,
+        "provisioner": start_provisioner,
+        "trainer-metrics": add_trainer_metrics,
+    }
     unknown = [c for c in missing if c not in starters]
     if unknown:
         raise TestbedError(f"the test bed lacks {unknown}: `hack/cluster down` and `up` again")
     log(f"the test bed lacks {missing}: starting them")
     procs = Supervisor(st.state_dir, adopted=st.pids)
     bed = Bed(settings, st, {}, Path(), procs)
-    st.components = COMPONENTS
+    st.components = tuple(dict.fromkeys([*st.components, *missing]))
     for component in missing:
         starters[component](bed)
         bed.wait(component)
@@ -172,6 +203,7 @@ def _new_bed(
         binaries={k: str(v) for k, v in bins.items()},
         components=components,
         started=time.time(),
+        pod_network=new_pod_network() if "trainer-metrics" in components else "",
     )
     return Bed(settings, st, bins, to_src, Supervisor(sd))
 
@@ -196,12 +228,20 @@ def _done(bed: Bed, t_start: float, t_ready: float) -> int:
 
 
 def _stop(st: State) -> None:
-    left = stop(st.pids, reversed(COMPONENTS))
+    left = stop(st.pids, reversed(COMPONENTS + OPTIONAL))
     if left:
         log(f"warning: still running: {left}")
     st.pids = {}
     if st.state_dir.exists():
         st.save()
+
+
+def new_pod_network() -> str:
+    """A /16 of 127.0.0.0/8 for the pods of a test bed with trainer-metrics (the others keep
+    kwok's default, 10.0.0.0/24: EndpointSlices refuse loopback addresses, so the controller-manager
+    warns about the Services of pods with such IPs), drawn at random (as the ports are free ones)
+    so that two test beds on one machine are unlikely to hand out the same pod IPs."""
+    return manifests.pod_network(random.randint(1, 254))
 
 
 def allocate_ports(components: tuple[str, ...], used: set[int]) -> dict[str, int]:
@@ -322,9 +362,13 @@ def start_cluster_tier(bed: Bed) -> None:
     apply_bootstrap_objects(bed)
     start_kwok(bed)
     start_rendezvous(bed)
+    start_provisioner(bed)
     start_training_operator(bed)
-    for component in CLUSTER_TIER:
-        bed.wait(component)
+    if "trainer-metrics" in bed.state.components:
+        start_trainer_metrics(bed)
+    for component in bed.state.components:
+        if component not in API_ONLY:
+            bed.wait(component)
     wait_for_nodes(bed)
     wait_for_default_service_account(bed)
     wait_for_webhook(bed)
@@ -374,7 +418,7 @@ def apply_bootstrap_objects(bed: Bed) -> None:
     path = resource_path("rbac.authorization.k8s.io/v1", "ClusterRole", "training-operator")
     bed.api.apply(path, role.read_bytes())
     objs = manifests.training_operator_objects(bed.pki, bed.state.ports["to-webhook"])
-    objs += manifests.nodes(bed.settings.gpu_nodes, bed.settings.a100_nodes)
+    objs += manifests.nodes(bed.settings.gpu_nodes, bed.settings.a100_nodes, bed.state.pod_network)
     (bed.dir / "bootstrap.json").write_text(manifests.as_list(objs))
     bed.api.apply_objects(objs)
 
@@ -405,6 +449,42 @@ def start_rendezvous(bed: Bed) -> None:
         sys.executable, "-m", "finetune_testbed", "rendezvous", "--state-dir", bed.dir,
     ], env={"PYTHONPATH": str(HACK)})  # fmt: skip
     bed.save()
+
+
+def start_provisioner(bed: Bed) -> None:
+    """The storage provisioner (provisioner.py): claims of the default class get a volume."""
+    bed.procs.start("provisioner", [
+        sys.executable, "-m", "finetune_testbed", "provisioner", "--state-dir", bed.dir,
+    ], env={"PYTHONPATH": str(HACK)})  # fmt: skip
+    bed.save()
+
+
+def start_trainer_metrics(bed: Bed) -> None:
+    """The fake trainer's metrics (trainer_metrics.py), run by this Python with the trainer's
+    package on the path."""
+    bed.procs.start("trainer-metrics", [
+        sys.executable, "-m", "finetune_testbed", "trainer-metrics", "--state-dir", bed.dir,
+        "--default-run-seconds", str(bed.settings.pod_run_seconds),
+    ], env={"PYTHONPATH": f"{HACK}:{REPO / 'trainer-image'}"})  # fmt: skip
+    bed.save()
+
+
+def add_trainer_metrics(bed: Bed) -> None:
+    """trainer-metrics on a running test bed: first give its nodes pod CIDRs if it has none (a
+    node's pod CIDR may be set once, from empty); kwok uses them for the pods it starts next."""
+    if not bed.state.pod_network:
+        bed.state.pod_network = new_pod_network()
+        bed.save()
+        items = (bed.api.get("/api/v1/nodes?labelSelector=type%3Dkwok") or {}).get("items", [])
+        for i, node in enumerate(sorted(n["metadata"]["name"] for n in items)):
+            cidr = manifests.node_pod_cidr(bed.state.pod_network, i)
+            body = json.dumps({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}}).encode()
+            status, out = bed.api.call(
+                "PATCH", f"/api/v1/nodes/{node}", body, "application/merge-patch+json"
+            )
+            if status != 200:
+                raise TestbedError(f"giving node {node} the pod CIDR {cidr} failed: {out}")
+    start_trainer_metrics(bed)
 
 
 def start_training_operator(bed: Bed) -> None:

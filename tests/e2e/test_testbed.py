@@ -7,9 +7,15 @@ any cluster selected by KUBECONFIG that has 8-GPU nodes and the training-operato
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 JOB_LABEL = "training.kubeflow.org/job-name"
+CLUSTER = Path(__file__).resolve().parents[2] / "hack" / "cluster"
 # Generous: this machine has 2 cores and everything runs on it.
 TIMEOUT = 180
 
@@ -440,3 +447,103 @@ def test_gpu_nodes_of_two_types_carry_gpu_feature_discovery_labels(gpu_testbed):
     assert {labels["nvidia.com/gpu.family"] for labels in products["NVIDIA-H100-80GB-HBM3"]} == {
         "hopper"
     }
+
+
+def test_a_claim_of_the_default_class_is_bound_and_its_volume_goes_with_it(
+    gpu_testbed, kube_namespace
+):
+    """The test bed's provisioner binds claims as a cluster's dynamic provisioner does, so a pod
+    that mounts one is scheduled (the scheduler refuses unbound claims)."""
+    tb = gpu_testbed
+    if tb.external:
+        pytest.skip("the StorageClass and its provisioner are the test bed's")
+    namespace = kube_namespace
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "finetune-models", "namespace": namespace},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "200Gi"}}},
+    }
+    assert tb.apply(claim).returncode == 0
+    bound = tb.wait_for(
+        lambda: (
+            (c := tb.kubectl_json("get", "pvc", "finetune-models", "-n", namespace))["status"].get(
+                "phase"
+            )
+            == "Bound"
+            and c
+        ),
+        60,
+        desc="the claim Bound",
+    )
+    assert bound["spec"]["storageClassName"] == "standard"  # the default class
+    volume = bound["spec"]["volumeName"]
+    assert tb.kubectl_json("get", "pv", volume)["spec"]["capacity"]["storage"] == "200Gi"
+    tb.kubectl("delete", "pvc", "finetune-models", "-n", namespace, check=True)
+    tb.wait_for(
+        lambda: tb.kubectl("get", "pv", volume).returncode != 0, 60, desc="the volume deleted"
+    )
+
+
+def metrics_text(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def test_trainer_metrics_are_served_on_the_master_pod_ip_while_it_runs(gpu_testbed, kube_namespace):
+    """`up --trainer-metrics` (added in place): a master pod's IP is a loopback address of the
+    test bed's pod network, and the trainer's own metrics are served there from a simulated
+    run, steps advancing, until the pod ends."""
+    tb = gpu_testbed
+    if tb.external:
+        pytest.skip("the pod network and the fake trainer's metrics are the test bed's")
+    up = subprocess.run(
+        # this Python: the component runs the trainer's metrics module (prometheus_client)
+        [sys.executable, str(CLUSTER), "up", "--trainer-metrics"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert up.returncode == 0, up.stderr
+    network = json.loads((tb.state_dir / "env.json").read_text())["pod_network"]
+    namespace = kube_namespace
+    annotations = {
+        "testbed.finetune.dev/run-duration": "12s",
+        "testbed.finetune.dev/total-steps": "60",
+    }
+    master = replica("true", annotations)
+    master["template"]["spec"]["containers"][0]["ports"] = [
+        {"name": "metrics", "containerPort": 9090}
+    ]
+    job = pytorchjob(
+        "served", namespace, {"Master": master, "Worker": replica("true", annotations)}
+    )
+    assert tb.apply(job).returncode == 0
+
+    def master_ip() -> str | None:
+        ps = {p["metadata"]["name"]: p for p in job_pods(tb, namespace, "served")}
+        status = ps.get("served-master-0", {}).get("status", {})
+        return status.get("podIP") if status.get("phase") == "Running" else None
+
+    ip = tb.wait_for(master_ip, TIMEOUT, interval=0.2, desc="the master Running")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(network)
+    url = f"http://{ip}:9090/metrics"
+    steps = []
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and master_ip():
+        text = metrics_text(url)
+        if text:
+            assert "finetune_trainer_build_info" in text
+            found = re.search(r"^finetune_train_steps_total (\S+)$", text, re.M)
+            assert found, text
+            steps.append(float(found.group(1)))
+        time.sleep(0.5)
+    assert steps, "nothing served on the master pod's IP"
+    assert steps == sorted(steps)
+    assert steps[-1] > steps[0]
+    assert steps[-1] <= 60
+    tb.wait_for(lambda: metrics_text(url) is None, 30, desc="serving stops when the pod ends")
