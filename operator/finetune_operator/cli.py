@@ -263,6 +263,76 @@ def run(
     raise typer.Exit(run_local(config, nproc))
 
 
+def _staged(what: str, source: Any) -> str:
+    """One summary line of a staged source (a ``finetune_trainer.staging.SourceReport``)."""
+    if source.kind != "hf":
+        return f"  {what:<8}{source.kind} {source.source}: nothing to download"
+    how = f"fetched {source.fetched_bytes:,} bytes" if source.fetched_bytes else "cached, 0 fetched"
+    return (
+        f"  {what:<8}{source.source} @ {source.commit}: {source.files} files, "
+        f"{source.bytes:,} bytes ({how}, {source.seconds:.1f} s)"
+    )
+
+
+@app.command()
+def stage(
+    file: Annotated[str, typer.Argument(help="A FineTuneJob YAML file.")],
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="The cache folder (Hugging Face cache layout). Default: the Hugging Face cache "
+            "(HF_HUB_CACHE, or HF_HOME/hub), where `finetune run` then finds the files."
+        ),
+    ] = None,
+    allow_pickle_weights: Annotated[
+        bool, typer.Option(help="Accept pickle weights (.bin) when the model has no safetensors.")
+    ] = False,
+    allow_remote_code: Annotated[
+        bool, typer.Option(help="Accept a model whose config.json names custom code (auto_map).")
+    ] = False,
+) -> None:
+    """Download a job's model and dataset once, pinned to commits, and check the model.
+
+    Resolves hf:// revisions to commits, fetches only what the trainer reads (safetensors
+    weights, config, tokenizer; the dataset's data files) into the cache, where a second staging
+    of the same commit fetches nothing, and reads config.json and the tokenizer's vocabulary.
+    Exits 1 when the job's model or data cannot be used (saying why), 2 when the download failed.
+    """
+    job = load_job(file)
+    spec = job.spec
+    if spec.resources.gpu_type is None:  # staging reads no GPU type; the translation wants one
+        resources = spec.resources.model_copy(update={"gpu_type": "CPU"})
+        spec = spec.model_copy(update={"resources": resources})
+    config = to_trainer_config(spec, name=job.name, default_output_dir=str(Path.cwd()))
+    try:
+        from finetune_trainer import staging  # noqa: PLC0415 - needs the trainer extra
+    except ImportError as exc:
+        err.print(
+            f"[red]error[/]: the trainer is not installed here ({escape(str(exc))}); "
+            "install it with: pip install 'finetune-operator[trainer]'"
+        )
+        raise typer.Exit(2) from None
+    if cache is None:
+        from huggingface_hub import constants  # noqa: PLC0415 - with the trainer extra
+
+        cache = Path(constants.HF_HUB_CACHE)
+    options = staging.Options(allow_pickle_weights, allow_remote_code)
+    try:
+        report = staging.stage(config, cache, options=options, log=lambda s: out.print(escape(s)))
+    except staging.StagingError as exc:
+        err.print(f"[red]✗ staging failed[/]: {escape(str(exc))}")
+        raise typer.Exit(1 if exc.reason == staging.BAD_INPUT else 2) from None
+    shape = report.config
+    out.print(
+        f"[bold]{escape(job.name)}[/]: staged in {escape(str(cache))}: "
+        f"{escape(str(shape.get('model_type')))}, vocabulary {report.vocab_size:,}"
+    )
+    out.print(escape(_staged("model", report.model)))
+    out.print(escape(_staged("dataset", report.dataset)))
+    for warning in report.warnings:
+        out.print(f"[yellow]warning[/]: {escape(warning)}")
+
+
 @app.command("operator")
 def run_operator(
     namespace: Annotated[
@@ -382,6 +452,7 @@ def watch(
     with Progress(*columns, TimeRemainingColumn(), console=out) as bar:
         task = bar.add_task(name, total=None, info="")
         phase = None
+        shown: int | None = None
         while True:
             status = job.status
             if status and status.phase != phase:
@@ -391,6 +462,9 @@ def watch(
             info = escape(render.progress_note(job))
             if progress is not None:
                 bar.update(task, completed=progress.step, total=progress.total_steps, info=info)
+                if not out.is_terminal and progress.step != shown:  # a log: a line per change
+                    shown = progress.step
+                    bar.console.print(f"{escape(name)}: {info}")
             else:
                 bar.update(task, info=info)
             if phase in {"Succeeded", "Failed"}:

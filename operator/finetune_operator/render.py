@@ -97,7 +97,9 @@ def progress_note(job: FineTuneJob) -> str:
     status = job.status
     phase = status.phase if status and status.phase else "Pending"
     if status is not None and status.progress is not None:
-        return f"loss {status.progress.loss}" if status.progress.loss else ""
+        progress = status.progress
+        steps = f"step {progress.summary or progress.step}"
+        return f"{steps}, loss {progress.loss}" if progress.loss else steps
     if phase in {"Pending", "Planned"}:
         why = f": {status.failure.message}" if status and status.failure else ""
         return f"waiting for the pods to start{why}"

@@ -211,7 +211,9 @@ def test_watch_says_why_there_is_no_bar_yet() -> None:
     stuck = {"phase": "Pending", "failure": {"reason": "Unschedulable", "message": "0/3 nodes"}}
     assert render.progress_note(_job("b", stuck)) == "waiting for the pods to start: 0/3 nodes"
     running = {**PLANNED, "progress": {"step": 3, "loss": "2.5"}}
-    assert render.progress_note(_job("c", running)) == "loss 2.5"
+    assert render.progress_note(_job("c", running)) == "step 3, loss 2.5"
+    summary = {**PLANNED, "progress": {"step": 3, "summary": "3/10 (30%)"}}
+    assert render.progress_note(_job("d", summary)) == "step 3/10 (30%)"
 
 
 def test_operator_log_format_is_plain_or_json() -> None:
@@ -311,5 +313,79 @@ def test_plan_refuses_a_config_json_it_cannot_use_saying_why(
         config.write_text(content)
     result = run("plan", str(_outside_catalog(tmp_path)), "--model-config", str(config))
     assert result.returncode == code, result.stdout + result.stderr
+    assert says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _tiny_with_model(tmp_path: Path, source: str) -> Path:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
+    doc["spec"]["model"]["source"] = source
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(doc))  # JSON keeps learningRate a string for kubectl's reader
+    return path
+
+
+def test_stage_a_builtin_job_downloads_nothing_and_reads_the_shape(tmp_path: Path) -> None:
+    result = run("stage", str(ROOT / "examples" / "tiny-local.yaml"), "--cache", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tiny-local: staged in" in result.stdout
+    assert "mistral, vocabulary 32,768" in result.stdout
+    assert "model   builtin tiny-mistral: nothing to download" in result.stdout
+    assert "dataset builtin python-stdlib-alpaca: nothing to download" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_a_local_folder_model_reads_its_config_and_tokenizer(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    shape = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 8,
+    }
+    (model / "config.json").write_text(json.dumps(shape))
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    (model / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate("abcde")}))
+    result = run(
+        "stage", str(_tiny_with_model(tmp_path, f"file://{model}")), "--cache", str(tmp_path / "c")
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "llama, vocabulary 5" in result.stdout
+    assert f"model   local {model}: nothing to download" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        (
+            {"config.json": '{"model_type": "mixtral", "num_local_experts": 8}'},
+            "cannot be fine-tuned here: model_type 'mixtral' is a mixture of experts",
+        ),
+        ({"pytorch_model.bin": "pickle"}, "has only pickle weights (pytorch_model.bin)"),
+        ({"model.safetensors": ""}, "has no tokenizer"),
+    ],
+)
+def test_stage_refuses_a_model_the_trainer_cannot_run_saying_why(
+    tmp_path: Path, files: dict[str, str], says: str
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    base = {
+        "config.json": '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
+        '"num_attention_heads": 4, "vocab_size": 8}',
+        "model.safetensors": "",
+    }
+    for name, text in {**base, **files}.items():
+        (model / name).write_text(text)
+    if "pytorch_model.bin" in files:
+        (model / "model.safetensors").unlink()
+    result = run(
+        "stage", str(_tiny_with_model(tmp_path, f"file://{model}")), "--cache", str(tmp_path / "c")
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "✗ staging failed" in result.stderr
     assert says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
