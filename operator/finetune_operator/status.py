@@ -421,7 +421,7 @@ def _job_failure(child_failed: JobCondition, pods_problem: Failure | None) -> Fa
         return Failure(
             reason="DeadlineExceeded", message=f"{message} (runPolicy.activeDeadlineSeconds)"
         )
-    if pods_problem is not None and pods_problem.reason in {"OOMKilled", "Error"}:
+    if pods_problem is not None and pods_problem.exit_code is not None:  # a container's end
         return pods_problem
     if "backoff limit" in message:
         return Failure(
@@ -554,13 +554,14 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
 
 def refine_failure(status: FineTuneJobStatus, pods: Sequence[Pod]) -> FineTuneJobStatus:
     """A failed job whose reason is only the job-level "backoff limit" learns the pod's own
-    reason (OOMKilled, exit code) when that pod's last state arrives after the job failed."""
+    reason (OOMKilled, the trainer's cause, an exit code) when that pod's last state arrives
+    after the job failed."""
     if status.phase != "Failed" or status.failure is None:
         return status
     if status.failure.reason != "BackoffLimitExceeded":
         return status
     found = pod_problem(pods)
-    if found is None or found.reason not in {"OOMKilled", "Error"}:
+    if found is None or found.exit_code is None:  # only a container's end says more
         return status
     conditions = [
         c.model_copy(update={"reason": found.reason, "message": found.message})

@@ -261,6 +261,41 @@ def test_oom_killed_pod_fails_the_job_with_that_reason(operator: Any) -> None:
     assert "OOMKilled" in watched.stderr
 
 
+def test_the_trainers_own_cause_becomes_the_jobs_failure(operator: Any) -> None:
+    """The trainer writes its cause as one line to the termination log (here the fake pod's
+    container status carries the line the trainer's own code makes); the job fails with it."""
+    from finetune_trainer.failure import Failure
+
+    testbed, ns = operator.testbed, operator.namespace
+    line = Failure("LossDiverged", "loss not finite since step 41 through step 43").line()
+    annotations = {
+        "testbed.finetune.dev/exit-code": "1",
+        "testbed.finetune.dev/termination-message": line,
+    }
+    job = gpu_job(
+        "diverged", podMetadata={"annotations": annotations}, runPolicy={"backoffLimit": 0}
+    )
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    wait_phase(testbed, ns, "diverged", "Failed")
+    failed = testbed.wait_for(
+        lambda: (
+            (job := ftj(testbed, ns, "diverged"))["status"]["failure"]["reason"] == "LossDiverged"
+            and job
+        ),
+        timeout=60,
+        desc="failure reason LossDiverged",
+    )
+    failure = failed["status"]["failure"]
+    assert failure["message"] == (
+        "pod diverged-master-0 (exit 1): loss not finite since step 41 through step 43"
+    )
+    assert failure["exitCode"] == 1
+    assert "LossDiverged" in testbed.kubectl("get", "ftj", "diverged", "-n", ns).stdout
+    watched = finetune(testbed, "watch", "diverged", "-n", ns)
+    assert watched.returncode == 1
+    assert "LossDiverged: pod diverged-master-0" in watched.stderr
+
+
 def test_more_gpus_than_exist_says_unschedulable(operator: Any) -> None:
     testbed, ns = operator.testbed, operator.namespace
     job = gpu_job(
