@@ -10,7 +10,10 @@ the FineTuneJob's ``status.failure``. The trainer writes one JSON line there,
 - ``CollectiveTimeout``: a collective did not complete in time (a rank stopped, hung or lost its
   network), so the run exits instead of waiting for ever;
 - ``BadInput``: a configuration, data or model problem the message says how to fix;
-- ``TrainerError``: anything else, with the exception's first line (the log has the traceback).
+- ``TrainerError``: anything else, with the exception's first line (the log has the traceback);
+- ``StagingFailed``: the staging container (:mod:`finetune_trainer.staging`) could not download
+  (the Hub or the disk failed; a retry may pass). Staging writes ``BadInput`` for what the user
+  must change, and on success its report (a JSON object with ``version``, ``model``, ...).
 
 The first cause written wins: the local ranks of a pod share one file, and the rank that fails
 first is the one that saw the cause (the others fail because it stopped).
