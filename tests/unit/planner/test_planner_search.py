@@ -198,8 +198,10 @@ def test_lora_fallback_says_so() -> None:
 
 @pytest.mark.parametrize("nodes", [1, 16, 128])
 def test_planning_is_fast(nodes: int) -> None:
+    """CPU seconds, not wall seconds: the test machine's cores are shared (the bench reports
+    both, up to 4,096 GPUs)."""
     model = known_model("meta-llama/Meta-Llama-3-70B")
     cluster = Cluster.of("H100-80GB", nodes=nodes)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     plan_parallelism(model, cluster, Workload(seq_len=8192, global_batch_size=2 * cluster.world))
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0

@@ -1,28 +1,49 @@
 """Step time of a candidate plan.
 
-T_step = m * T_mb + bubble + T_optimizer          (m = micro-batches per step = ga)
-T_mb   = max(T_compute, T_fsdp) + T_fsdp_exposed + T_tp + T_pp + T_offload
-(its efficiency factors fitted on the published rows of bench/planner/run.py, see
-calibration.py). Sources of each term:
+T_step = (m - 1) * T_mb + T_mb,sync + bubble + T_optimizer    (gradients reduced on the last
+         micro-batch only, ``grad_sync="last"``; m = micro-batches per step = ga)
+T_step = m * T_mb,sync + bubble + T_optimizer                 (``grad_sync="every"``)
+T_mb   = max(T_compute, T_collectives) + T_exposed + T_tp + T_pp + T_offload
+(its efficiency factors fitted on the published configurations of bench/planner/published.toml,
+see calibration.py). Sources of each term:
 - FLOPs per token: 6N for forward+backward (Kaplan et al. 2020, "Scaling Laws for Neural Language
   Models", Sec. 2.1) plus attention 12*L*h*s (PaLM, Chowdhery et al. 2022, App. B), of which a
   causal FlashAttention kernel executes half. Full recompute adds one forward: 8N + 16*L*h*s
   (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters using
   Megatron-LM", Sec. 5.1 / eq. 3). Selective (per-op SAC) recomputes every second matmul: +1N.
   LoRA skips the frozen weights' weight-gradient GEMMs: 4N (NeMo's reported LoRA TFLOPs match it).
-- T_compute = GEMM FLOPs / (peak * eta_gemm(micro-batch)) + attention FLOPs / (peak * eta_attn),
-  eta fitted on the published rows (calibration.py).
+- T_compute = GEMM FLOPs / (peak * eta_gemm) + attention FLOPs / (peak * eta_attn). eta_gemm
+  depends on the size of the GEMMs one GPU runs, measured as the FLOPs of one decoder layer's
+  forward matmuls for one micro-batch on one GPU: 2 * (b*s) * P_layer / t. The token dimension
+  M = b*s is NOT divided by t: under sequence parallelism the column-parallel GEMMs run on the
+  all-gathered full sequence and the row-parallel ones produce it (Korthikanti et al. 2022,
+  Sec. 4.2.2); TP shards the weight's N (column) or K (row) dimension. The curve saturates:
+  eta = eta_max * F / (F + F_half), i.e. a fixed per-layer cost (kernel launches, small
+  memory-bound ops between the GEMMs) of F_half / (peak * eta_max) seconds per layer pass.
+  Memory-bound element-wise work between the GEMMs adds a fitted number of bytes per token per
+  unit of hidden width per layer at HBM bandwidth (sharded by TP, repeated by recompute).
 - Collectives, ring alpha-beta model (Thakur et al. 2005; NCCL): all-gather / reduce-scatter move
-  (n-1)/n * M bytes per rank, all-reduce 2(n-1)/n * M.
-- FSDP / ZeRO-3: all-gather params in forward and again in backward (bf16) and reduce-scatter
-  grads (fp32), 3 passes = 1.5x DDP (Rajbhandari et al. 2020, Sec. 7), every micro-batch; it
-  overlaps with compute except the first all-gather and the last reduce-scatter.
-- HSDP: + all-reduce of the shard's fp32 gradients across replicas (overlapped the same way).
+  (n-1)/n * M bytes per rank, all-reduce 2(n-1)/n * M, plus alpha per ring step for every
+  collective (one per FSDP unit). Across nodes a rank of a group with g ranks per node sees g
+  NICs' bandwidth (one NCCL ring per NIC, see ``_bw``).
+- FSDP / ZeRO-3: all-gather params in forward and again in backward (bf16) every micro-batch,
+  reduce-scatter grads (fp32) on every micro-batch or only the last (``Layout.grad_sync``) =
+  1.5x DDP's volume per synchronised micro-batch (Rajbhandari et al. 2020, Sec. 7); it overlaps
+  with compute except the first all-gather and the last reduction.
+- HSDP / DDP: + all-reduce of the shard's fp32 gradients across replicas, with the reduce-scatter;
+  ZeRO-1/2 replicas (``Layout.shard_optimizer``, published runs only) reduce-scatter them and
+  all-gather the updated bf16 parameters during the next step's first micro-batch.
 - TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters of b*s*h in forward and
-  the same in backward (Korthikanti et al. 2022, Sec. 4.2.2), on the critical path; full recompute
-  repeats the forward ones.
+  the same in backward (Korthikanti et al. 2022, Sec. 4.2.2; without SP: 4 all-reduces, the same
+  volume), on the critical path (hidden behind the GEMMs only with ``Layout.tp_overlap``, which
+  published Megatron-Core runs used and the trainer does not); full recompute repeats the
+  forward ones.
 - PP: b*s*h/t activations forward and gradients backward per stage boundary per micro-batch, v
-  times with interleaving; bubble (p-1)/v micro-batch slots (Narayanan et al. 2021, Sec. 2.2).
+  times with interleaving; bubble (p-1)/v micro-batch slots of the slowest stage (Narayanan et
+  al. 2021, Sec. 2.2); each stage action (a chunk's forward or backward of one micro-batch) pays
+  a fitted fixed overhead. Gradients of a pipelined stage are reduced once per step
+  (torch.distributed.pipelining's stages defer FSDP/DDP gradient sync to the last micro-batch, as
+  Megatron-LM does).
 - Optimizer: AdamW is memory bound: reads param, grad, m, v (16 B) and writes param, m, v (12 B)
   per fp32 param (counted); on the CPU with offload.
 """
@@ -58,85 +79,124 @@ def model_flops_per_token(model: ModelFacts, seq_len: int, method: str) -> float
     return n * model.flop_params + 12.0 * model.num_layers * model.q_dim * seq_len
 
 
-def gemm_efficiency(gpu: GPUSpec, tokens: float, hidden: int, tp: int) -> float:
-    x = tokens * hidden / (tp * 4096.0)
-    return cal.GEMM_EFFICIENCY_MAX[gpu.architecture] * x / (x + cal.GEMM_HALF_TOKENS)
+def gemm_efficiency(gpu: GPUSpec, flops_per_gemm: float) -> float:
+    """Fraction of peak one GPU reaches on matmuls of this many FLOPs per layer pass."""
+    top = cal.GEMM_EFFICIENCY_MAX[gpu.architecture]
+    return top * flops_per_gemm / (flops_per_gemm + cal.GEMM_HALF_FLOPS)
 
 
-def _ring_time(n: int, nbytes: float, bw: float, latency: float, factor: float) -> float:
-    """factor*(n-1)/n*M bytes at bw, alpha*(n-1) latency (factor 1: AG/RS, 2: all-reduce)."""
+def layer_gemm_flops(model: ModelFacts, tokens: float, tp: int) -> float:
+    """Forward matmul FLOPs of one decoder layer for one micro-batch on one GPU (module doc)."""
+    return 2.0 * tokens * model.params_per_layer / tp
+
+
+def _ring_time(
+    n: int, nbytes: float, bw: float, latency: float, factor: float, calls: int = 1
+) -> float:
+    """factor*(n-1)/n*M bytes at bw, split over ``calls`` collectives (one per FSDP unit), each
+    paying alpha*(n-1)*factor ring-step latency (factor 1: AG/RS, 2: all-reduce)."""
     if n <= 1:
         return 0.0
-    return factor * (n - 1) / n * nbytes / bw + latency * (n - 1) * factor
+    return factor * (n - 1) / n * nbytes / bw + latency * (n - 1) * factor * calls
 
 
-def _bw(cluster: Cluster, spans_nodes: bool) -> tuple[float, float]:
-    gpu = cluster.gpu
-    if spans_nodes:
-        return gpu.inter_node_bandwidth * cal.COMM_EFFICIENCY_INTER, cal.LATENCY_INTER_NODE_S
-    return gpu.intra_node_bandwidth * cal.COMM_EFFICIENCY_INTRA, cal.LATENCY_INTRA_NODE_S
+def _bw(cluster: Cluster, stride: int, size: int) -> tuple[float, float]:
+    """(bytes/s per rank, latency per ring step) of a collective over ``size`` ranks that are
+    ``stride`` apart in the rank order (pp, dp, fsdp, tp; TP innermost).
+
+    Inside a node: NVLink. Across nodes, every GPU has its own NIC and NCCL runs one ring per
+    NIC; a ring only leaves a node once, so a group with g ranks in each node moves its data
+    over g NICs at once and a rank sees g x the per-GPU NIC bandwidth (what nccl-tests reports
+    as bus bandwidth on multi-node DGX systems), at most NVLink's.
+    """
+    gpu, gpn = cluster.gpu, cluster.gpus_per_node
+    if stride * size <= gpn:
+        return gpu.intra_node_bandwidth * cal.COMM_EFFICIENCY_INTRA, cal.LATENCY_INTRA_NODE_S
+    per_node = max(1, min(size, gpn // stride)) if stride < gpn else 1
+    bw = min(per_node * gpu.inter_node_bandwidth, gpu.intra_node_bandwidth)
+    return bw * cal.COMM_EFFICIENCY_INTER, cal.LATENCY_INTER_NODE_S
+
+
+def compute_time(model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layout) -> float:
+    """Seconds of one micro-batch's forward + backward on the slowest (last) stage."""
+    lora = workload.method == "lora"
+    s = workload.seq_len
+    tokens = lay.mbs * s
+    layers = model.num_layers // lay.pp
+    h, q = model.hidden_size, model.q_dim
+    layer_fwd = 2.0 * model.params_per_layer  # FLOPs/token, 2 per MAC
+    head_fwd = 2.0 * model.vocab_size * h
+    passes = 2.0 if lora else 3.0  # fwd + bwd(input) [+ bwd(weight)]
+    per_layer = passes * layer_fwd
+    if lora:
+        per_layer += 6.0 * lora_params(model, workload, 1)
+    if lay.ac == "selective":
+        per_layer += 0.5 * layer_fwd
+    elif lay.ac == "full":
+        per_layer += layer_fwd
+    attn_fwd = 2.0 * layers * q * s  # causal: half of 4*L*h*s
+    attn = 3.0 * attn_fwd + (attn_fwd if lay.ac == "full" else 0.0)
+    # memory-bound element-wise work between the GEMMs (norms, activations, residuals, rotary
+    # embeddings, casts): bytes per token per unit of hidden width, sharded by TP/SP, repeated
+    # by recompute like the GEMMs
+    elementwise = layers * cal.ELEMENTWISE_BYTES_PER_HIDDEN * h * per_layer / (passes * layer_fwd)
+    peak = gpu.peak_flops
+    eta_layer = gemm_efficiency(gpu, layer_gemm_flops(model, tokens, lay.tp))
+    eta_head = gemm_efficiency(gpu, 2.0 * tokens * model.vocab_size * h / lay.tp)
+    eta_a = cal.GEMM_EFFICIENCY_MAX[gpu.architecture] * cal.ATTENTION_EFFICIENCY_RATIO
+    per_token = (
+        layers * per_layer / eta_layer + passes * head_fwd / eta_head + attn / eta_a
+    ) / peak
+    return tokens / lay.tp * (per_token + elementwise / gpu.hbm_bandwidth)
 
 
 def estimate_time(
     model: ModelFacts, cluster: Cluster, workload: Workload, lay: Layout
 ) -> TimeBreakdown:
     gpu = cluster.gpu
-    gpn = cluster.gpus_per_node
     lora = workload.method == "lora"
-    s = workload.seq_len
-    tokens = lay.mbs * s
+    tokens = lay.mbs * workload.seq_len
     layers_per_stage = model.num_layers // lay.pp
-    h, q = model.hidden_size, model.q_dim
+    h = model.hidden_size
+    t_compute = compute_time(model, gpu, workload, lay)
 
-    # ---- compute per micro-batch, slowest stage (the one with the LM head) ----------------
-    layer_fwd = 2.0 * model.params_per_layer * layers_per_stage  # FLOPs/token, 2 per MAC
-    head_fwd = 2.0 * model.vocab_size * h
-    passes = 2.0 if lora else 3.0  # fwd + bwd(input) [+ bwd(weight)]
-    gemm = passes * (layer_fwd + head_fwd)
-    if lora:
-        n_lora = lora_params(model, workload, layers_per_stage)
-        gemm += 6.0 * n_lora
-    if lay.ac == "selective":
-        gemm += 0.5 * layer_fwd
-    elif lay.ac == "full":
-        gemm += layer_fwd
-    attn_fwd = 2.0 * layers_per_stage * q * s  # causal: half of 4*L*h*s
-    attn = 3.0 * attn_fwd + (attn_fwd if lay.ac == "full" else 0.0)
-    eta_g = gemm_efficiency(gpu, tokens, h, lay.tp)
-    eta_a = cal.GEMM_EFFICIENCY_MAX[gpu.architecture] * cal.ATTENTION_EFFICIENCY_RATIO
-    peak = gpu.peak_flops
-    t_compute = tokens / lay.tp * (gemm / (peak * eta_g) + attn / (peak * eta_a))
-
-    # ---- FSDP / HSDP collectives per micro-batch --------------------------------------------
+    # ---- FSDP / HSDP / DDP collectives ------------------------------------------------------
     _, last_p = stage_params(model, lay.pp)
     p_tp = last_p / lay.tp  # params this TP rank holds before FSDP sharding
-    fsdp_bw, fsdp_lat = _bw(cluster, lay.tp * lay.fsdp > gpn)
+    fsdp_bw, fsdp_lat = _bw(cluster, lay.tp, lay.fsdp)
     n_units = layers_per_stage + 2
-    if lora:
-        ag = 2 * _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0)
-        grads = 4.0 * lora_params(model, workload, layers_per_stage) / lay.tp
+    ag = 2 * _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0, n_units)
+    trained = lora_params(model, workload, layers_per_stage) if lora else last_p
+    grads = 4.0 * trained / lay.tp  # fp32
+    rs = _ring_time(lay.fsdp, grads, fsdp_bw, fsdp_lat, 1.0, n_units)
+    rep_bw, rep_lat = _bw(cluster, lay.tp * lay.fsdp, lay.dp)
+    gather = 0.0  # ZeRO-1/2: the updated parameters, gathered during the next forward
+    if lay.shard_optimizer:  # reduce-scatter fp32 grads, all-gather bf16 params
+        allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 1.0, n_units)
+        gather = _ring_time(lay.dp, 2.0 * p_tp / lay.fsdp, rep_bw, rep_lat, 1.0, n_units)
     else:
-        ag = 2 * _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0)
-        grads = 4.0 * p_tp
-    rs = _ring_time(lay.fsdp, grads, fsdp_bw, fsdp_lat, 1.0)
-    rep_bw, rep_lat = _bw(cluster, lay.tp * lay.fsdp * lay.dp > gpn)
-    allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 2.0)
-    t_fsdp = ag + rs + allreduce
-    t_fsdp_exposed = (ag / 2 + rs + allreduce) / n_units  # first all-gather, last reductions
+        allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 2.0, n_units)
+    reduce = rs + allreduce
 
     # ---- tensor parallel (sequence parallel) -------------------------------------------------
     t_tp = 0.0
     if lay.tp > 1:
         n_coll = 8 + (4 if lay.ac == "full" else 0)
         act_bytes = 2.0 * tokens * h
-        tp_bw, tp_lat = _bw(cluster, False)
+        tp_bw, tp_lat = _bw(cluster, 1, lay.tp)
         t_tp = n_coll * layers_per_stage * _ring_time(lay.tp, act_bytes, tp_bw, tp_lat, 1.0)
+        if lay.tp_overlap:  # hidden behind the GEMMs it feeds, as far as they last
+            t_tp = max(0.0, t_tp - t_compute)
 
     # ---- pipeline p2p ----------------------------------------------------------------------
     t_pp = 0.0
     if lay.pp > 1:
-        pp_bw, pp_lat = _bw(cluster, lay.world > gpn)
+        # point to point: one NIC per GPU once neighbouring stages sit in different nodes
+        pp_bw, pp_lat = _bw(cluster, max(lay.dp * lay.fsdp * lay.tp, cluster.gpus_per_node), 2)
         t_pp = lay.v * 2 * (2.0 * tokens * h / lay.tp / pp_bw + pp_lat)
+        # each stage action (one chunk's forward or backward of one micro-batch) also pays a
+        # fixed cost: the schedule's send/receive handshakes and synchronisation
+        t_pp += lay.v * 2 * cal.PIPELINE_ACTION_OVERHEAD_S
 
     # ---- CPU offload: sharded fp32 params host->device twice, fp32 grads back ------------------
     t_off = 0.0
@@ -144,16 +204,30 @@ def estimate_time(
         moved = (2 * 4.0 * p_tp + grads) / lay.fsdp
         t_off = moved / gpu.host_bandwidth
 
-    t_mb = max(t_compute, t_fsdp) + t_fsdp_exposed + t_tp + t_pp + t_off
-    bubble = (lay.pp - 1) / lay.v * t_mb
-    trainable = lora_params(model, workload, layers_per_stage) if lora else last_p
-    opt_bytes = ADAM_BYTES_PER_PARAM * trainable / (lay.tp * lay.fsdp)
+    fixed = t_tp + t_pp + t_off
+
+    def micro_batch(comm: float) -> float:
+        """One micro-batch whose collectives ``comm`` overlap its compute, except the first
+        all-gather and the last reduction (one FSDP unit's worth each)."""
+        return max(t_compute, ag + comm) + (ag / 2 + comm) / n_units + fixed
+
+    t_mb = micro_batch(0.0)  # parameters gathered, no gradient reduction
+    deferred = lay.grad_sync == "last" or lay.pp > 1
+    if lay.ga == 1:
+        slots = micro_batch(reduce + gather)
+        bubble = 0.0
+    elif deferred:  # gather during the first micro-batch, reduce during the last
+        slots = micro_batch(gather) + (lay.ga - 2) * t_mb + micro_batch(reduce)
+        bubble = (lay.pp - 1) / lay.v * t_mb
+    else:
+        slots = micro_batch(gather + reduce) + (lay.ga - 1) * micro_batch(reduce)
+        bubble = (lay.pp - 1) / lay.v * micro_batch(reduce)
+    opt_bytes = ADAM_BYTES_PER_PARAM * trained / (lay.tp * lay.fsdp)
     t_opt = opt_bytes / (cal.CPU_ADAM_BYTES_PER_S if lay.offload else gpu.hbm_bandwidth)
-    step = lay.ga * t_mb + bubble + t_opt
-    comm_exposed = lay.ga * (t_mb - t_compute)
+    step = slots + bubble + t_opt
     return TimeBreakdown(
         compute=lay.ga * t_compute,
-        comm_exposed=comm_exposed,
+        comm_exposed=slots - lay.ga * t_compute,
         bubble=bubble,
         optimizer=t_opt,
         step=step,

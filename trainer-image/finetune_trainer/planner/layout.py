@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .workload import Recompute, Schedule
+
+GradSync = Literal["every", "last"]
+"""When gradients are reduced under gradient accumulation: on every micro-batch's backward
+("every", what the memory model counts: sharded gradients only), or only on the last one
+("last": FSDP2 ``set_requires_gradient_sync(False)`` on the others, DDP ``no_sync``: one
+reduction per step, but every GPU keeps its stage's unsharded gradients, in the reduce dtype,
+between micro-batches). With one micro-batch per step the two are the same. Pipelined layouts
+always reduce on the last micro-batch (torch.distributed.pipelining's stages do)."""
 
 AC_ORDER: dict[str, int] = {"none": 0, "selective": 1, "full": 2}
 
@@ -23,6 +32,16 @@ class Layout:
     ga: int
     ac: Recompute
     offload: bool
+    grad_sync: GradSync = "every"
+    # TP collectives overlapped with the GEMMs (Megatron-Core --tp-comm-overlap, torch async TP
+    # under torch.compile). The trainer does neither, so the search never sets it; it exists to
+    # predict published runs that did.
+    tp_overlap: bool = False
+    # ZeRO-1/2 (Megatron distributed optimizer, FSDP SHARD_GRAD_OP): the dp replicas keep full
+    # parameters but shard gradients and optimizer states: gradients are reduce-scattered and
+    # the updated parameters all-gathered instead of all-reduced. Costed (cost.py) to predict
+    # published runs; not in the memory model or the trainer yet, so the search never sets it.
+    shard_optimizer: bool = False
 
     @property
     def world(self) -> int:
@@ -56,6 +75,8 @@ class Layout:
         parts += [f"mbs{self.mbs}", f"ga{self.ga}", f"ac={self.ac}"]
         if self.offload:
             parts.append("offload")
+        if self.grad_sync == "last" and self.ga > 1 and self.pp == 1:
+            parts.append("sync=last")
         if lora:
             parts.append("lora")
         return " ".join(parts)

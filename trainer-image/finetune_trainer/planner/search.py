@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
-from . import calibration as cal
 from .cost import TimeBreakdown, estimate_time, model_flops_per_token
 from .hardware import Cluster
-from .layout import Layout
+from .layout import GradSync, Layout
 from .memory import MemoryBreakdown, estimate_memory, fits, overcommit, usable_memory
 from .model import ModelFacts
 from .plan import LORA_SUPPORTS_TP_PP, Estimate
@@ -22,6 +21,10 @@ from .workload import Constraints, Recompute, Schedule, Workload
 
 AC_OPTIONS: tuple[Recompute, ...] = ("none", "selective", "full")
 INTERLEAVE_CHUNKS: tuple[int, ...] = (2, 4)
+# Gradient sync under accumulation the search offers (layout.GradSync). "last" is costed
+# (cost.py) but not offered yet: the memory model does not count the unsharded gradients it
+# keeps between micro-batches, and a Plan cannot carry the choice to the trainer.
+GRAD_SYNC_OPTIONS: tuple[GradSync, ...] = ("every",)
 
 
 @cache
@@ -37,16 +40,10 @@ class Candidate:
     fits: bool
 
     def score(self) -> float:
-        """Ranking objective: step time x (1 + pipelining premium, calibration.py)."""
+        """Ranking objective: the estimated step time (ties: fewer moving parts, see key)."""
         if self.time is None:
             return float("inf")
-        lay = self.layout
-        premium = 0.0
-        if lay.pp > 1:
-            premium += cal.PIPELINE_RANKING_PREMIUM
-        if lay.v > 1:
-            premium += cal.INTERLEAVED_RANKING_PREMIUM
-        return self.time.step * (1.0 + premium)
+        return self.time.step
 
     def key(self) -> tuple[float, tuple[int, ...], float, tuple[object, ...]]:
         """Total order: score, then fewer moving parts, then memory, then the layout."""
@@ -147,6 +144,14 @@ def _offload_options(con: Constraints, pp: int) -> tuple[bool, ...]:
     return (con.cpu_offload,)
 
 
+def _sync_options(pp: int, ga: int) -> tuple[GradSync, ...]:
+    """Pipelines always reduce on the last micro-batch (cost.py charges them so whatever the
+    field says); one micro-batch has nothing to defer."""
+    if pp > 1 or ga == 1:
+        return ("every",)
+    return GRAD_SYNC_OPTIONS
+
+
 def evaluate(model: ModelFacts, cluster: Cluster, workload: Workload, lay: Layout) -> Candidate:
     mem = estimate_memory(model, cluster.gpu, workload, lay)
     ok = fits(mem, cluster.gpu, cluster.gpus_per_node)
@@ -185,21 +190,27 @@ def search(
         per_rank = workload.global_batch_size // (dp * fsdp)
         offs = _offload_options(con, pp)
         for mbs in mbs_list:
-            chosen: Candidate | None = None
-            for off in offs:
-                for ac in acs:
-                    lay = Layout(dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off)
-                    cand = evaluate(model, cluster, workload, lay)
-                    res.evaluated += 1
-                    res.closest = _closer(res.closest, cand, cluster)
-                    if cand.fits:
-                        chosen = cand
+            any_fits = False
+            for sync in _sync_options(pp, per_rank // mbs):
+                chosen: Candidate | None = None
+                for off in offs:
+                    for ac in acs:
+                        lay = Layout(
+                            dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync
+                        )
+                        cand = evaluate(model, cluster, workload, lay)
+                        res.evaluated += 1
+                        res.closest = _closer(res.closest, cand, cluster)
+                        if cand.fits:
+                            chosen = cand
+                            break
+                    if chosen is not None:
                         break
                 if chosen is not None:
-                    break
-            if chosen is None:
+                    any_fits = True
+                    found.append(chosen)
+            if not any_fits:
                 break
-            found.append(chosen)
     found.sort(key=Candidate.key)
     res.ranked = found[:keep]
     return res
@@ -214,10 +225,13 @@ def sweep(
     for dp, fsdp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
         per_rank = workload.global_batch_size // (dp * fsdp)
         for mbs in mbs_list:
-            for off in _offload_options(con, pp):
-                for ac in _ac_options(con):
-                    lay = Layout(dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off)
-                    out.append(evaluate(model, cluster, workload, lay))
+            for sync in _sync_options(pp, per_rank // mbs):
+                for off in _offload_options(con, pp):
+                    for ac in _ac_options(con):
+                        lay = Layout(
+                            dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync
+                        )
+                        out.append(evaluate(model, cluster, workload, lay))
     return out
 
 
