@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ from finetune_trainer.precision import choose_cpu_autocast
 from finetune_trainer.stdlib_data import build_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/common.py: helpers the benches share
+from common import cpu_flags, pad_to_max, stats  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "trainer.json"
 #: A small Mistral-architecture model (the real v0.3 tokenizer sets the vocabulary).
 MODEL = {
@@ -119,7 +123,7 @@ def run_reference(train: Dataset, tok: Any, budget: float, device: torch.device)
         shuffle=True,
         drop_last=True,
         generator=g,
-        collate_fn=lambda idx: _pad_to_max(rows_at(train, list(idx)), tok.pad_token_id),
+        collate_fn=lambda idx: pad_to_max(rows_at(train, list(idx)), tok.pad_token_id, SEQ),
     )
     tokens = steps = 0
     start = time.perf_counter()
@@ -138,16 +142,6 @@ def run_reference(train: Dataset, tok: Any, budget: float, device: torch.device)
                 break
     seconds = time.perf_counter() - start
     return {"model": model, "tokens": tokens, "steps": steps, "seconds": seconds}
-
-
-def _pad_to_max(rows: list[dict[str, Any]], pad: int) -> dict[str, torch.Tensor]:
-    ids = torch.full((len(rows), SEQ), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), SEQ), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def run_hf_trainer(train: Dataset, tok: Any, budget: float, device: torch.device) -> dict[str, Any]:
@@ -253,27 +247,6 @@ def run_ours(
     }
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that decide matmul speed per dtype (so results can be told apart)."""
-    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "fma"}
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return sorted(wanted & set(line.split(":", 1)[-1].split()))
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(values)
-    return {
-        "mean": mean,
-        "min": min(values),
-        "max": max(values),
-        "spread": (max(values) - min(values)) / mean if mean else 0.0,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of training per run")
@@ -335,8 +308,8 @@ def main() -> None:
 
     summary = {
         name: {
-            "tokens_per_second": _stats([r["tokens_per_second"] for r in rs]),
-            "held_out_loss": _stats([r["held_out_loss"] for r in rs]),
+            "tokens_per_second": stats([r["tokens_per_second"] for r in rs]),
+            "held_out_loss": stats([r["held_out_loss"] for r in rs]),
         }
         for name, rs in runs.items()
     }
