@@ -28,8 +28,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from finetune_trainer.errors import ConfigError
 
 #: Where the termination message goes (tests and local runs point it elsewhere).
@@ -79,6 +77,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError, checked without importing torch (the staging container and the
+    operator's tests use this module without it)."""
+    return any(
+        cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch")
+        for cls in type(exc).__mro__
+    )
+
+
 def _is_timeout(exc: BaseException) -> bool:
     """gloo's and NCCL's timeouts are RuntimeErrors (DistBackendError) that say so."""
     text = str(exc).lower()
@@ -91,7 +98,7 @@ def classify(exc: BaseException, *, plan: str | None, collective_timeout_s: floa
         return Failure("LossDiverged", str(exc))
     if isinstance(exc, ConfigError):
         return Failure("BadInput", str(exc))
-    if isinstance(exc, torch.OutOfMemoryError):
+    if _is_out_of_memory(exc):
         under = f" under plan {plan}" if plan else ""
         return Failure(
             "GPUOutOfMemory",

@@ -157,10 +157,13 @@ class Loop:
             total = self._pipeline_step(batches, scale)
         else:
             total = torch.zeros((), device=self.device)
+            # FSDP2 reduce-scatters each micro-batch's gradients (the planner's grad_sync
+            # "every", which its memory model counts: sharded gradients only). Deferring the
+            # reduction to the last micro-batch would keep unsharded fp32 gradients meanwhile.
             sync = getattr(self.module, "set_requires_gradient_sync", None)
-            for i, b in enumerate(batches):
+            for b in batches:
                 if sync is not None:
-                    sync(i == len(batches) - 1)
+                    sync(True)
                 with self._ctx():
                     loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
                 (loss_sum * scale).backward()
