@@ -231,7 +231,8 @@ def parse_row(r: dict[str, Any]) -> Row:
             "seq_len": int(r["seq"]),
             "global_batch_size": int(r["gbs"]),
             "method": method,
-            "fused_loss": bool(r.get("fused_loss", False)),
+            # published runs used their own loss: a fused kernel, or all logits in fp32
+            "loss": "fused" if r.get("fused_loss") else "unchunked",
         }
         if method == "lora":
             kw["lora_rank"] = int(r.get("lora_rank", 16))

@@ -23,7 +23,9 @@ from finetune_trainer.config import PlanConfig
 from finetune_trainer.data import IGNORE, StepSampler
 from finetune_trainer.lm import CausalLMLoss
 from finetune_trainer.loop import Loop, make_optimizer
+from finetune_trainer.loss import chunked_cross_entropy
 from finetune_trainer.parallelize import apply_plan, data_parallel_rank, trained_module
+from finetune_trainer.planner import memory
 
 #: 4 layers so that 2 pipeline ranks x 2 virtual stages get one layer each.
 MODEL = {
@@ -40,6 +42,10 @@ MODEL = {
 }
 SEQ = 32
 GBS = 8
+#: Logits per chunk of the loss: 8 tokens of the whole vocabulary, 16 of a TP 2 shard, so that
+#: every run (reference included) computes its loss in several chunks (the product's 2**26
+#: would take every micro-batch of this model in one).
+memory.LOSS_CHUNK_LOGITS = 8 * MODEL["vocab_size"]
 STEPS = 3
 LR = 1e-2
 
@@ -60,9 +66,11 @@ def dataset() -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def build(lora: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build(lora: bool, tied: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    model: Any = AutoModelForCausalLM.from_config(MistralConfig(**MODEL))
+    model: Any = AutoModelForCausalLM.from_config(
+        MistralConfig(**{**MODEL, "tie_word_embeddings": tied})
+    )
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -77,9 +85,47 @@ def build(lora: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     return CausalLMLoss(model), model
 
 
+def vocab_parallel_loss(world: int) -> dict[str, Any]:
+    """The chunked loss of a head whose vocabulary (1,001 rows: uneven shards) is split over
+    every rank, as tensor parallelism leaves it (a ``Shard(0)`` DTensor), or whole (world 1):
+    loss and gradients, for the test to compare."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(150, 32, generator=g, requires_grad=True)
+    weight = torch.randn(1001, 32, generator=g) * 0.3
+    bias = torch.randn(1001, generator=g)
+    targets = torch.randint(0, 1001, (150,), generator=g)
+    targets[::4] = IGNORE
+    head = torch.nn.Linear(32, 1001)
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        head.weight = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+        head.bias = torch.nn.Parameter(distribute_tensor(bias, mesh, [Shard(0)]))
+    else:
+        head.weight, head.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    loss = chunked_cross_entropy(hidden, head, targets, ignore_index=IGNORE, chunk_tokens=16)
+    loss.backward()
+
+    def whole(t: torch.Tensor | None) -> list[float]:
+        assert t is not None
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        return [float(x) for x in full.flatten()]
+
+    return {
+        "loss": float(loss),
+        "hidden": whole(hidden.grad),
+        "weight": whole(head.weight.grad),
+        "bias": whole(head.bias.grad),
+    }
+
+
 def run_case(case: dict[str, Any], ds: Dataset, rank: int, world: int) -> dict[str, Any]:
+    if case.get("vocab_parallel_loss"):
+        return vocab_parallel_loss(world)
     plan = PlanConfig(**case["plan"]) if case.get("plan") else None
-    module, hf = build(bool(case.get("lora")))
+    module, hf = build(bool(case.get("lora")), bool(case.get("tied")))
     device = torch.device("cpu")
     applied = apply_plan(module, world_size=world, rank=rank, device=device, plan=plan, hf_model=hf)
     trained = trained_module(module, applied)

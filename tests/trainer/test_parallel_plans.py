@@ -57,7 +57,13 @@ def plan(
     }
 
 
-REFERENCE = [{"name": "full"}, {"name": "lora", "lora": True}]
+VOCAB_PARALLEL = {"name": "vocab_parallel_loss", "vocab_parallel_loss": True}
+REFERENCE = [
+    {"name": "full"},
+    {"name": "lora", "lora": True},
+    {"name": "tied", "tied": True},
+    VOCAB_PARALLEL,
+]
 TWO = [
     {"name": "fsdp2", "plan": plan(fsdp=2)},
     {"name": "ddp2", "plan": plan(dp=2, mbs=4)},
@@ -69,6 +75,9 @@ TWO = [
     {"name": "tp2_full_ac", "plan": plan(tp=2, mbs=4, ac="full")},
     {"name": "fsdp2_cpu_offload", "plan": plan(fsdp=2, offload=True)},
     {"name": "fsdp2_lora", "plan": plan(fsdp=2), "lora": True},
+    # tied embeddings: the vocabulary-split embedding and LM head stay one parameter
+    {"name": "tp2_tied", "plan": plan(tp=2, mbs=4), "tied": True},
+    VOCAB_PARALLEL,
 ]
 FOUR = [
     {"name": "hsdp_2x2", "plan": plan(dp=2, fsdp=2)},
@@ -114,10 +123,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"reference": ref, "parallel": got}
 
 
-@pytest.mark.parametrize("case", [c["name"] for c in TWO + FOUR])
+@pytest.mark.parametrize("case", [c["name"] for c in TWO + FOUR if c is not VOCAB_PARALLEL])
 def test_plan_matches_single_process(results: dict[str, Any], case: str) -> None:
-    lora = any(c.get("lora") for c in TWO + FOUR if c["name"] == case)
-    ref = results["reference"]["lora" if lora else "full"]
+    spec = next(c for c in TWO + FOUR if c["name"] == case)
+    ref = results["reference"][
+        "lora" if spec.get("lora") else "tied" if spec.get("tied") else "full"
+    ]
     got = results["parallel"][case]
     assert got["loss"] == pytest.approx(ref["loss"], abs=LOSS_TOL)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=NORM_RTOL)
@@ -130,3 +141,15 @@ def test_plan_matches_single_process(results: dict[str, Any], case: str) -> None
         for a, b in zip(ref["params"][k], got["params"][k], strict=True)
     )
     assert worst <= PARAM_TOL, f"{case}: parameters differ by {worst}"
+
+
+def test_vocab_parallel_loss_matches_whole_vocabulary(results: dict[str, Any]) -> None:
+    """The chunked cross-entropy on a head split over 2 ranks' vocabulary shards (1,001 rows:
+    501 + 500) without gathering the logits, against one process with the whole head: the same
+    summed loss, and the same gradients of the hidden states, the weight and the bias."""
+    ref = results["reference"]["vocab_parallel_loss"]
+    got = results["parallel"]["vocab_parallel_loss"]
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    for name in ("hidden", "weight", "bias"):
+        worst = max(abs(a - b) for a, b in zip(ref[name], got[name], strict=True))
+        assert worst <= 1e-5 * max(abs(x) for x in ref[name]), f"{name}: differs by {worst}"

@@ -117,7 +117,8 @@ def _plan_for(model: nn.Module, world: int, device: torch.device, opts: Options)
     result = plan_parallelism(
         facts,
         Cluster.of(gpu, nodes=max(1, world // local), gpus_per_node=local),
-        Workload(seq_len=seq, global_batch_size=gbs, method="full"),
+        # a user's script computes Hugging Face's own loss: every logit upcast to fp32
+        Workload(seq_len=seq, global_batch_size=gbs, method="full", loss="unchunked"),
         Constraints(**fixed),
     )
     plan = PlanConfig(**{name: getattr(result.plan, name) for name in PlanConfig.model_fields})

@@ -10,7 +10,11 @@ The order is fixed, as in torchtitan's ``parallelize_llama``:
    sequence shards (``SequenceParallel``), attention and MLP inputs are all-gathered
    (``PrepareModuleInput``) and their output projections reduce-scatter back to sequence shards.
    The embedding and LM head are split over the vocabulary; the final norm's output is
-   all-gathered so the loss sees whole sequences.
+   all-gathered so the loss sees whole sequences. The trainer's loss
+   (:mod:`finetune_trainer.loss`) reads the head's vocabulary shard (its weight, a ``Shard(0)``
+   DTensor) and computes a vocabulary-parallel, chunked cross-entropy: the logits are never
+   gathered. Only a direct call of the head (the one-line API, where Hugging Face's own loss
+   needs whole logits) returns them replicated.
 3. **Activation checkpointing** per decoder layer: none; selective = torchtitan's per-op policy
    (save every second matmul output and the attention output, recompute the rest -- what the
    planner's memory model assumes); full = keep only the layer input.
@@ -207,6 +211,9 @@ def apply_tensor_parallel(container: nn.Module, config: Any, tp_mesh: DeviceMesh
             if "norm" in name:
                 plan[name] = SequenceParallel()
         parallelize_module(layer, tp_mesh, plan)
+    ends = {n.rsplit(".", 1)[-1]: m for n, m in container.named_modules()}
+    embed, head = ends.get("embed_tokens"), ends.get("lm_head")
+    tied = embed is not None and head is not None and head.weight is embed.weight
     for name, module in container.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "embed_tokens":
@@ -221,11 +228,17 @@ def apply_tensor_parallel(container: nn.Module, config: Any, tp_mesh: DeviceMesh
             parallelize_module(module, tp_mesh, SequenceParallel())
             module.register_forward_hook(_gather_sequence)
         elif leaf == "lm_head":
+            # Weight split over the vocabulary (Shard(0)): finetune_trainer.loss works on this
+            # rank's rows; the replicated output only serves callers of head(x) (one-line API).
             parallelize_module(
                 module,
                 tp_mesh,
                 ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
             )
+    if tied and embed is not None and head is not None:
+        # Both styles split the (vocabulary, hidden) weight over its rows, Shard(0), each into a
+        # new parameter: share the embedding's again, as the model ties them.
+        head.weight = embed.weight
 
 
 # -- activation checkpointing --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from finetune_trainer.config import PlanConfig
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.loss import chunked_cross_entropy
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
@@ -47,7 +48,8 @@ class Pipeline:
 class PipelineStageModule(nn.Module):
     """A contiguous slice of a decoder-only causal LM: embeddings on the first stage, decoder
     layers, final norm and LM head on the last. ``forward(x, position_ids)`` takes token ids on
-    the first stage and hidden states elsewhere; the last stage returns float32 logits."""
+    the first stage and hidden states elsewhere; the last stage returns the final norm's output
+    (the loss function applies the LM head to it in chunks: :mod:`finetune_trainer.loss`)."""
 
     def __init__(self, hf_model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
         super().__init__()
@@ -89,9 +91,9 @@ class PipelineStageModule(nn.Module):
         pos = self.rotary_emb(h, position_ids=position_ids)
         for layer in self.layers.values():
             h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos)
-        if self.norm is not None and self.lm_head is not None:
-            logits: torch.Tensor = self.lm_head(self.norm(h)).float()
-            return logits
+        if self.norm is not None:
+            normed: torch.Tensor = self.norm(h)  # whole sequences (TP: gathered by its hook)
+            return normed
         return h.to_local() if isinstance(h, DTensor) else h
 
 
@@ -121,15 +123,17 @@ def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
 
 
 def _loss_fn(pipe: Pipeline) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The last stage's loss: its LM head over the final norm's output, chunked (and
+    vocabulary-parallel under TP) as in ``CausalLMLoss``, summed and scaled."""
     from finetune_trainer.data import IGNORE  # noqa: PLC0415 - keeps datasets out of this import
 
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels[:, 1:]
-        summed = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
+    heads = [st.lm_head for st in pipe.stages if isinstance(st, PipelineStageModule)]
+    head = next((h for h in heads if h is not None), None)
+
+    def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        assert head is not None, "the loss runs on the rank holding the last stage"
+        summed = chunked_cross_entropy(
+            hidden[:, :-1].flatten(0, 1), head, labels[:, 1:].flatten(), ignore_index=IGNORE
         )
         return summed * pipe.loss_scale[0]
 

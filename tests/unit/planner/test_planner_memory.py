@@ -2,13 +2,15 @@
 
 import pytest
 
-from finetune_trainer.planner import Cluster, Workload, known_model
+from finetune_trainer.planner import Cluster, Workload, known_model, plan_parallelism
 from finetune_trainer.planner.calibration import MEMORY_OVERHEAD_BYTES
 from finetune_trainer.planner.layout import Layout
 from finetune_trainer.planner.memory import (
     activation_bytes_per_token,
     estimate_memory,
     in_flight_microbatches,
+    loss_chunk_tokens,
+    loss_head_bytes,
 )
 
 LLAMA8 = known_model("meta-llama/Meta-Llama-3-8B")
@@ -57,9 +59,10 @@ ACT8B = 221_312  # bytes/token/layer without recompute (above)
 
 
 def test_llama8b_fsdp8_by_hand() -> None:
-    """Backward starting at the loss is the peak: every layer's activations and the logits."""
+    """Unchunked, backward starting at the loss is the peak: every layer's activations and the
+    logits."""
     wl = Workload(seq_len=2048, global_batch_size=16)
-    m = estimate_memory(LLAMA8, H100, wl, lay(mbs=2))
+    m = estimate_memory(LLAMA8, H100, wl, lay(mbs=2), loss="unchunked")
     tokens = 2 * 2048
     assert m.moment == "loss"
     assert m.model_states == 12 * P8B / 8  # no gradient reduced yet (ga 1)
@@ -72,15 +75,57 @@ def test_llama8b_fsdp8_by_hand() -> None:
     )
     # with gradient accumulation the earlier micro-batches' gradients are resident
     ga = estimate_memory(
-        LLAMA8, H100, Workload(seq_len=2048, global_batch_size=32), lay(mbs=2, ga=2)
-    )
+        LLAMA8, H100, Workload(seq_len=2048, global_batch_size=32), lay(mbs=2, ga=2),
+        loss="unchunked",
+    )  # fmt: skip
     assert ga.model_states == 16 * P8B / 8
     assert ga.peak - m.peak == pytest.approx(4 * P8B / 8)
 
 
+def test_chunked_loss_head_by_hand() -> None:
+    """The trainer's loss: one chunk of 2**26 logits (6 bytes each), the head input's bf16
+    gradient and the head's bf16 weight gradient, all on the vocabulary shard under TP."""
+    assert loss_chunk_tokens(128256) == 523  # 2**26 // 128256
+    assert loss_chunk_tokens(128256 // 8) == 4185
+    assert loss_chunk_tokens(2**27) == 1
+    tokens = 65536
+    assert loss_head_bytes(LLAMA8, tokens, 1, "chunked") == (
+        6 * 523 * 128256 + 2 * 4096 * tokens + 2 * HEAD8B
+    )
+    assert loss_head_bytes(LLAMA8, tokens, 8, "chunked") == pytest.approx(
+        6 * 4185 * 128256 / 8 + 2 * 4096 * tokens + 2 * HEAD8B / 8
+    )
+    assert loss_head_bytes(LLAMA8, tokens, 1, "chunked", head_trained=False) == (
+        6 * 523 * 128256 + 2 * 4096 * tokens
+    )
+    # fewer tokens than a chunk: the chunk is the micro-batch
+    assert loss_head_bytes(LLAMA8, 100, 1, "chunked") == 6 * 100 * 128256 + 2 * 4096 * 100 + (
+        2 * HEAD8B
+    )
+    # vocabulary parallel: the unchunked and fused logits are divided by TP too
+    assert loss_head_bytes(LLAMA8, tokens, 8, "unchunked") == 12 * tokens * 128256 / 8
+    assert loss_head_bytes(LLAMA8, tokens, 2, "fused") == 2 * tokens * 128256 / 2
+    # the default is the trainer's chunked loss, fused when the workload says so
+    wl = Workload(seq_len=2048, global_batch_size=16)
+    for kind, workload in (("chunked", wl), ("fused", wl.model_copy(update={"loss": "fused"}))):
+        default = estimate_memory(LLAMA8, H100, workload, lay(mbs=8, ga=1))
+        assert default == estimate_memory(LLAMA8, H100, wl, lay(mbs=8, ga=1), loss=kind)  # type: ignore[arg-type]
+        assert default.peak < estimate_memory(LLAMA8, H100, wl, lay(mbs=8), loss="unchunked").peak
+
+
+def test_long_context_fits_on_one_node() -> None:
+    """Llama-3.1-8B at 64k tokens on 8 H100s (published) has a plan once the loss is chunked;
+    with the whole micro-batch's logits (12 bytes each, 94 GiB at 64k) no layout fits."""
+    model = known_model("meta-llama/Llama-3.1-8B")
+    cluster = Cluster.of("H100-80GB", nodes=1, gpus_per_node=8)
+    result = plan_parallelism(model, cluster, Workload(seq_len=65536, global_batch_size=8))
+    assert result.estimate.peak_memory_bytes <= 0.9 * 80e9
+    assert loss_head_bytes(model, 65536, 1, "unchunked") > 80e9
+
+
 def test_fused_loss_and_tp_sharding() -> None:
     """A fused loss and full recompute leave a decoder layer's backward as the peak."""
-    wl = Workload(seq_len=4096, global_batch_size=8, fused_loss=True)
+    wl = Workload(seq_len=4096, global_batch_size=8, loss="fused")
     m = estimate_memory(LLAMA8, H100, wl, lay(fsdp=4, tp=2, mbs=1, ga=2, ac="full"))
     tokens = 4096
     assert m.moment == "layer"
@@ -98,7 +143,7 @@ def test_fused_loss_and_tp_sharding() -> None:
 
 def test_end_of_backward_when_activations_are_small() -> None:
     """Tiny micro-batches: the root's gradient reduce-scatter with every gradient reduced."""
-    wl = Workload(seq_len=128, global_batch_size=8, fused_loss=True)
+    wl = Workload(seq_len=128, global_batch_size=8, loss="fused")
     m = estimate_memory(LLAMA8, H100, wl, lay(mbs=1, ac="full"))
     assert m.moment == "end"
     assert m.model_states == 16 * P8B / 8
@@ -151,5 +196,8 @@ def test_t1_peak_close_to_published() -> None:
     """torchtitan T1 (Llama-3.1-8B, FSDP8, mbs2, SAC, seq 8192) reported 82.4 GiB reserved."""
     gpu = Cluster.of("H100-96GB").gpu
     wl = Workload(seq_len=8192, global_batch_size=16)
-    m = estimate_memory(known_model("meta-llama/Llama-3.1-8B"), gpu, wl, lay(mbs=2, ac="selective"))
+    m = estimate_memory(
+        known_model("meta-llama/Llama-3.1-8B"), gpu, wl, lay(mbs=2, ac="selective"),
+        loss="unchunked",  # torchtitan's loss at the time: the whole micro-batch's fp32 logits
+    )  # fmt: skip
     assert 0.8 * 82.4 <= m.peak / 1024**3 <= 1.05 * 82.4

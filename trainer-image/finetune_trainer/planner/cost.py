@@ -144,8 +144,10 @@ def compute_time(model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layou
     eta_layer = gemm_efficiency(gpu, layer_gemm_flops(model, tokens, lay.tp))
     eta_head = gemm_efficiency(gpu, 2.0 * tokens * model.vocab_size * h / lay.tp)
     eta_a = cal.GEMM_EFFICIENCY_MAX[gpu.architecture] * cal.ATTENTION_EFFICIENCY_RATIO
+    # the chunked loss (the trainer's) recomputes the head's forward in its backward
+    head_passes = passes + (1.0 if workload.loss == "chunked" else 0.0)
     per_token = (
-        layers * per_layer / eta_layer + passes * head_fwd / eta_head + attn / eta_a
+        layers * per_layer / eta_layer + head_passes * head_fwd / eta_head + attn / eta_a
     ) / peak
     return tokens / lay.tp * (per_token + elementwise / gpu.hbm_bandwidth)
 

@@ -52,12 +52,27 @@ The peak is the largest of a few moments of a training step, each the sum of wha
 - Pipeline in-flight micro-batches on the first stage (Narayanan et al. 2021, Sec. 2.2;
   Korthikanti Sec. 4.2.3): 1F1B min(p, m); GPipe m; interleaved 1F1B min(p, m)*(1+(p-1)/(p v)).
 - Loss head (last stage): the final norm (6h, sequence parallel) and the head's input (2h, the
-  full sequence: the head is column-parallel with replicated logits) per token, and per
-  logit 12 bytes while the cross-entropy's backward runs: log-softmax keeps its fp32 output
-  (4), and its incoming and outgoing fp32 gradients (4 + 4) are alive together (measured; at the
-  forward it is 10: 2 bf16 + 4 fp32 upcast + 4 gradient); with a fused cross-entropy
-  (e.g. flash-attn's CrossEntropyLoss, llm-foundry's `fused_crossentropy`) only the bf16
-  logits, 2 bytes.
+  full sequence on every TP rank: each holds a vocabulary shard of the column-parallel head)
+  per token, then the cross-entropy, counted as the trainer computes it
+  (finetune_trainer/loss.py), on V/t logits per token under TP (vocabulary parallel, never
+  gathered):
+    chunked (the trainer): chunks of loss_chunk_tokens(V/t) tokens, LOSS_CHUNK_LOGITS (2**26)
+               logits each; its backward recomputes one chunk at a time, alive together: the
+               chunk's bf16 logits and their fp32 copy, or the fp32 gradient and its bf16 cast
+               (6 bytes per logit of ONE chunk: 384 MiB whatever the vocabulary, TP and
+               sequence), the hidden states' bf16 gradient (2h per token) and, full fine-tune,
+               the head's bf16 weight gradient (2 bytes per head parameter / t), accumulated in
+               place from the first chunk on. Measured with MemTracker under FakeTensorMode:
+               6.00 bytes per chunk logit (tests/trainer/test_loss.py).
+    unchunked: 12 bytes per logit of the whole micro-batch while the cross-entropy's backward
+               runs: log-softmax keeps its fp32 output (4), and its incoming and outgoing fp32
+               gradients (4 + 4) are alive together (measured; at the forward it is 10: 2 bf16 +
+               4 fp32 upcast + 4 gradient). What torchtitan's published runs did (loss_parallel
+               under TP divides it by t).
+    fused:     a fused cross-entropy (flash-attn's CrossEntropyLoss, llm-foundry's
+               `fused_crossentropy`) keeps only the bf16 logits, 2 bytes per logit.
+  ``Workload.loss`` selects the kind (default: the trainer's chunked loss) (``estimate_memory``
+  takes ``loss="unchunked"`` for published rows that did not chunk).
 - Moments: "loss" (backward starts: every layer's activations, the loss head, the last layer
   gathered), "layer" (the first decoder layer's backward: every layer's activations, that
   layer's FSDP buffers, its recompute and gradients, the head's gradient), "end" (all sharded
@@ -78,9 +93,14 @@ from . import calibration as cal
 from .hardware import GPUSpec
 from .layout import Layout
 from .model import ModelFacts, resolve_lora_targets
-from .workload import Recompute, Workload
+from .workload import LossKind, Recompute, Workload
 
-LOSS_BYTES_PER_LOGIT = 4 + 4 + 4
+#: The trainer's chunked loss (finetune_trainer/loss.py): logits per chunk, whatever the
+#: vocabulary shard (256 MiB of fp32).
+LOSS_CHUNK_LOGITS = 2**26
+CHUNKED_LOSS_BYTES_PER_LOGIT = 2 + 4  # one chunk: bf16 logits + fp32 copy (or gradient + cast)
+HIDDEN_GRAD_BYTES_PER_HIDDEN = 2  # the chunked loss's bf16 gradient of the head's input
+LOSS_BYTES_PER_LOGIT = 4 + 4 + 4  # unchunked: fp32 log-softmax output, its two gradients
 FUSED_LOSS_BYTES_PER_LOGIT = 2
 FINAL_NORM_BYTES_PER_HIDDEN = 6  # final RMSNorm: fp32 input, bf16 output (sequence parallel)
 HEAD_INPUT_BYTES_PER_HIDDEN = 2  # the LM head's input, gathered to the full sequence under TP
@@ -95,6 +115,12 @@ LAYER_BACKWARD_BYTES_PER_PARAM_LORA = 2 + 2  # frozen weights: no gradient to re
 ROOT_END_BYTES_PER_PARAM_FULL = (
     2 + 4
 )  # bf16 gradient, its fp32 reduce-scatter copy (resharded first)
+
+
+def loss_chunk_tokens(vocab_local: int) -> int:
+    """Tokens per chunk of the trainer's loss: as many as keep a chunk at LOSS_CHUNK_LOGITS
+    logits of this rank's vocabulary shard (at least one)."""
+    return max(1, LOSS_CHUNK_LOGITS // vocab_local)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +248,28 @@ def in_flight_microbatches(lay: Layout) -> tuple[float, float]:
     return k, 1.0
 
 
+def loss_head_bytes(
+    model: ModelFacts, tokens: int, tp: int, loss: LossKind, *, head_trained: bool = True
+) -> float:
+    """Bytes the cross-entropy adds when the loss's backward starts, on one rank, for
+    ``tokens`` tokens of a micro-batch (module docstring): beyond the final norm and the head's
+    input, which are counted as activations."""
+    vocab = model.vocab_size / tp
+    if loss == "fused":
+        return FUSED_LOSS_BYTES_PER_LOGIT * tokens * vocab
+    if loss == "unchunked":
+        return LOSS_BYTES_PER_LOGIT * tokens * vocab
+    chunk = min(tokens, loss_chunk_tokens(-(-model.vocab_size // tp)))
+    head_grad = UNSHARDED_BYTES_PER_PARAM * model.vocab_size * model.hidden_size / tp
+    return (
+        CHUNKED_LOSS_BYTES_PER_LOGIT * chunk * vocab
+        + HIDDEN_GRAD_BYTES_PER_HIDDEN * model.hidden_size * tokens
+        + (head_grad if head_trained else 0.0)
+    )
+
+
 def _stage_moments(
-    model: ModelFacts, workload: Workload, lay: Layout, stage: str
+    model: ModelFacts, workload: Workload, lay: Layout, stage: str, loss: LossKind
 ) -> list[MemoryBreakdown]:
     lora = workload.method == "lora"
     shard = lay.fsdp * lay.tp
@@ -285,23 +331,31 @@ def _stage_moments(
         moment("end", after, root_end * root / lay.tp, 0.0, 0.0),
     ]  # fmt: skip
     if stage != "first":
-        per_logit = FUSED_LOSS_BYTES_PER_LOGIT if workload.fused_loss else LOSS_BYTES_PER_LOGIT
         final = (FINAL_NORM_BYTES_PER_HIDDEN / lay.tp + HEAD_INPUT_BYTES_PER_HIDDEN) * (
             model.hidden_size * tokens
         )
         moments.append(
             moment("loss", during, gathered_root + UNSHARDED_BYTES_PER_PARAM * layer / lay.tp,
-                   saved + final, float(per_logit) * tokens * model.vocab_size)
+                   saved + final, loss_head_bytes(model, tokens, lay.tp, loss,
+                                                  head_trained=not lora))
         )  # fmt: skip
     return moments
 
 
 def estimate_memory(
-    model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layout
+    model: ModelFacts,
+    gpu: GPUSpec,
+    workload: Workload,
+    lay: Layout,
+    *,
+    loss: LossKind | None = None,
 ) -> MemoryBreakdown:
-    """The peak: the largest moment of the worst stage (module docstring)."""
+    """The peak: the largest moment of the worst stage (module docstring). ``loss`` is how the
+    cross-entropy is computed: by default ``workload.loss`` (the trainer's chunked loss unless the
+    workload says otherwise)."""
+    kind: LossKind = loss or workload.loss
     stages = ("only",) if lay.pp == 1 else ("first", "last")
-    moments = [m for stage in stages for m in _stage_moments(model, workload, lay, stage)]
+    moments = [m for stage in stages for m in _stage_moments(model, workload, lay, stage, kind)]
     return max(moments, key=lambda m: m.peak)
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Method = Literal["full", "lora"]
+LossKind = Literal["chunked", "unchunked", "fused"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["none", "gpipe", "1f1b", "interleaved-1f1b"]
 
@@ -34,10 +35,12 @@ class Workload(BaseModel):
     lora_dropout: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input (LoRA)"
     )
-    fused_loss: bool = Field(
-        default=False,
-        description="the trainer computes cross-entropy fused/chunked (gradient written in place"
-        " in the bf16 logits) instead of upcasting all logits to fp32",
+    loss: LossKind = Field(
+        default="chunked",
+        description="how the cross-entropy is computed: chunked (the trainer's: a chunk of fp32"
+        " logits at a time, recomputed in backward), unchunked (all logits upcast to fp32, as"
+        " Hugging Face's own loss does) or fused (a fused kernel writing the gradient into the"
+        " bf16 logits, e.g. llm-foundry's fused_crossentropy)",
     )
 
     @property
