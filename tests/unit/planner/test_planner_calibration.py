@@ -187,14 +187,23 @@ def test_megatron_pipelines_are_predicted_at_their_measured_speed(world: int) ->
     assert _tflops(_ptdp(world), world) == pytest.approx(measured, rel=0.15)
 
 
-def test_a_pipeline_wins_where_memory_is_tight() -> None:
-    """No ranking premium: 175B on 64 A100s is planned with pipeline stages."""
-    res = plan_parallelism(GPT3, Cluster.of("A100-80GB", nodes=8), GPT3_WORKLOAD)
-    assert res.plan.pipeline_parallel > 1, res.summary
-    best = search(GPT3, Cluster.of("A100-80GB", nodes=8), GPT3_WORKLOAD).best
+def test_a_pipeline_is_a_contender_where_memory_is_tight() -> None:
+    """No ranking premium: for 175B on 64 A100s Megatron's TP8 x PP8 layout is among the
+    planner's first three, within 5% of the best. (PyTorch keeps a pipelined FSDP stage's
+    gradients and parameters unsharded through the step, so FSDP inside pipeline stages does
+    not fit there; FSDP over all 64 GPUs and TP x PP are close.)"""
+    cluster = Cluster.of("A100-80GB", nodes=8)
+    res = plan_parallelism(GPT3, cluster, GPT3_WORKLOAD, top_k=4)
+    ranked = [res.plan, *(alt.plan for alt in res.alternatives)][:3]
+    assert any(p.pipeline_parallel == 8 and p.tensor_parallel == 8 for p in ranked), [
+        p.summary for p in ranked
+    ]
+    best = search(GPT3, cluster, GPT3_WORKLOAD).best
     assert best is not None
     assert best.time is not None
-    assert best.score() == best.time.step
+    assert best.score() == best.time.step  # the step time, no premium
+    pipelined = next(alt.estimate for alt in res.alternatives if alt.plan.pipeline_parallel == 8)
+    assert pipelined.step_time_s <= 1.05 * res.estimate.step_time_s
 
 
 @pytest.mark.xfail(

@@ -201,3 +201,25 @@ def test_t1_peak_close_to_published() -> None:
         loss="unchunked",  # torchtitan's loss at the time: the whole micro-batch's fp32 logits
     )  # fmt: skip
     assert 0.8 * 82.4 <= m.peak / 1024**3 <= 1.05 * 82.4
+
+
+def test_a_pipelined_fsdp_stage_holds_its_gradients_and_parameters_unsharded() -> None:
+    """torch's pipeline schedules turn FSDP's gradient sync and resharding off until the last
+    micro-batch: the stage's fp32 gradients (4P/t) and bf16 parameters (2P/t) stay whole."""
+    from finetune_trainer.planner.layout import Layout
+    from finetune_trainer.planner.memory import estimate_memory, stage_params
+
+    model = known_model("meta-llama/Meta-Llama-3-70B")
+    gpu = Cluster.of("H100-80GB", nodes=4, gpus_per_node=8).gpu
+    wl = Workload(seq_len=4096, global_batch_size=32)
+
+    def peak(fsdp: int, pp: int) -> float:
+        lay = Layout(dp=1, fsdp=fsdp, tp=8, pp=pp, schedule="1f1b" if pp > 1 else "none",
+                     v=1, mbs=1, ga=32 // fsdp, ac="full", offload=False)  # fmt: skip
+        return estimate_memory(model, gpu, wl, lay).model_states
+
+    first, _ = stage_params(model, 4)
+    # with FSDP the states grow by the unsharded fp32 gradients; without FSDP nothing changes
+    sharded = 12 * first / (2 * 8) + 4 * first / 8
+    assert peak(2, 4) == pytest.approx(sharded, rel=0.02)
+    assert peak(1, 4) == pytest.approx(16 * first / 8, rel=0.02)

@@ -51,6 +51,9 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   row-parallel outputs (o_proj, down_proj) before their reduce-scatter when SAC saves them.
 - Pipeline in-flight micro-batches on the first stage (Narayanan et al. 2021, Sec. 2.2;
   Korthikanti Sec. 4.2.3): 1F1B min(p, m); GPipe m; interleaved 1F1B min(p, m)*(1+(p-1)/(p v)).
+  PyTorch's schedules run an FSDP stage's backward without gradient sync or resharding until its
+  last micro-batch, so a pipelined FSDP stage also holds its gradients unsharded in fp32
+  (4P/t) and its parameters gathered in bf16 (2P/t) through the step.
 - Loss head (last stage): the final norm (6h, sequence parallel) and the head's input (2h, the
   full sequence on every TP rank: each holds a vocabulary shard of the column-parallel head)
   per token, then the cross-entropy, counted as the trainer computes it
@@ -293,6 +296,13 @@ def _stage_moments(
     after = (base + grads) / shard
     # the first micro-batch's backward has reduced nothing yet; later ones find gradients
     during = base / shard if lay.ga == 1 else after
+    kept = 0.0
+    if lay.pp > 1 and lay.fsdp > 1:
+        # torch's pipeline schedule runs an FSDP stage's backward with gradient sync and
+        # resharding off until the last micro-batch: its gradients accumulate unsharded in fp32
+        # and its bf16 parameters stay gathered (pipelining/stage.py, backward_maybe_with_nosync)
+        during = base / shard + grads / lay.tp
+        kept = UNSHARDED_BYTES_PER_PARAM * params / lay.tp
     host = 0.0
     if lay.offload:
         host, during, after = after, 0.0, 0.0
@@ -326,7 +336,7 @@ def _stage_moments(
     in_layer = (transient_tok + backward_working_bytes_per_token(model, lay.tp)) * tokens
     root_end = UNSHARDED_BYTES_PER_PARAM if lora else ROOT_END_BYTES_PER_PARAM_FULL
     moments = [
-        moment("layer", during, gathered_root + head_grad + per_layer * layer / lay.tp,
+        moment("layer", during, kept + gathered_root + head_grad + per_layer * layer / lay.tp,
                saved + in_layer, 0.0),
         moment("end", after, root_end * root / lay.tp, 0.0, 0.0),
     ]  # fmt: skip
@@ -335,7 +345,8 @@ def _stage_moments(
             model.hidden_size * tokens
         )
         moments.append(
-            moment("loss", during, gathered_root + UNSHARDED_BYTES_PER_PARAM * layer / lay.tp,
+            moment("loss", during,
+                   kept + gathered_root + UNSHARDED_BYTES_PER_PARAM * layer / lay.tp,
                    saved + final, loss_head_bytes(model, tokens, lay.tp, loss,
                                                   head_trained=not lora))
         )  # fmt: skip
