@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -133,6 +133,15 @@ def load_job(path: str) -> api.FineTuneJob:
         raise typer.Exit(1) from None
 
 
+def _no_trainer(exc: ImportError) -> NoReturn:
+    """Exit 2: a command that runs trainer code on a machine without the trainer extra."""
+    err.print(
+        f"[red]error[/]: the trainer is not installed here ({escape(str(exc))}); "
+        "install it with: pip install 'finetune-operator[trainer]'"
+    )
+    raise typer.Exit(2) from None
+
+
 def load_model_config(path: Path, name: str) -> ModelFacts:
     """The model's shape from a Hugging Face config.json; exits 2 (unreadable) or 1 (unusable)."""
     try:
@@ -245,11 +254,7 @@ def run(
     try:
         from finetune_trainer.launch import run_local  # noqa: PLC0415 - needs the trainer extra
     except ImportError as exc:
-        err.print(
-            f"[red]error[/]: the trainer is not installed here ({escape(str(exc))}); "
-            "install it with: pip install 'finetune-operator[trainer]'"
-        )
-        raise typer.Exit(2) from None
+        _no_trainer(exc)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")
@@ -307,11 +312,7 @@ def stage(
     try:
         from finetune_trainer import staging  # noqa: PLC0415 - needs the trainer extra
     except ImportError as exc:
-        err.print(
-            f"[red]error[/]: the trainer is not installed here ({escape(str(exc))}); "
-            "install it with: pip install 'finetune-operator[trainer]'"
-        )
-        raise typer.Exit(2) from None
+        _no_trainer(exc)
     if cache is None:
         from huggingface_hub import constants  # noqa: PLC0415 - with the trainer extra
 

@@ -350,6 +350,30 @@ def check_model(config: dict[str, Any], vocab: int | None, *, what: str) -> int:
     return vocab
 
 
+def _hub_report(
+    source: str,
+    revision: str | None,
+    commit: str,
+    cache: Path,
+    folder: Path,
+    names: list[str],
+    fetched: int,
+    start: float,
+) -> SourceReport:
+    """What staging one Hub repository did: its snapshot ``folder`` under ``cache``."""
+    return SourceReport(
+        kind="hf",
+        source=source,
+        revision=revision,
+        commit=commit,
+        snapshot=str(folder.relative_to(cache)),
+        files=len(names),
+        bytes=_folder_bytes(folder, names),
+        fetched_bytes=fetched,
+        seconds=round(time.monotonic() - start, 3),
+    )
+
+
 def _folder_bytes(folder: Path, names: Collection[str]) -> int:
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
@@ -603,17 +627,7 @@ def stage_model(
     if weights.pickle:
         warnings.append(f"{what}: pickle weights allowed ({', '.join(shard_files)})")
     return StagedModel(
-        SourceReport(
-            kind="hf",
-            source=cfg.name_or_path,
-            revision=cfg.revision,
-            commit=commit,
-            snapshot=str(folder.relative_to(cache)),
-            files=len(names),
-            bytes=_folder_bytes(folder, names),
-            fetched_bytes=fetched,
-            seconds=round(time.monotonic() - start, 3),
-        ),
+        _hub_report(cfg.name_or_path, cfg.revision, commit, cache, folder, names, fetched, start),
         config,
         vocab,
         tuple(warnings),
@@ -733,17 +747,7 @@ def stage_data(
         hub.pin(cfg.revision, commit)
         fetched = hub.download(commit, names, sizes)
     folder = hub.snapshot(commit)
-    return SourceReport(
-        kind="hf",
-        source=cfg.name_or_path,
-        revision=cfg.revision,
-        commit=commit,
-        snapshot=str(folder.relative_to(cache)),
-        files=len(names),
-        bytes=_folder_bytes(folder, names),
-        fetched_bytes=fetched,
-        seconds=round(time.monotonic() - start, 3),
-    )
+    return _hub_report(cfg.name_or_path, cfg.revision, commit, cache, folder, names, fetched, start)
 
 
 def stage(
