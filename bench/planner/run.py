@@ -17,8 +17,9 @@ without the row's source, the issue's validation), side by side:
   predicted faster;
 - fits: how many published layouts (which ran) the memory model calls infeasible (memory is not
   fitted, so this is the same both ways).
-Rows with an option the planner cannot express (context parallelism, ZeRO-1/2, uneven pipeline
-stages, LoRA with TP/PP, a GPU or model it cannot read) are counted and listed with the reason;
+Rows with an option the planner cannot express (context parallelism, ZeRO-1/2, LoRA with TP/PP,
+a GPU or model it cannot read; uneven pipeline stages split the source's own way are planned but
+not predicted) are counted and listed with the reason;
 their degrees are a miss, and they are predicted only where the time model has the option.
 """
 
@@ -233,6 +234,10 @@ def parse_row(r: dict[str, Any]) -> Row:
             "method": method,
             # published runs used their own loss: a fused kernel, or all logits in fp32
             "loss": "fused" if r.get("fused_loss") else "unchunked",
+            # and their own kernels, states precision and gradient reduction dtype
+            "fused_kernels": tuple(r.get("fused_kernels", ())),
+            "precision": "pure-bf16" if r.get("precision") == "bf16-pure" else "mixed",
+            "reduce_dtype": str(r.get("reduce_dtype", "fp32")),
         }
         if method == "lora":
             kw["lora_rank"] = int(r.get("lora_rank", 16))
@@ -250,6 +255,8 @@ def parse_row(r: dict[str, Any]) -> Row:
     mbs = int(r.get("mbs", 1))
     world = int(r.get("nodes", 1)) * int(r.get("gpus_per_node", 8))
     memory_problems: list[str] = []
+    if r.get("memory_not_judged"):  # the source does not state what the memory model needs
+        memory_problems.append(str(r["memory_not_judged"]))
     if cp > 1:
         problems.append(f"context parallelism cp{cp} (option not modelled)")
         time_problems.append("cp not in the time model")
@@ -261,11 +268,12 @@ def parse_row(r: dict[str, Any]) -> Row:
         memory_problems.append(f"ZeRO-{zero}: sharded optimizer states not in the memory model")
         dp, fsdp = dp * fsdp, 1
     if model is not None and model.num_layers % (pp * vp):
-        problems.append(
-            f"{model.num_layers} layers on pp{pp}x{vp}: uneven pipeline stages"
-            " (option not modelled)"
+        # the planner plans uneven stages as the trainer splits them (memory.stage_layers); a
+        # source split its own way (Llama 3: one layer fewer on the first and last stages;
+        # BLOOM: the embedding counted as a pipeline layer), so its row is not predicted
+        time_problems.append(
+            f"{model.num_layers} layers on pp{pp}x{vp}: uneven stages split the source's way"
         )
-        time_problems.append("uneven pipeline stages")
     if method == "lora" and (tp > 1 or pp > 1) and not LORA_SUPPORTS_TP_PP:
         problems.append("LoRA with TP/PP (option not modelled by the planner's plans)")
     if dp * fsdp * tp * pp * cp != world:

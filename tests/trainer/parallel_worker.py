@@ -27,7 +27,8 @@ from finetune_trainer.loss import chunked_cross_entropy
 from finetune_trainer.parallelize import apply_plan, data_parallel_rank, trained_module
 from finetune_trainer.planner import memory
 
-#: 4 layers so that 2 pipeline ranks x 2 virtual stages get one layer each.
+#: 4 layers so that 2 pipeline ranks x 2 virtual stages get one layer each (a case may ask
+#: for another count: 3 layers split unevenly over 2 pipeline stages).
 MODEL = {
     "hidden_size": 64,
     "num_hidden_layers": 4,
@@ -66,10 +67,12 @@ def dataset() -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def build(lora: bool, tied: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build(
+    lora: bool, tied: bool = False, layers: int | None = None
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     model: Any = AutoModelForCausalLM.from_config(
-        MistralConfig(**{**MODEL, "tie_word_embeddings": tied})
+        MistralConfig(**{**MODEL, "tie_word_embeddings": tied, "num_hidden_layers": layers or 4})
     )
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -125,7 +128,7 @@ def run_case(case: dict[str, Any], ds: Dataset, rank: int, world: int) -> dict[s
     if case.get("vocab_parallel_loss"):
         return vocab_parallel_loss(world)
     plan = PlanConfig(**case["plan"]) if case.get("plan") else None
-    module, hf = build(bool(case.get("lora")), bool(case.get("tied")))
+    module, hf = build(bool(case.get("lora")), bool(case.get("tied")), case.get("layers"))
     device = torch.device("cpu")
     applied = apply_plan(module, world_size=world, rank=rank, device=device, plan=plan, hf_model=hf)
     trained = trained_module(module, applied)

@@ -60,6 +60,7 @@ def plan(
 VOCAB_PARALLEL = {"name": "vocab_parallel_loss", "vocab_parallel_loss": True}
 REFERENCE = [
     {"name": "full"},
+    {"name": "full3", "layers": 3},
     {"name": "lora", "lora": True},
     {"name": "tied", "tied": True},
     VOCAB_PARALLEL,
@@ -71,16 +72,21 @@ TWO = [
     {"name": "pp2_1f1b", "plan": plan(pp=2, schedule="1f1b")},
     {"name": "pp2_gpipe", "plan": plan(pp=2, schedule="gpipe", mbs=4)},
     {"name": "pp2_interleaved", "plan": plan(pp=2, schedule="interleaved-1f1b", v=2)},
+    # 3 layers on 2 stages: 2 + 1 (the first stage takes the extra layer)
+    {"name": "pp2_uneven_1f1b", "plan": plan(pp=2, schedule="1f1b"), "layers": 3},
     {"name": "fsdp2_selective_ac", "plan": plan(fsdp=2, ac="selective")},
     {"name": "tp2_full_ac", "plan": plan(tp=2, mbs=4, ac="full")},
     {"name": "fsdp2_cpu_offload", "plan": plan(fsdp=2, offload=True)},
     {"name": "fsdp2_lora", "plan": plan(fsdp=2), "lora": True},
+    # gradients reduced once per step (2 micro-batches), unsharded in between
+    {"name": "fsdp2_sync_last", "plan": {**plan(fsdp=2), "gradient_sync": "last"}},
     # tied embeddings: the vocabulary-split embedding and LM head stay one parameter
     {"name": "tp2_tied", "plan": plan(tp=2, mbs=4), "tied": True},
     VOCAB_PARALLEL,
 ]
 FOUR = [
     {"name": "hsdp_2x2", "plan": plan(dp=2, fsdp=2)},
+    {"name": "hsdp_2x2_sync_last", "plan": {**plan(dp=2, fsdp=2, mbs=1), "gradient_sync": "last"}},
     {"name": "tp2_x_fsdp2", "plan": plan(fsdp=2, tp=2)},
     {
         "name": "pp2_x_fsdp2_1f1b_selective",
@@ -127,7 +133,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_plan_matches_single_process(results: dict[str, Any], case: str) -> None:
     spec = next(c for c in TWO + FOUR if c["name"] == case)
     ref = results["reference"][
-        "lora" if spec.get("lora") else "tied" if spec.get("tied") else "full"
+        "lora"
+        if spec.get("lora")
+        else "tied"
+        if spec.get("tied")
+        else f"full{spec['layers']}"
+        if spec.get("layers")
+        else "full"
     ]
     got = results["parallel"][case]
     assert got["loss"] == pytest.approx(ref["loss"], abs=LOSS_TOL)

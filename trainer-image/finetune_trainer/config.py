@@ -135,6 +135,12 @@ class PlanConfig(_Config):
     gradient_accumulation: int = Field(ge=1)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     cpu_offload: bool = False
+    gradient_sync: Literal["every", "last"] = Field(
+        default="every",
+        description="when FSDP/DDP reduce gradients under accumulation: on every micro-batch,"
+        " or only on the last one (each rank keeps its unsharded fp32 gradients meanwhile);"
+        " pipelines always reduce on the last",
+    )
 
     @property
     def world_size(self) -> int:

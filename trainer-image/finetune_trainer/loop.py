@@ -110,6 +110,8 @@ class Loop:
         self.readers = world // dp
         #: Ranks that compute the same loss (TP peers).
         self.loss_copies = parallel.tp_size if parallel is not None else 1
+        #: Reduce gradients on the last micro-batch only (the plan's gradient_sync "last").
+        self.defer_sync = parallel is not None and parallel.gradient_sync == "last"
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.sampler = sampler
@@ -157,13 +159,14 @@ class Loop:
             total = self._pipeline_step(batches, scale)
         else:
             total = torch.zeros((), device=self.device)
-            # FSDP2 reduce-scatters each micro-batch's gradients (the planner's grad_sync
-            # "every", which its memory model counts: sharded gradients only). Deferring the
-            # reduction to the last micro-batch would keep unsharded fp32 gradients meanwhile.
+            # FSDP2 reduces each micro-batch's gradients (the plan's gradient_sync "every"), or
+            # only the last one's ("last": the others accumulate unsharded fp32 gradients,
+            # as the planner's memory model counts)
             sync = getattr(self.module, "set_requires_gradient_sync", None)
-            for b in batches:
+            last = len(batches) - 1
+            for i, b in enumerate(batches):
                 if sync is not None:
-                    sync(True)
+                    sync(not self.defer_sync or i == last)
                 with self._ctx():
                     loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
                 (loss_sum * scale).backward()

@@ -81,6 +81,9 @@ class AppliedPlan:
     pp_rank: int = 0
     #: Pipeline only: this rank's stage modules and the schedule that drives them.
     pipeline: Pipeline | None = None
+    #: Reduce gradients on every micro-batch ("every") or only the last ("last"; the loop
+    #: turns FSDP2's gradient sync off for the others). Pipelines always reduce on the last.
+    gradient_sync: str = "every"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -397,6 +400,7 @@ def apply_plan(
         tp_size=mesh["tp"].size(),
         pp_size=mesh["pp"].size(),
         pp_rank=mesh["pp"].get_local_rank(),
+        gradient_sync=plan.gradient_sync if plan is not None else "every",
     )
     if plan is not None and plan.pipeline_parallel > 1:
         if hf_model is None:

@@ -113,13 +113,18 @@ def stage_ids(pp_rank: int, pp: int, v: int) -> list[int]:
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
-    if num_layers % num_stages:
+    """Consecutive layers per stage, as even as the count allows: when the stages do not divide
+    the layers, the first ones take one layer more (the last stage also runs the LM head and
+    the loss; the planner counts the same split, planner.memory.stage_layers)."""
+    if num_stages > num_layers:
         raise ConfigError(
-            f"{num_layers} decoder layers cannot be split evenly into {num_stages} pipeline "
-            "stages: choose pipelineParallel x virtual stages that divides the layer count"
+            f"{num_layers} decoder layers cannot fill {num_stages} pipeline stages (one layer"
+            " each at least): choose fewer pipelineParallel x virtual stages"
         )
-    per = num_layers // num_stages
-    return [list(range(s * per, (s + 1) * per)) for s in range(num_stages)]
+    per, extra = divmod(num_layers, num_stages)
+    sizes = [per + (1 if s < extra else 0) for s in range(num_stages)]
+    starts = [sum(sizes[:s]) for s in range(num_stages)]
+    return [list(range(a, a + n)) for a, n in zip(starts, sizes, strict=True)]
 
 
 def _loss_fn(pipe: Pipeline) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

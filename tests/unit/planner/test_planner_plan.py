@@ -42,12 +42,13 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "kv heads",
     ),
     (
-        "pp does not divide layers",
+        "more stages than layers",  # uneven stages are planned (3 on 4 layers), empty ones not
         {
-            "gpn": 3,
+            "gpn": 2,
             "fsdp": 1,
-            "pipeline_parallel": 3,
-            "pipeline_schedule": "1f1b",
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "interleaved-1f1b",
+            "virtual_stages": 3,
             "gbs": 4,
             "micro_batch_size": 1,
             "gradient_accumulation": 4,
@@ -161,3 +162,16 @@ def test_plan_is_frozen() -> None:
 def test_plan_round_trips_json() -> None:
     p = make(fsdp=4, tensor_parallel=2, gbs=8)
     assert Plan.model_validate_json(p.model_dump_json()) == p
+
+
+def test_uneven_pipeline_stages_are_plans() -> None:
+    """3 stages on TINY's 4 layers: 2 + 1 + 1 (the trainer's split, memory.stage_layers)."""
+    from finetune_trainer.planner.memory import stage_layers
+
+    plan = make(gpn=3, fsdp=1, pipeline_parallel=3, pipeline_schedule="1f1b", gbs=4,
+                gradient_accumulation=4)  # fmt: skip
+    assert plan.pipeline_parallel == 3
+    assert stage_layers(4, 3) == (2, 1)
+    assert stage_layers(126, 8) == (16, 15)  # Llama-3.1-405B on 8 stages
+    assert stage_layers(126, 8, 2) == (16, 15)  # 16 stages: 14 of 8 layers, 2 of 7
+    assert stage_layers(80, 4, 5) == (20, 20)

@@ -1,6 +1,7 @@
 """Search: valid degrees, never an unfit plan, and the optimum of an exhaustive sweep."""
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -67,7 +68,9 @@ def test_every_candidate_is_a_valid_plan(case: Any) -> None:
         assert cluster.gpus_per_node % lay.tp == 0
         assert model.num_heads % lay.tp == 0
         assert model.num_kv_heads % lay.tp == 0
-        assert model.num_layers % (lay.pp * lay.v) == 0
+        assert lay.pp * lay.v <= model.num_layers  # uneven stages, never an empty one
+        if lay.v > 1:  # interleaving is searched over even splits only
+            assert model.num_layers % (lay.pp * lay.v) == 0
         assert lay.dp * lay.fsdp * lay.tp * lay.pp == cluster.world
         assert lay.dp * lay.fsdp * lay.mbs * lay.ga == wl.global_batch_size
         Plan.from_layout(model, cluster, wl, lay)  # validates
@@ -205,3 +208,50 @@ def test_planning_is_fast(nodes: int) -> None:
     t0 = time.process_time()
     plan_parallelism(model, cluster, Workload(seq_len=8192, global_batch_size=2 * cluster.world))
     assert time.process_time() - t0 < 1.0
+
+
+def test_deferred_gradient_sync_is_planned_and_reaches_the_trainer_config() -> None:
+    """Where the unsharded gradients fit, the search offers reducing once per step; the choice
+    travels Layout -> Plan -> the trainer's PlanConfig (as the operator builds it)."""
+    from finetune_trainer.config import PlanConfig
+    from finetune_trainer.planner.search import evaluate
+
+    model = known_model("mistralai/Mistral-7B-v0.3")
+    cluster = Cluster.of("H100-80GB", nodes=2)
+    wl = Workload(seq_len=2048, global_batch_size=64)
+    ranked = search(model, cluster, wl, keep=100).ranked
+    deferred = [c for c in ranked if c.layout.grad_sync == "last"]
+    assert deferred, [c.layout.summary() for c in ranked]
+    for c in deferred:
+        assert c.layout.ga > 1
+        assert c.layout.pp == 1
+        assert c.layout.dp * c.layout.fsdp > 1
+        same = evaluate(model, cluster, wl, replace(c.layout, grad_sync="every"))
+        assert c.score() < same.score()  # one reduction per step instead of one per micro-batch
+        if c.layout.fsdp > 1:  # unsharded gradients in between (DDP's are whole anyway)
+            assert c.memory.peak > same.memory.peak
+        else:
+            assert c.memory.peak == same.memory.peak
+    plan = Plan.from_layout(model, cluster, wl, deferred[0].layout)
+    assert plan.gradient_sync == "last"
+    assert plan.layout() == deferred[0].layout
+    assert "sync=last" in plan.summary
+    config = PlanConfig(**{name: getattr(plan, name) for name in PlanConfig.model_fields})
+    assert config.gradient_sync == "last"
+
+
+def test_any_interleave_depth_that_splits_the_layers_evenly() -> None:
+    """Interleaved 1F1B with v chunks per rank needs the layers to split into pp x v equal
+    stages (the trainer's pipeline); every such v is searched, no other."""
+    model = known_model("meta-llama/Meta-Llama-3-70B")  # 80 layers: 20 per rank on pp4
+    cluster = Cluster.of("H100-80GB", nodes=4)
+    wl = Workload(seq_len=4096, global_batch_size=64)
+    depths = {
+        c.layout.v
+        for c in sweep(model, cluster, wl, Constraints(pipeline_parallel=4))
+        if c.layout.schedule == "interleaved-1f1b"
+    }
+    assert depths == {2, 4, 5, 10, 20}
+    best = search(model, cluster, wl, Constraints(pipeline_parallel=4, virtual_stages=5)).best
+    assert best is not None
+    assert best.layout.v == 5

@@ -57,8 +57,8 @@ def _infeasible(
         head = (
             f"no valid parallel layout for {what}: the global batch must split evenly over the "
             f"data-parallel ranks (dp*fsdp = world/(tp*pp)), TP must divide the heads "
-            f"({model.num_heads}/{model.num_kv_heads} kv) and fit a node, PP must divide "
-            f"{model.num_layers} layers (CPU offload excludes pipeline parallelism)"
+            f"({model.num_heads}/{model.num_kv_heads} kv) and fit a node, PP stages cannot "
+            f"outnumber the {model.num_layers} layers (CPU offload excludes pipeline parallelism)"
         )
     else:
         assert closest is not None

@@ -45,7 +45,9 @@ see calibration.py). Sources of each term:
   (torch.distributed.pipelining's stages defer FSDP/DDP gradient sync to the last micro-batch, as
   Megatron-LM does).
 - Optimizer: AdamW is memory bound: reads param, grad, m, v (16 B) and writes param, m, v (12 B)
-  per fp32 param (counted); on the CPU with offload.
+  per fp32 param (counted; half of it with pure-bf16 states); on the CPU with offload.
+- Published runs that reduced gradients in bf16 (``Workload.reduce_dtype``) move 2 bytes per
+  gradient instead of 4.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ from dataclasses import dataclass
 from . import calibration as cal
 from .hardware import Cluster, GPUSpec
 from .layout import Layout
-from .memory import lora_params, stage_params
+from .memory import lora_params, stage_layers, stage_params
 from .model import ModelFacts
 from .workload import Workload
 
 ADAM_BYTES_PER_PARAM = 16 + 12
+PURE_BF16_ADAM_BYTES_PER_PARAM = 8 + 6  # the same reads and writes, all bf16 (torchtune)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,7 @@ def compute_time(model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layou
     lora = workload.method == "lora"
     s = workload.seq_len
     tokens = lay.mbs * s
-    layers = model.num_layers // lay.pp
+    layers = stage_layers(model.num_layers, lay.pp, lay.v)[0]  # the rank with the most layers
     h, q = model.hidden_size, model.q_dim
     layer_fwd = 2.0 * model.params_per_layer  # FLOPs/token, 2 per MAC
     head_fwd = 2.0 * model.vocab_size * h
@@ -158,18 +161,20 @@ def estimate_time(
     gpu = cluster.gpu
     lora = workload.method == "lora"
     tokens = lay.mbs * workload.seq_len
-    layers_per_stage = model.num_layers // lay.pp
+    layers_per_stage = stage_layers(model.num_layers, lay.pp, lay.v)[0]
     h = model.hidden_size
     t_compute = compute_time(model, gpu, workload, lay)
 
     # ---- FSDP / HSDP / DDP collectives ------------------------------------------------------
-    _, last_p = stage_params(model, lay.pp)
+    _, last_p = stage_params(model, lay.pp, lay.v)
     p_tp = last_p / lay.tp  # params this TP rank holds before FSDP sharding
     fsdp_bw, fsdp_lat = _bw(cluster, lay.tp, lay.fsdp)
     n_units = layers_per_stage + 2
     ag = 2 * _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0, n_units)
     trained = lora_params(model, workload, layers_per_stage) if lora else last_p
-    grads = 4.0 * trained / lay.tp  # fp32
+    # reduced in fp32 (the trainer), or bf16 (FSDP1 PURE / bfSixteen, pure bf16 states)
+    bf16_reduce = workload.reduce_dtype == "bf16" or workload.precision == "pure-bf16"
+    grads = (2.0 if bf16_reduce else 4.0) * trained / lay.tp
     rs = _ring_time(lay.fsdp, grads, fsdp_bw, fsdp_lat, 1.0, n_units)
     rep_bw, rep_lat = _bw(cluster, lay.tp * lay.fsdp, lay.dp)
     gather = 0.0  # ZeRO-1/2: the updated parameters, gathered during the next forward
@@ -224,7 +229,12 @@ def estimate_time(
     else:
         slots = micro_batch(gather + reduce) + (lay.ga - 1) * micro_batch(reduce)
         bubble = (lay.pp - 1) / lay.v * micro_batch(reduce)
-    opt_bytes = ADAM_BYTES_PER_PARAM * trained / (lay.tp * lay.fsdp)
+    per_param = (
+        PURE_BF16_ADAM_BYTES_PER_PARAM
+        if workload.precision == "pure-bf16"
+        else (ADAM_BYTES_PER_PARAM)
+    )
+    opt_bytes = per_param * trained / (lay.tp * lay.fsdp)
     t_opt = opt_bytes / (cal.CPU_ADAM_BYTES_PER_S if lay.offload else gpu.hbm_bandwidth)
     step = slots + bubble + t_opt
     return TimeBreakdown(

@@ -43,6 +43,13 @@ The peak is the largest of a few moments of a training step, each the sum of wha
                attention output and log-sum-exp (2q + 4a) and every second matmul output in
                order q, k, v, o, (gate), up, down, starting with the first.
     full:      2h (the layer input only, Korthikanti Sec. 5).
+  Published runs of other frameworks are judged by what their kernels keep
+  (``Workload.fused_kernels``; the trainer runs none of them): a fused norm keeps its bf16
+  input instead of the fp32 upcast and the normalized value (8h for the two norms instead of
+  16h), a fused gated activation keeps gate, up and their product (6f instead of 8f),
+  flash-attention on the (batch, seq, heads, dim) layout keeps q, k and v at their own widths
+  and no output copy (4q + 4kv instead of 10q). MPT under llm-foundry (fused norm + flash):
+  32h, Korthikanti et al.'s 34sbh less the two dropout masks.
   While a checkpointed layer is recomputed in backward its whole "none" set is alive again; the
   backward of any layer also holds the gradients of two f-wide tensors (2 x 2f).
   Tensor + sequence parallelism shards them by t (Korthikanti Sec. 4.2.2: (sbh/t)*34) except
@@ -54,6 +61,10 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   PyTorch's schedules run an FSDP stage's backward without gradient sync or resharding until its
   last micro-batch, so a pipelined FSDP stage also holds its gradients unsharded in fp32
   (4P/t) and its parameters gathered in bf16 (2P/t) through the step.
+- Deferred gradient sync (``Layout.grad_sync == "last"``, no pipeline): FSDP2 with
+  ``set_requires_gradient_sync(False)`` accumulates the micro-batches' gradients unsharded in
+  its reduce dtype (fp32, 4P/t) until the last micro-batch reduce-scatters them (no sharded
+  gradients before then); parameters are resharded after each backward as usual.
 - Loss head (last stage): the final norm (6h, sequence parallel) and the head's input (2h, the
   full sequence on every TP rank: each holds a vocabulary shard of the column-parallel head)
   per token, then the cross-entropy, counted as the trainer computes it
@@ -81,6 +92,10 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   layer's FSDP buffers, its recompute and gradients, the head's gradient), "end" (all sharded
   gradients reduced, the root's bf16 gradient and its fp32 reduce-scatter copy).
   Checked against FSDPMemTracker under FakeTensorMode in tests/trainer/test_memory_model.py.
+- Pure bf16 states (``Workload.precision == "pure-bf16"``, torchtune): parameters, gradients
+  and both moments in bf16, 8 bytes/param. A bf16 gradient reduction (``reduce_dtype``, FSDP1
+  MixedPrecision PURE / bfSixteen) reduce-scatters the bf16 gradient itself: no fp32 copy of a
+  layer's or the root's gradient (the sharded gradient stays fp32).
 - CPU offload also needs the node's host RAM to hold every local rank's sharded states
   (at most USABLE_HOST_MEMORY_FRACTION of it: pinned buffers, the OS and data loaders need the
   rest).
@@ -96,7 +111,7 @@ from . import calibration as cal
 from .hardware import GPUSpec
 from .layout import Layout
 from .model import ModelFacts, resolve_lora_targets
-from .workload import LossKind, Recompute, Workload
+from .workload import FusedKernel, LossKind, Recompute, Workload
 
 #: The trainer's chunked loss (finetune_trainer/loss.py): logits per chunk, whatever the
 #: vocabulary shard (256 MiB of fp32).
@@ -111,6 +126,8 @@ HEAD_INPUT_BYTES_PER_HIDDEN = 2  # the LM head's input, gathered to the full seq
 # what is always resident and the gradients that come and go:
 ADAM_RESIDENT_BYTES_PER_PARAM = 12  # fp32 parameters + two fp32 moments
 GRAD_BYTES_PER_PARAM = 4  # fp32 sharded gradients
+PURE_BF16_RESIDENT_BYTES_PER_PARAM = 2 + 2 + 2  # bf16 parameters and moments (torchtune)
+PURE_BF16_GRAD_BYTES_PER_PARAM = 2
 LORA_FROZEN_BYTES_PER_PARAM = 2
 UNSHARDED_BYTES_PER_PARAM = 2  # bf16 all-gathered parameters (or gradients)
 LAYER_BACKWARD_BYTES_PER_PARAM_FULL = 2 + 2 + 4  # gathered, prefetched, fp32 reduce-scatter
@@ -118,6 +135,14 @@ LAYER_BACKWARD_BYTES_PER_PARAM_LORA = 2 + 2  # frozen weights: no gradient to re
 ROOT_END_BYTES_PER_PARAM_FULL = (
     2 + 4
 )  # bf16 gradient, its fp32 reduce-scatter copy (resharded first)
+
+
+def state_bytes_per_param(workload: Workload) -> tuple[int, int]:
+    """(always resident, gradient) bytes per trained parameter: mixed precision keeps fp32
+    parameters, moments and gradients; pure bf16 (torchtune) keeps all of them in bf16."""
+    if workload.precision == "pure-bf16":
+        return PURE_BF16_RESIDENT_BYTES_PER_PARAM, PURE_BF16_GRAD_BYTES_PER_PARAM
+    return ADAM_RESIDENT_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM
 
 
 def loss_chunk_tokens(vocab_local: int) -> int:
@@ -170,18 +195,33 @@ def _matmul_outputs(
     return widths
 
 
-def activation_bytes_per_token(model: ModelFacts, ac: Recompute, tp: int = 1) -> float:
-    """Saved bytes per token per decoder layer on one rank (see module docstring)."""
+def activation_bytes_per_token(
+    model: ModelFacts, ac: Recompute, tp: int = 1, fused: tuple[FusedKernel, ...] = ()
+) -> float:
+    """Saved bytes per token per decoder layer on one rank (see module docstring); ``fused``
+    are the fused kernels a published run used instead of the trainer's eager ops."""
     h, q, f = model.hidden_size, model.q_dim, model.intermediate_size
     lse = 4 * model.num_heads  # fp32 log-sum-exp per head
     if ac == "full":
         return 2.0 * h / tp
     if ac == "selective":
         return (2.0 * (h + q) + lse) / tp + sum(_matmul_outputs(model, tp)[::2])
-    mlp_saved = 4 * f if model.gated_mlp else 2 * f
+    # per norm: eager keeps its fp32 upcast input (4h), the bf16 normalized value the weight
+    # multiplies (2h) and its output (2h, the projections' input); a fused norm its bf16
+    # input (2h) and the output
+    norms = 2 * (4.0 * h if "norm" in fused else 8.0 * h)
+    # fused: q, k and v at their own widths and the output, read in place by o_proj; eager:
+    # k and v repeated to the query width, and a contiguous copy of the output
+    attn = 4.0 * q + 4.0 * model.kv_dim if "attention" in fused else 10.0 * q
+    if not model.gated_mlp:
+        mlp = 4.0 * f  # activation input and output
+    elif "mlp" in fused:
+        mlp = 6.0 * f  # gate, up (the fused activation's inputs) and the product
+    else:
+        mlp = 8.0 * f  # gate, SiLU(gate), up, product
     # the two norm outputs the projections read are all-gathered to the full sequence under SP
     gathered = 2 * 2.0 * h
-    return (2.0 * (8 * h + 5 * q + mlp_saved) + lse - gathered) / tp + gathered
+    return (norms + attn + mlp + lse - gathered) / tp + gathered
 
 
 def lora_activation_bytes_per_token(model: ModelFacts, workload: Workload, ac: Recompute) -> float:
@@ -194,17 +234,22 @@ def lora_activation_bytes_per_token(model: ModelFacts, workload: Workload, ac: R
         with_adapters = sum(_matmul_outputs(model, 1, targets, r)[::2])
         return with_adapters - sum(_matmul_outputs(model)[::2])
     extra = 2.0 * r * len(targets)  # each adapter's rank-r intermediate
-    extra -= 2 * 2.0 * model.hidden_size  # frozen norm weights: no normalized output kept
+    if "norm" not in workload.fused_kernels:  # frozen eager norm weights: no normalized value
+        extra -= 2 * 2.0 * model.hidden_size
     if workload.lora_dropout > 0:
         extra += 3.0 * sum(model.linear_shapes[t][0] for t in targets)  # dropped input + mask
     return extra
 
 
-def recompute_transient_bytes_per_token(model: ModelFacts, ac: Recompute, tp: int = 1) -> float:
+def recompute_transient_bytes_per_token(
+    model: ModelFacts, ac: Recompute, tp: int = 1, fused: tuple[FusedKernel, ...] = ()
+) -> float:
     """Extra bytes per token while one layer is being recomputed in backward."""
     if ac == "none":
         return 0.0
-    return activation_bytes_per_token(model, "none", tp) - activation_bytes_per_token(model, ac, tp)
+    return activation_bytes_per_token(model, "none", tp, fused) - activation_bytes_per_token(
+        model, ac, tp, fused
+    )
 
 
 def backward_working_bytes_per_token(model: ModelFacts, tp: int = 1) -> float:
@@ -212,17 +257,31 @@ def backward_working_bytes_per_token(model: ModelFacts, tp: int = 1) -> float:
     return 2.0 * 2 * model.intermediate_size / tp
 
 
-def stage_params(model: ModelFacts, pp: int) -> tuple[int, int]:
+def stage_layers(num_layers: int, pp: int, v: int = 1) -> tuple[int, int]:
+    """(first rank, last rank) decoder layers. The trainer splits the layers into pp x v stages
+    of consecutive layers, the first ``num_layers % (pp * v)`` stages one layer longer
+    (finetune_trainer/pipeline.py split_layers); rank r runs stages r, r + pp, ...: the first
+    rank holds the most layers, the last rank (with the LM head) the fewest."""
+    stages = pp * v
+    per, extra = divmod(num_layers, stages)
+
+    def rank(r: int) -> int:
+        return sum(per + (1 if s < extra else 0) for s in range(r, stages, pp))
+
+    return rank(0), rank(pp - 1)
+
+
+def stage_params(model: ModelFacts, pp: int, v: int = 1) -> tuple[int, int]:
     """(first stage, last stage) parameters. With pp = 1 both are the whole model.
 
     A tied LM head needs its own copy of the embedding on the last stage when pp > 1.
     """
     if pp == 1:
         return model.num_params, model.num_params
-    layers = model.num_layers // pp * model.params_per_layer
-    first = model.embedding_params + layers
-    last = layers + model.hidden_size + model.vocab_size * model.hidden_size
-    return first, last
+    first_layers, last_layers = stage_layers(model.num_layers, pp, v)
+    first = model.embedding_params + first_layers * model.params_per_layer
+    last = last_layers * model.params_per_layer + model.hidden_size
+    return first, last + model.vocab_size * model.hidden_size
 
 
 def root_params(model: ModelFacts, stage: str) -> tuple[int, int]:
@@ -276,8 +335,9 @@ def _stage_moments(
 ) -> list[MemoryBreakdown]:
     lora = workload.method == "lora"
     shard = lay.fsdp * lay.tp
-    layers = model.num_layers // lay.pp
-    first_p, last_p = stage_params(model, lay.pp)
+    first_layers, last_layers = stage_layers(model.num_layers, lay.pp, lay.v)
+    layers = last_layers if stage == "last" else first_layers
+    first_p, last_p = stage_params(model, lay.pp, lay.v)
     params = last_p if stage == "last" else first_p
     root, head = root_params(model, stage)
     layer = model.params_per_layer
@@ -286,13 +346,14 @@ def _stage_moments(
     k = k_last if stage == "last" else k_first
 
     # model states during the backward, and after its last reduce-scatter
+    resident, grad_bytes = state_bytes_per_param(workload)
     if lora:
         adapters = float(lora_params(model, workload, layers))
-        base = LORA_FROZEN_BYTES_PER_PARAM * params + ADAM_RESIDENT_BYTES_PER_PARAM * adapters
-        grads = GRAD_BYTES_PER_PARAM * adapters
+        base = LORA_FROZEN_BYTES_PER_PARAM * params + resident * adapters
+        grads = grad_bytes * adapters
     else:
-        base = float(ADAM_RESIDENT_BYTES_PER_PARAM * params)
-        grads = float(GRAD_BYTES_PER_PARAM * params)
+        base = float(resident * params)
+        grads = float(grad_bytes * params)
     after = (base + grads) / shard
     # the first micro-batch's backward has reduced nothing yet; later ones find gradients
     during = base / shard if lay.ga == 1 else after
@@ -303,12 +364,21 @@ def _stage_moments(
         # and its bf16 parameters stay gathered (pipelining/stage.py, backward_maybe_with_nosync)
         during = base / shard + grads / lay.tp
         kept = UNSHARDED_BYTES_PER_PARAM * params / lay.tp
+    unsharded = 0.0
+    if lay.pp == 1 and lay.grad_sync == "last" and lay.ga > 1 and lay.fsdp * lay.dp > 1:
+        # FSDP2 with set_requires_gradient_sync(False) (DDP's no_sync alike) accumulates each
+        # micro-batch's gradients unsharded, in the reduce dtype, on the GPU (with CPU offload
+        # too) until the last one reduces them; parameters are still resharded after backward
+        unsharded = grads / lay.tp
+        during = base / shard + unsharded
     host = 0.0
     if lay.offload:
-        host, during, after = after, 0.0, 0.0
+        host, during, after = after, unsharded, 0.0
 
-    act_tok = activation_bytes_per_token(model, lay.ac, lay.tp)
-    transient_tok = recompute_transient_bytes_per_token(model, lay.ac, lay.tp)
+    act_tok = activation_bytes_per_token(model, lay.ac, lay.tp, workload.fused_kernels)
+    transient_tok = recompute_transient_bytes_per_token(
+        model, lay.ac, lay.tp, workload.fused_kernels
+    )
     if lora:
         act_tok += lora_activation_bytes_per_token(model, workload, lay.ac)
         transient_tok += lora_activation_bytes_per_token(
@@ -332,9 +402,17 @@ def _stage_moments(
             moment=name,
         )
 
-    per_layer = LAYER_BACKWARD_BYTES_PER_PARAM_LORA if lora else LAYER_BACKWARD_BYTES_PER_PARAM_FULL
+    # a bf16 reduction (FSDP1 PURE / bfSixteen, pure bf16) reduce-scatters the bf16 gradient
+    # itself: no fp32 copy of it
+    bf16_reduce = workload.reduce_dtype == "bf16" or workload.precision == "pure-bf16"
+    if lora:
+        per_layer, root_end = LAYER_BACKWARD_BYTES_PER_PARAM_LORA, UNSHARDED_BYTES_PER_PARAM
+    elif bf16_reduce:
+        per_layer = LAYER_BACKWARD_BYTES_PER_PARAM_FULL - 2
+        root_end = ROOT_END_BYTES_PER_PARAM_FULL - 4
+    else:
+        per_layer, root_end = LAYER_BACKWARD_BYTES_PER_PARAM_FULL, ROOT_END_BYTES_PER_PARAM_FULL
     in_layer = (transient_tok + backward_working_bytes_per_token(model, lay.tp)) * tokens
-    root_end = UNSHARDED_BYTES_PER_PARAM if lora else ROOT_END_BYTES_PER_PARAM_FULL
     moments = [
         moment("layer", during, kept + gathered_root + head_grad + per_layer * layer / lay.tp,
                saved + in_layer, 0.0),

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .hardware import Cluster
-from .layout import Layout
+from .layout import GradSync, Layout
 from .model import ModelFacts
 from .workload import Recompute, Schedule, Workload
 
@@ -40,6 +40,11 @@ class Plan(BaseModel):
     gradient_accumulation: int = Field(ge=1)
     activation_checkpointing: Recompute = "none"
     cpu_offload: bool = False
+    gradient_sync: GradSync = Field(
+        default="every",
+        description="gradient reduction under accumulation: every micro-batch, or the last only"
+        " (unsharded gradients kept meanwhile); pipelines always reduce on the last",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Plan:
@@ -58,10 +63,10 @@ class Plan(BaseModel):
         ):
             if n % tp:
                 errors.append(f"tensorParallel {tp} does not divide {what} ({n})")
-        if m.num_layers % (pp * self.virtual_stages):
+        if pp * self.virtual_stages > m.num_layers:
             errors.append(
                 f"pipelineParallel {pp} x virtual stages {self.virtual_stages} "
-                f"does not divide {m.num_layers} layers"
+                f"is more stages than {m.num_layers} layers"
             )
         if (pp == 1) != (self.pipeline_schedule == "none"):
             errors.append(f"schedule {self.pipeline_schedule!r} with pipelineParallel {pp}")
@@ -102,6 +107,7 @@ class Plan(BaseModel):
             gradient_accumulation=lay.ga,
             activation_checkpointing=lay.ac,
             cpu_offload=lay.offload,
+            gradient_sync=lay.grad_sync,
         )
 
     def layout(self) -> Layout:
@@ -116,6 +122,7 @@ class Plan(BaseModel):
             ga=self.gradient_accumulation,
             ac=self.activation_checkpointing,
             offload=self.cpu_offload,
+            grad_sync=self.gradient_sync,
         )
 
     @property

@@ -20,11 +20,10 @@ from .plan import LORA_SUPPORTS_TP_PP, Estimate
 from .workload import Constraints, Recompute, Schedule, Workload
 
 AC_OPTIONS: tuple[Recompute, ...] = ("none", "selective", "full")
-INTERLEAVE_CHUNKS: tuple[int, ...] = (2, 4)
-# Gradient sync under accumulation the search offers (layout.GradSync). "last" is costed
-# (cost.py) but not offered yet: the memory model does not count the unsharded gradients it
-# keeps between micro-batches, and a Plan cannot carry the choice to the trainer.
-GRAD_SYNC_OPTIONS: tuple[GradSync, ...] = ("every",)
+# Gradient sync under accumulation the search offers (layout.GradSync): "last" reduces once
+# per step (cost.py) and keeps unsharded gradients between micro-batches (memory.py); the
+# trainer's loop applies it with FSDP2's set_requires_gradient_sync.
+GRAD_SYNC_OPTIONS: tuple[GradSync, ...] = ("every", "last")
 
 
 @cache
@@ -85,7 +84,7 @@ def _structures(
         if lora and not LORA_SUPPORTS_TP_PP and tp > 1:
             continue
         for pp in divisors(world // tp):
-            if model.num_layers % pp:
+            if pp > model.num_layers:  # uneven stages are fine (memory.stage_layers), empty not
                 continue
             if con.pipeline_parallel is not None and pp != con.pipeline_parallel:
                 continue
@@ -107,10 +106,12 @@ def _structures(
                 schedules: list[tuple[Schedule, int]] = [("none", 1)]
                 if pp > 1:
                     schedules = [("gpipe", 1), ("1f1b", 1)]
+                    # any interleave depth that splits each rank's layers evenly (the
+                    # trainer's pipeline builds pp x v equal stages)
                     schedules += [
                         ("interleaved-1f1b", v)
-                        for v in INTERLEAVE_CHUNKS
-                        if model.num_layers % (pp * v) == 0
+                        for v in divisors(model.num_layers // pp)
+                        if v > 1 and model.num_layers % pp == 0
                     ]
                 for sched, v in schedules:
                     if con.pipeline_schedule is not None and sched != con.pipeline_schedule:
@@ -144,10 +145,10 @@ def _offload_options(con: Constraints, pp: int) -> tuple[bool, ...]:
     return (con.cpu_offload,)
 
 
-def _sync_options(pp: int, ga: int) -> tuple[GradSync, ...]:
+def _sync_options(pp: int, ga: int, data_parallel: int) -> tuple[GradSync, ...]:
     """Pipelines always reduce on the last micro-batch (cost.py charges them so whatever the
-    field says); one micro-batch has nothing to defer."""
-    if pp > 1 or ga == 1:
+    field says); one micro-batch, or no data parallelism, has nothing to defer."""
+    if pp > 1 or ga == 1 or data_parallel == 1:
         return ("every",)
     return GRAD_SYNC_OPTIONS
 
@@ -191,7 +192,7 @@ def search(
         offs = _offload_options(con, pp)
         for mbs in mbs_list:
             any_fits = False
-            for sync in _sync_options(pp, per_rank // mbs):
+            for sync in _sync_options(pp, per_rank // mbs, dp * fsdp):
                 chosen: Candidate | None = None
                 for off in offs:
                     for ac in acs:
@@ -225,7 +226,7 @@ def sweep(
     for dp, fsdp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
         per_rank = workload.global_batch_size // (dp * fsdp)
         for mbs in mbs_list:
-            for sync in _sync_options(pp, per_rank // mbs):
+            for sync in _sync_options(pp, per_rank // mbs, dp * fsdp):
                 for off in _offload_options(con, pp):
                     for ac in _ac_options(con):
                         lay = Layout(
