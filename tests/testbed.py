@@ -21,6 +21,14 @@ Register it with ``pytest_plugins = ["testbed"]`` (tests/ is on sys.path). Fixtu
 ``gpu_testbed`` (session)
     ``testbed``, but the test is skipped unless the cluster has schedulable
     ``nvidia.com/gpu`` nodes and the PyTorchJob CRD (always true for our own test bed).
+
+``kueue_testbed`` (session)
+    ``gpu_testbed`` with Kueue: on our own test bed ``hack/cluster up --kueue`` adds Kueue
+    (v0.17, PyTorchJob integration, waitForPodsReady) and its queues (ClusterQueue ``gpus``,
+    16 H100 GPUs; WorkloadPriorityClasses ``low``/``high``) in place, and it stays for the rest
+    of the session (it only touches jobs labelled with a queue). On a user's cluster
+    (``KUBECONFIG``) the test is skipped unless Kueue's CRDs are there. Tests make their own
+    LocalQueues (``Testbed.local_queue``).
 """
 
 from __future__ import annotations
@@ -147,6 +155,19 @@ class Testbed:
     def has_crd(self, name: str) -> bool:
         return self.kubectl("get", "crd", name).returncode == 0
 
+    def local_queue(
+        self, namespace: str, name: str = "default", cluster_queue: str = "gpus"
+    ) -> None:
+        """A Kueue LocalQueue ``name`` in ``namespace`` feeding ``cluster_queue``."""
+        queue = {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterQueue": cluster_queue},
+        }
+        applied = self.apply(queue)
+        assert applied.returncode == 0, applied.stderr
+
     def logs_dir(self) -> Path | None:
         return self.state_dir / "logs" if self.state_dir else None
 
@@ -215,6 +236,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         args = ["build", "--tools"]
     else:
         args = ["build", "--api-only"] if API_ONLY else ["build"]
+        if not API_ONLY and any(
+            "kueue_testbed" in getattr(i, "fixturenames", ()) for i in session.items
+        ):
+            args.append("--kueue")
     capman = session.config.pluginmanager.getplugin("capturemanager")
     t0 = time.monotonic()
     with capman.global_and_fixture_disabled() if capman else _NullContext():
@@ -298,3 +323,24 @@ def kube_namespace(testbed: Testbed):
     )
     yield name
     testbed.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
+
+KUEUE_CRD = "workloads.kueue.x-k8s.io"
+
+
+@pytest.fixture(scope="session")
+def kueue_testbed(gpu_testbed: Testbed):
+    if gpu_testbed.external:
+        if not gpu_testbed.has_crd(KUEUE_CRD):
+            pytest.skip("cluster has no Kueue (no workloads.kueue.x-k8s.io CRD)")
+        return gpu_testbed
+    t0 = time.monotonic()
+    p = _cluster("up", "--kueue")  # adds Kueue in place; at once if it runs already
+    if p.returncode != 0:
+        pytest.fail(
+            f"hack/cluster up --kueue failed (rc={p.returncode}):\n{p.stderr[-8000:]}",
+            pytrace=False,
+        )
+    if "starting them" in p.stderr:
+        print(f"\n[testbed] Kueue added in {time.monotonic() - t0:.1f}s")
+    return gpu_testbed

@@ -10,11 +10,16 @@ also needs the project's Python environment).
                          (a simulated run: steps, loss, checkpoints), so `finetune watch` and
                          `kubectl get ftj` show progress; needs the project's Python (make venv);
                          added in place to a running test bed
+    hack/cluster up --kueue
+                         also Kueue v0.17 (PyTorchJob integration, waitForPodsReady, webhooks
+                         served for real) with the ClusterQueue `gpus` (16 H100 GPUs) and the
+                         WorkloadPriorityClasses low/high; added in place to a running test bed
     hack/cluster down    stop everything this state dir started (no leaked processes)
     hack/cluster status  health of each component (exit 1 if something is down)
     hack/cluster env     shell exports (KUBECONFIG, PATH, TESTBED_*); `env --json` for programs
     hack/cluster build   only build/fetch the binaries (`build --tools`: kubectl, helm,
-                         kubeconform; `build --api-only`: what `up --api-only` needs)
+                         kubeconform; `build --api-only`: what `up --api-only` needs;
+                         `build --kueue`: also Kueue)
 
 What `up` starts, all on 127.0.0.1 with free ports: etcd (Debian's etcd-server),
 kube-apiserver (RBAC, service-account keys, static-token users), kube-controller-manager,
@@ -36,6 +41,7 @@ Environment:
                              pods with other images wait in ErrImagePull/ImagePullBackOff
   TESTBED_POD_RUN_SECONDS    how long a training pod runs before it completes (default 5)
   TESTBED_TRAINER_METRICS    1: as `up --trainer-metrics` (default 0)
+  TESTBED_KUEUE              1: as `up --kueue` / `build --kueue` (default 0)
   TESTBED_BUILD_JOBS         go build -p (default: number of CPUs, at most 4)
   TESTBED_UP_TIMEOUT         seconds to wait for health (default 180)
 """

@@ -1,9 +1,10 @@
 """The test bed's binaries: built from pinned Go modules into a cache keyed by version.
 
 Kubernetes (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl) is built from the
-Go module in hack/k8s; kwok, the training-operator, helm and kubeconform with ``go install
-pkg@version``; etcd and openssl come from Debian packages. ``KUBEBUILDER_ASSETS`` can supply
-kube-apiserver, etcd, kubectl (and the controller-manager and scheduler).
+Go module in hack/k8s; kwok, the training-operator, Kueue (``up --kueue``), helm and kubeconform
+with ``go install pkg@version``; etcd and openssl come from Debian packages.
+``KUBEBUILDER_ASSETS`` can supply kube-apiserver, etcd, kubectl (and the controller-manager and
+scheduler).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import kueue
 from .log import TestbedError, log
 from .settings import HACK, Settings
 
@@ -95,10 +97,18 @@ TRAINING_OPERATOR = GoTool(
     TRAINING_OPERATOR_VERSION,
     "training-operator.v1",
 )
+KUEUE = GoTool(
+    "kueue",
+    f"{kueue.MODULE}/cmd/kueue",
+    kueue.VERSION,
+    "kueue",
+    f"-X {kueue.MODULE}/pkg/version.GitVersion={kueue.VERSION}",
+)
 
 
 def binaries(settings: Settings, need: Need) -> dict[str, Path]:
-    """Build (or find in the cache) the binaries ``need`` names, by component name."""
+    """Build (or find in the cache) the binaries ``need`` names, by component name (with
+    ``settings.kueue``, a full test bed's include Kueue)."""
     out = k8s_binaries(settings, K8S_NAMES[need])
     if need is not Need.API:
         out["helm"] = go_install(settings, HELM)
@@ -108,6 +118,8 @@ def binaries(settings: Settings, need: Need) -> dict[str, Path]:
     if need is Need.FULL:
         out["kwok"] = go_install(settings, KWOK)
         out["training-operator"] = go_install(settings, TRAINING_OPERATOR)
+        if settings.kueue:
+            out["kueue"] = go_install(settings, KUEUE)
     return out
 
 
@@ -195,8 +207,18 @@ def go_install(settings: Settings, tool: GoTool) -> Path:
 
 def training_operator_source(settings: Settings) -> Path:
     """The training-operator module in Go's module cache (its CRD and RBAC manifests)."""
-    _need_go("the training-operator's manifests")
-    module = f"{TRAINING_OPERATOR_MODULE}@{TRAINING_OPERATOR_VERSION}"
+    return module_source(settings, TRAINING_OPERATOR_MODULE, TRAINING_OPERATOR_VERSION)
+
+
+def kueue_source(settings: Settings) -> Path:
+    """The Kueue module in Go's module cache (its CRDs, RBAC and webhook manifests)."""
+    return module_source(settings, kueue.MODULE, kueue.VERSION)
+
+
+def module_source(settings: Settings, path: str, version: str) -> Path:
+    """A Go module's files in Go's module cache (downloaded once), for its manifests."""
+    _need_go(f"the manifests of {path}")
+    module = f"{path}@{version}"
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     p = subprocess.run(
         ["go", "mod", "download", "-json", module],
@@ -213,13 +235,15 @@ def training_operator_source(settings: Settings) -> Path:
 
 def go_env(module_mode: bool = True) -> dict[str, str]:
     """os.environ for the go command: ``-mod=mod`` (builds in hack/k8s), or none (``go install
-    pkg@version`` ignores the current module and refuses -mod); CGO off unless set."""
+    pkg@version`` ignores the current module and refuses -mod); CGO off and GOTOOLCHAIN=local
+    (never download another Go) unless set."""
     env = dict(os.environ)
     flags = [f for f in env.get("GOFLAGS", "").split() if module_mode or not f.startswith("-mod=")]
     if module_mode and not any(f.startswith("-mod=") for f in flags):
         flags.append("-mod=mod")
     env["GOFLAGS"] = " ".join(flags)
     env.setdefault("CGO_ENABLED", "0")
+    env.setdefault("GOTOOLCHAIN", "local")  # this Go (1.26) builds every pinned module
     return env
 
 

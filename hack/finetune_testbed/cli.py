@@ -15,7 +15,14 @@ from typing import Any
 import finetune_testbed
 
 from . import health, provisioner, rendezvous, up
-from .build import Need, binaries, ensure_openssl, kubectl_in_cache, training_operator_source
+from .build import (
+    Need,
+    binaries,
+    ensure_openssl,
+    kubectl_in_cache,
+    kueue_source,
+    training_operator_source,
+)
 from .log import TestbedError, log
 from .procs import pid_alive, rss_kib, stop
 from .settings import Settings, from_env
@@ -34,6 +41,10 @@ def main(argv: list[str]) -> int:
         if args.command == "up":
             if args.trainer_metrics:
                 settings = dataclasses.replace(settings, trainer_metrics=True)
+            if args.kueue:
+                settings = dataclasses.replace(settings, kueue=True)
+            if args.api_only and settings.kueue:
+                raise TestbedError("--kueue needs the whole test bed: leave out --api-only")
             return up.up(settings, api_only=args.api_only)
         if args.command == "down":
             return down(settings)
@@ -50,6 +61,8 @@ def main(argv: list[str]) -> int:
             return trainer_metrics.run(Path(args.state_dir), args.default_run_seconds)
         if args.command == "env":
             return env(settings, as_json=args.json)
+        if args.kueue:
+            settings = dataclasses.replace(settings, kueue=True)
         return build(settings, tools=args.tools, api_only=args.api_only)
     except TestbedError as e:
         log(f"error: {e}")
@@ -75,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve the trainer's metrics, from a simulated run, on every running master "
         "pod's IP (needs the project's Python environment; added in place to a running test bed)",
     )
+    cmd.add_argument(
+        "--kueue",
+        action="store_true",
+        help="also run Kueue (v0.17, PyTorchJob integration, waitForPodsReady) with a GPU "
+        "ClusterQueue (added in place to a running test bed)",
+    )
     sub.add_parser("down", help="stop the test bed of this state dir")
     # The fake trainer's rendezvous loop (a component that `up` starts; not for users).
     cmd = sub.add_parser("rendezvous")
@@ -92,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     what = cmd.add_mutually_exclusive_group()
     what.add_argument("--tools", action="store_true", help="only kubectl, helm, kubeconform")
     what.add_argument("--api-only", action="store_true", help="only what `up --api-only` needs")
+    cmd.add_argument("--kueue", action="store_true", help="also Kueue (what `up --kueue` adds)")
     return p
 
 
@@ -190,6 +210,8 @@ def build(settings: Settings, tools: bool, api_only: bool) -> int:
         ensure_openssl()
         bins = binaries(settings, Need.API if api_only else Need.FULL)
         training_operator_source(settings)
+        if settings.kueue and not api_only:
+            kueue_source(settings)
     for k, v in sorted(bins.items()):
         print(f"{k:25s} {v}")
     return 0

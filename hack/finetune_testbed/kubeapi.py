@@ -61,6 +61,21 @@ class Api:
             )
             self.apply(path, json.dumps(obj).encode())
 
+    def parse_yaml(self, document: str) -> dict[str, Any]:
+        """One YAML document of a cluster-scoped object as JSON, parsed by the API server (a
+        dry-run create: the standard library has no YAML parser; no object is stored)."""
+        kind = _top_level(document, "kind")
+        path = resource_path(_top_level(document, "apiVersion"), kind, "").rstrip("/")
+        status, out = self.call("POST", f"{path}?dryRun=All", document.encode(), "application/yaml")
+        if status not in (200, 201):
+            raise TestbedError(
+                f"the API server cannot read this {kind} ({status}): {_message(out)}"
+            )
+        for key in ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields"):
+            out["metadata"].pop(key, None)
+        out.pop("status", None)
+        return dict(out)
+
     def dry_run_create(self, path: str, obj: dict[str, Any]) -> tuple[int, str]:
         """POST ``obj`` to the collection ``path`` with ``dryRun=All``: status and message."""
         status, out = self.call(
@@ -70,11 +85,30 @@ class Api:
 
 
 def resource_path(api_version: str, kind: str, name: str, namespace: str | None = None) -> str:
-    """The URL path of an object. The plural is the lower-cased kind + "s", true of every kind
-    the test bed creates (an object whose name does not match its URL is refused by the server)."""
+    """The URL path of an object. The plural is the lower-cased kind with English's regular
+    plural (``-s``; ``-es`` after s, x, ch, sh; ``-ies`` for a consonant and y), true of every
+    kind the test bed creates (an object whose name does not match its URL is refused)."""
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     ns = f"/namespaces/{namespace}" if namespace else ""
-    return f"{base}{ns}/{kind.lower()}s/{name}"
+    return f"{base}{ns}/{plural(kind)}/{name}"
+
+
+def plural(kind: str) -> str:
+    """``WorkloadPriorityClass`` -> ``workloadpriorityclasses``, ``Node`` -> ``nodes``."""
+    word = kind.lower()
+    if word.endswith(("s", "x", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _top_level(document: str, key: str) -> str:
+    """The value of a top-level ``key: value`` line of a YAML document."""
+    for line in document.splitlines():
+        if line.startswith(f"{key}:"):
+            return line.split(":", 1)[1].strip().strip("'\"")
+    raise TestbedError(f"no top-level {key!r} in a YAML document")
 
 
 def _json_or_text(raw: bytes) -> Any:

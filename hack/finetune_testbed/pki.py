@@ -5,10 +5,13 @@ Three parts, each made when the component that needs it is started:
 - the cluster: a CA, the API server's serving cert, the service-account signing key pair;
 - the training-operator's webhook: its own CA (the cert rotator wants the DNS name
   ``training-operator-ca``) and a serving cert for ``training-operator.kubeflow.svc`` and 127.0.0.1;
-- kwok's kubelet API: a serving cert for 127.0.0.1 from the cluster CA (the API server checks it).
+- kwok's kubelet API: a serving cert for 127.0.0.1 from the cluster CA (the API server checks it);
+- Kueue's webhooks (``up --kueue``): their own CA (``kueue-ca``, as Kueue's cert rotator checks)
+  and a serving cert for ``kueue-webhook-service.kueue-system.svc`` and 127.0.0.1.
 
 Keys are ECDSA P-256 (generated in milliseconds; RSA keys took most of `up --api-only`'s time),
-except the webhook's: the training-operator's cert rotator reads its CA key as PKCS#1 RSA.
+except the webhooks': the training-operator's and Kueue's cert rotators read their CA key as
+PKCS#1 RSA.
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ def webhook_pki(pki: Path) -> None:
         "training-operator.kubeflow.svc",
         "DNS:training-operator.kubeflow.svc,DNS:localhost,IP:127.0.0.1",
     )
+
+
+def kueue_pki(pki: Path, ca_name: str, service_dns: str) -> None:
+    """kueue-ca.crt/key and kueue-webhook.crt/key for Kueue's webhook server.
+
+    Kueue's cert rotator (the same cert-controller as the training-operator's) keeps the Secret
+    it finds when the CA verifies for the DNS name ``ca_name`` and the serving cert for
+    ``service_dns``; 127.0.0.1 is added so that the API server can call the webhooks on loopback.
+    """
+    _keys(pki, "kueue-ca", "kueue-webhook", rsa=True)
+    _ca(pki, "kueue-ca", ca_name, san=f"DNS:{ca_name}")
+    _leaf(pki, "kueue-webhook", "kueue-ca", service_dns, f"DNS:{service_dns},IP:127.0.0.1")
 
 
 def kwok_pki(pki: Path) -> None:

@@ -30,6 +30,7 @@ class Settings:
     build_jobs: int  # TESTBED_BUILD_JOBS
     up_timeout: float  # TESTBED_UP_TIMEOUT
     trainer_metrics: bool = False  # TESTBED_TRAINER_METRICS=1 or `up --trainer-metrics`
+    kueue: bool = False  # TESTBED_KUEUE=1 or `up --kueue` / `build --kueue`
 
     @property
     def external_kubeconfig(self) -> str | None:
@@ -68,6 +69,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         build_jobs=_number(env, "TESTBED_BUILD_JOBS", int, min(4, os.cpu_count() or 1), minimum=1),
         up_timeout=_number(env, "TESTBED_UP_TIMEOUT", float, 180.0, minimum=1),
         trainer_metrics=_flag(env, "TESTBED_TRAINER_METRICS"),
+        kueue=_flag(env, "TESTBED_KUEUE"),
     )
 
 

@@ -23,8 +23,8 @@ COMPONENTS = (
     "provisioner",
     "training-operator",
 )
-#: Started only when asked for (``up --trainer-metrics``), after the others.
-OPTIONAL = ("trainer-metrics",)
+#: Started only when asked for (``up --trainer-metrics``, ``up --kueue``), after the others.
+OPTIONAL = ("trainer-metrics", "kueue")
 API_ONLY = ("etcd", "kube-apiserver")  # `up --api-only`
 CLUSTER_TIER = tuple(c for c in COMPONENTS if c not in API_ONLY)  # the rest of `up`
 
@@ -75,6 +75,7 @@ class State:
             "api_only": self.api_only,
             "pod_network": self.pod_network,
             "trainer_metrics": "trainer-metrics" in self.components,
+            "kueue": "kueue" in self.components,
         }
 
     def write_env(self) -> None:

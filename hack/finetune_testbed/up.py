@@ -3,9 +3,10 @@
 The API tier (all that ``up --api-only`` starts): etcd, the cluster PKI and users, kube-apiserver,
 the PyTorchJob CRD. The cluster tier on top of it: controller-manager, scheduler, the webhook and
 kubelet PKI, the bootstrap objects (training-operator RBAC and webhook, kwok nodes), kwok, the
-training-operator, and the waits until each is healthy. ``up`` on a running ``--api-only`` test bed
-adds the cluster tier in place (same API server, same objects). Components are started without
-waiting where they do not depend on each other, and waited for at the end.
+training-operator, and the waits until each is healthy; with ``--kueue``, Kueue and its queues.
+``up`` on a running ``--api-only`` test bed adds the cluster tier in place (same API server, same
+objects), and on a running full one the optional components asked for. Components are started
+without waiting where they do not depend on each other, and waited for at the end.
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import health, kubeconfig, manifests, pki
-from .build import Need, binaries, ensure_openssl, training_operator_source
+from . import health, kubeconfig, kueue, manifests, pki
+from .build import (
+    KUEUE,
+    Need,
+    binaries,
+    ensure_openssl,
+    go_install,
+    kueue_source,
+    training_operator_source,
+)
 from .kubeapi import Api, resource_path
 from .log import TestbedError, log
 from .procs import Supervisor, stop
@@ -40,6 +49,7 @@ PORTS = {
     "provisioner": (),
     "training-operator": ("to-metrics", "to-probe", "to-webhook"),
     "trainer-metrics": (),
+    "kueue": ("kueue-webhook", "kueue-probe"),
 }
 # cert-controller (used by the training-operator) only checks that this file exists.
 ROTATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
@@ -124,7 +134,8 @@ def up(settings: Settings, api_only: bool) -> int:
 
 def _full(settings: Settings) -> tuple[str, ...]:
     """What a full test bed runs with these settings."""
-    return COMPONENTS + (OPTIONAL if settings.trainer_metrics else ())
+    asked = {"trainer-metrics": settings.trainer_metrics, "kueue": settings.kueue}
+    return COMPONENTS + tuple(c for c in OPTIONAL if asked[c])
 
 
 def check_trainer_python() -> None:
@@ -160,11 +171,12 @@ def _complete(settings: Settings, st: State, t_start: float, wanted: tuple[str, 
 
 def _add_missing(settings: Settings, st: State, missing: list[str]) -> int:
     """Start the components a running full test bed lacks: those an older ``up`` did not start
-    (the rendezvous, the provisioner), or trainer-metrics when asked for now."""
+    (the rendezvous, the provisioner), or trainer-metrics or Kueue when asked for now."""
     starters = {
         "rendezvous": start_rendezvous,
         "provisioner": start_provisioner,
         "trainer-metrics": add_trainer_metrics,
+        "kueue": start_kueue,
     }
     unknown = [c for c in missing if c not in starters]
     if unknown:
@@ -176,6 +188,8 @@ def _add_missing(settings: Settings, st: State, missing: list[str]) -> int:
     for component in missing:
         starters[component](bed)
         bed.wait(component)
+        if component == "kueue":
+            finish_kueue(bed)
     bed.save()
     bed.state.write_env()
     return 0
@@ -366,12 +380,16 @@ def start_cluster_tier(bed: Bed) -> None:
     start_training_operator(bed)
     if "trainer-metrics" in bed.state.components:
         start_trainer_metrics(bed)
+    if "kueue" in bed.state.components:
+        start_kueue(bed)
     for component in bed.state.components:
         if component not in API_ONLY:
             bed.wait(component)
     wait_for_nodes(bed)
     wait_for_default_service_account(bed)
     wait_for_webhook(bed)
+    if "kueue" in bed.state.components:
+        finish_kueue(bed)
 
 
 def _serving_flags(bed: Bed, user: str, port: str) -> list[str]:
@@ -552,3 +570,100 @@ def wait_for_webhook(bed: Bed) -> None:
         return status >= 400 and "denied the request" in message
 
     bed.procs.wait_for("PyTorchJob webhook", rejects, bed.settings.up_timeout)
+
+
+# --------------------------------------------------------------------------- Kueue (--kueue)
+
+
+def start_kueue(bed: Bed) -> None:
+    """Kueue (kueue.py): its CRDs (conversion webhook on loopback), ClusterRole and webhook
+    configurations from its module, its ServiceAccount's token, certs and configuration; then
+    the process. ``finish_kueue`` waits for its webhooks and makes the queues."""
+    exe = go_install(bed.settings, KUEUE)
+    src = kueue_source(bed.settings)
+    bed.state.binaries["kueue"] = str(exe)
+    ports = bed.state.ports
+    if "kueue-webhook" not in ports:
+        ports.update(allocate_ports(("kueue",), set(ports.values())))
+    pki.kueue_pki(bed.pki, kueue.CA_NAME, kueue.WEBHOOK_DNS)
+    ca = (bed.pki / "kueue-ca.crt").read_bytes()
+    install_kueue_crds(bed, src, ca)
+    role = bed.api.parse_yaml(kueue.cluster_role_file(src).read_text())
+    bed.api.apply_objects([kueue.cluster_role(role), *kueue.access_objects(bed.pki)])
+    hooks = kueue.yaml_documents(kueue.webhook_file(src).read_text())
+    configs = [bed.api.parse_yaml(doc) for doc in hooks]
+    bed.api.apply_objects(
+        [kueue.webhook_configuration(c, ports["kueue-webhook"], ca) for c in configs]
+    )
+    write_kueue_kubeconfig(bed)
+    certs = bed.dir / "kueue-certs"
+    certs.mkdir(exist_ok=True)
+    for name, key in (("tls.crt", "kueue-webhook.crt"), ("tls.key", "kueue-webhook.key")):
+        shutil.copy(bed.pki / key, certs / name)
+    shutil.copy(bed.pki / "kueue-ca.crt", certs / "ca.crt")
+    config = bed.dir / "kueue-config.yaml"
+    config.write_text(kueue.configuration(ports["kueue-webhook"], ports["kueue-probe"], certs))
+    wait_for_kueue_crds(bed, src)
+    bed.procs.start("kueue", [
+        exe, f"--config={config}", f"--kubeconfig={bed.kubeconfig('kueue')}",
+        "--zap-log-level=info",
+    ])  # fmt: skip
+    bed.save()
+
+
+def install_kueue_crds(bed: Bed, src: Path, ca: bytes) -> None:
+    """Kueue's CRDs from its module; those it serves in two versions convert through its
+    webhook on loopback (the module's ``webhook_in_*`` patches, with a URL)."""
+    crd_kind = ("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+    patch = json.dumps(kueue.conversion_patch(bed.state.ports["kueue-webhook"], ca)).encode()
+    for f in kueue.crd_files(src):
+        name = kueue.crd_name(f)
+        path = resource_path(*crd_kind, name)
+        bed.api.apply(path, f.read_bytes())
+        if name.split(".")[0] in kueue.CONVERTED_CRDS:
+            status, out = bed.api.call("PATCH", path, patch, "application/merge-patch+json")
+            if status != 200:
+                raise TestbedError(f"patching the conversion webhook of {name} failed: {out}")
+
+
+def wait_for_kueue_crds(bed: Bed, src: Path) -> None:
+    names = [kueue.crd_name(f) for f in kueue.crd_files(src)]
+
+    def established() -> bool:
+        for name in names:
+            crd = bed.api.get(
+                resource_path("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
+            )
+            conditions = (crd or {}).get("status", {}).get("conditions") or []
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return False
+        return True
+
+    bed.procs.wait_for("Kueue's CRDs", established, bed.settings.up_timeout)
+
+
+def write_kueue_kubeconfig(bed: Bed) -> None:
+    """Kueue runs as its ServiceAccount, with a token from the TokenRequest API (so it can be
+    added to a running test bed: the static tokens are read once, when the API server starts)."""
+    path = f"/api/v1/namespaces/{kueue.NAMESPACE}/serviceaccounts/{kueue.SERVICE_ACCOUNT}/token"
+    body = json.dumps(kueue.token_request()).encode()
+    status, out = bed.api.call("POST", path, body, "application/json")
+    if status != 201:
+        raise TestbedError(f"a token for Kueue's ServiceAccount was refused ({status}): {out}")
+    token = out["status"]["token"]
+    kubeconfig.write_kubeconfig(
+        bed.kubeconfig("kueue"), bed.state.server, bed.state.ca, token, kueue.SERVICE_ACCOUNT
+    )
+
+
+def finish_kueue(bed: Bed) -> None:
+    """Kueue's webhooks answer (it denies an invalid ClusterQueue), then the test bed's queues:
+    ResourceFlavor, ClusterQueue, WorkloadPriorityClasses (through those webhooks)."""
+    path = "/apis/kueue.x-k8s.io/v1beta2/clusterqueues"
+
+    def rejects() -> bool:
+        status, message = bed.api.dry_run_create(path, kueue.INVALID_CLUSTER_QUEUE)
+        return status >= 400 and "denied the request" in message
+
+    bed.procs.wait_for("Kueue's webhooks", rejects, bed.settings.up_timeout)
+    bed.api.apply_objects(kueue.queue_objects())
