@@ -196,8 +196,9 @@ def plan(
         raise typer.Exit(1) from None
     if result is None:
         out.print(
-            "The model's shape is not known offline: the trainer plans when it has read its "
-            "config.json (give it here with --model-config FILE to plan now)."
+            "The model's shape is not known offline: in the cluster the operator plans it from "
+            "the config.json its staging Job reads (give it here with --model-config FILE to "
+            "plan now)."
         )
         return
     out.print(escape(format_table(result)))

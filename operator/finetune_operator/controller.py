@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from finetune_operator import api, manifest, sources
+from finetune_operator import api, manifest, sources, staging
 from finetune_operator.gputype import NotInferred, infer_gpu_type, with_gpu_type
 from finetune_operator.objects import Pod, PyTorchJob
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
@@ -25,13 +25,17 @@ from finetune_operator.status import (
     InferredGpuType,
     Observed,
     PlanStatus,
+    StagingStatus,
+    StagingWait,
     derive,
     refine_failure,
 )
 from finetune_operator.translate import to_trainer_config
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.staging_report import StagingReport
 
 #: Where the model goes inside the pod when the job names no output storage.
-POD_OUTPUT_DIR = f"{manifest.CACHE_DIR}/output"
+POD_OUTPUT_DIR = manifest.POD_OUTPUT_DIR
 
 
 class WriteConflictError(Exception):
@@ -68,6 +72,15 @@ class Cluster(Protocol):
     def gpu_node_products(self, node_selector: Mapping[str, str]) -> list[str]:
         """The ``nvidia.com/gpu.product`` label of each node that has one and whose labels
         match ``node_selector`` (one value per node)."""
+
+    def staging_job(self, namespace: str, name: str) -> staging.StagingJob | None:
+        """The batch Job ``name``; None if there is none."""
+
+    def staging_pods(self, namespace: str, job_name: str) -> list[Pod]:
+        """The staging pods of the FineTuneJob ``job_name``."""
+
+    def claim(self, namespace: str, name: str) -> staging.ClaimView | None:
+        """The PersistentVolumeClaim ``name``; None if there is none."""
 
 
 def now() -> str:
@@ -198,64 +211,145 @@ def _unheard(_: Outcome) -> None:
     pass
 
 
+def staging_now(job: api.FineTuneJob) -> bool:
+    """Whether the job is staging: :func:`reconcile` moves it on (on its staging Job's events,
+    and on the timer), :func:`refresh` leaves it alone."""
+    return job.status is not None and job.status.phase == "Staging"
+
+
+def _before_children(job: api.FineTuneJob) -> bool:
+    """Whether only :func:`reconcile` may write the job's status: it is staging, or is still to
+    be staged (e.g. its gpuType was just set) and has no trainer yet."""
+    status = job.status
+    if status is None or staging_now(job):
+        return True
+    return staging.needed(job.spec) and status.staging is None and status.pytorch_job is None
+
+
+def _stage(
+    kube: Cluster,
+    job: api.FineTuneJob,
+    resolved: api.FineTuneJob,
+    config: TrainerConfig,
+    *,
+    image: str,
+    cache: staging.CacheSettings,
+) -> StagingStatus | Observed:
+    """Run the staging Job of ``resolved`` (create its cache claim, ConfigMap and Job as
+    needed) and read it back: what it staged once it is done, else what to write meanwhile
+    (why it waits, or why it failed)."""
+    generation = job.metadata.generation
+    ns = job.metadata.namespace or ""
+    claim = staging.cache_claim(resolved.spec)
+    found = kube.claim(ns, claim.name)
+    if found is None and claim.managed:
+        kube.apply(staging.cache_pvc(ns, claim, cache))
+    problem = staging.cache_problem(claim, found)
+    if problem is not None:
+        return Observed(generation, False, staging_wait=problem)
+    current = kube.staging_job(ns, staging.job_name(job.name))
+    if current is None:
+        kube.apply(manifest.config_map(resolved, config))
+        kube.apply(staging.staging_job(resolved, image=image, claim=claim))
+    pods = kube.staging_pods(ns, job.name) if current is not None else []
+    seen = staging.progress(job.name, current, pods, claim)
+    if isinstance(seen, StagingWait):
+        return Observed(generation, False, staging_wait=seen)
+    if isinstance(seen, StagingReport):
+        recorded = staging.staging_status(seen, claim)
+        if isinstance(recorded, StagingStatus):
+            return recorded
+        seen = recorded
+    return Observed(generation, False, staging_failure=seen)
+
+
+def _announced(
+    kube: Cluster,
+    job: api.FineTuneJob,
+    observed: Observed,
+    on_write: Callable[[Outcome], None],
+) -> Outcome | None:
+    written = _write(kube, job, lambda j: derive(observed, j.status, now()))
+    if written is not None:
+        on_write(written)
+    return written
+
+
 def reconcile(
     kube: Cluster,
     job: api.FineTuneJob,
     *,
     image: str,
     metrics_port: int = manifest.METRICS_PORT,
+    cache: staging.CacheSettings = staging.DEFAULT_CACHE,
     on_write: Callable[[Outcome], None] = _unheard,
 ) -> list[Outcome]:
-    """Make the cluster match ``job``: plan (status first), apply ConfigMap and PyTorchJob, then
-    write the observed status. Returns each status write, in order; ``on_write`` hears of each
-    as soon as it is written (before the children exist, for the first), so that what it tells
-    (Events) comes before what the children's own handlers tell."""
+    """Make the cluster match ``job``: stage (the staging Job fills the cache and reads the
+    model's config.json; phase Staging until it is done), plan (status first), apply ConfigMap
+    and PyTorchJob, then write the observed status. Returns each status write, in order;
+    ``on_write`` hears of each as soon as it is written (before the children exist, for the
+    first), so that what it tells (Events) comes before what the children's own handlers tell."""
     if job.status is not None and job.status.phase in TERMINAL:
         return []  # never recreate children of a finished job
     generation = job.metadata.generation
     inferred = resolve_gpu_type(kube, job)
     if isinstance(inferred, NotInferred):  # waits until spec.resources.gpuType is set
         waiting = Observed(generation, False, gpu_type_error=inferred.message)
-        written = _write(kube, job, lambda j: derive(waiting, j.status, now()))
-        if written is not None:
-            on_write(written)
-        return _written(written)
+        return _written(_announced(kube, job, waiting, on_write))
     spec = with_gpu_type(job.spec, inferred.gpu_type) if inferred else job.spec
+    resolved = job.model_copy(update={"spec": spec})  # what the pods run as
+    config = to_trainer_config(
+        spec, name=job.name, default_output_dir=POD_OUTPUT_DIR, metrics_port=metrics_port
+    )
+    staged = job.status.staging if job.status else None
+    just_staged: StagingStatus | None = None
+    # Staged once: never again, never a newer commit. A job whose trainer runs already (made by
+    # an operator that did not stage) is left as it runs.
+    started = job.status is not None and job.status.pytorch_job is not None
+    if staging.needed(spec) and staged is None and not started:
+        seen = _stage(kube, job, resolved, config, image=image, cache=cache)
+        if isinstance(seen, Observed):
+            return _written(_announced(kube, job, seen, on_write))
+        staged = just_staged = seen
     try:
-        result = plan_job(spec)
+        result = plan_job(spec, staging.model_facts(staged, spec.model.source))
     except PlanInfeasible as exc:
         message = f"{inferred.message}: {exc.message}" if inferred else exc.message
-        infeasible = Observed(generation, False, plan_error=message, inferred_gpu_type=inferred)
-        failed = _write(kube, job, lambda j: derive(infeasible, j.status, now()))
-        if failed is not None:
-            on_write(failed)
-        return _written(failed)
+        infeasible = Observed(
+            generation, False, plan_error=message, inferred_gpu_type=inferred, staging=just_staged
+        )
+        return _written(_announced(kube, job, infeasible, on_write))
     plan = plan_status(result) if result else None
     outcomes: list[Outcome | None] = []
-    if (  # status.plan (and the inferred GPU type) before any pod exists
-        job.status is None or job.status.plan != plan or job.status.inferred_gpu_type != inferred
+    if (  # status.staging, status.plan (and the inferred GPU type) before any pod exists
+        job.status is None
+        or just_staged is not None
+        or job.status.plan != plan
+        or job.status.inferred_gpu_type != inferred
     ):
-        planned = Observed(generation, False, plan=plan, inferred_gpu_type=inferred)
-        first = _write(kube, job, lambda j: derive(planned, j.status, now()))
+        planned = Observed(
+            generation, False, plan=plan, inferred_gpu_type=inferred, staging=just_staged
+        )
+        first = _announced(kube, job, planned, on_write)
         outcomes.append(first)
         if first is not None:
-            on_write(first)
             job = first.job
-    config = to_trainer_config(
-        spec,
-        name=job.name,
-        default_output_dir=POD_OUTPUT_DIR,
-        plan=plan_config(result) if result else None,
-        metrics_port=metrics_port,
-    )
+    if result is not None:
+        config = config.model_copy(update={"plan": plan_config(result)})
+    if staged is not None:
+        config = staging.pinned(config, staged)
     ns = job.metadata.namespace or ""
     exists = kube.pytorchjob(ns, job.name) is not None
-    resolved = job.model_copy(update={"spec": spec})  # what the pods run as
     kube.apply(manifest.config_map(resolved, config))
     summary = result.summary if result else None
     kube.apply(
         manifest.pytorch_job(
-            resolved, image=image, plan_summary=summary, exists=exists, metrics_port=metrics_port
+            resolved,
+            image=image,
+            plan_summary=summary,
+            exists=exists,
+            metrics_port=metrics_port,
+            cache=staged.cache if staged is not None else None,
         )
     )
     last = _write(kube, job, lambda j: derive(_observe(kube, j, plan, inferred), j.status, now()))
@@ -272,15 +366,17 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
     """Update status from the children without changing them (on a child or pod event)."""
     if job.status is None:
         return []
-    if waits_for_gpu_type(job):
-        return []  # no GPU type yet, so no children: reconcile says why, and tries again
     if job.status.phase in TERMINAL:  # only a late pod can still tell why it failed
         if seen is None:
             return []
         final = job.status
         return _written(_write(kube, job, lambda j: refine_failure(j.status or final, [seen])))
+    if waits_for_gpu_type(job) or _before_children(job):
+        return []  # no children yet: reconcile says why, and moves it on
 
     def compute(j: api.FineTuneJob) -> FineTuneJobStatus:
+        if j.status is not None and (waits_for_gpu_type(j) or _before_children(j)):
+            return j.status  # reconcile moved it back meanwhile (a fresh read after a conflict)
         plan = j.status.plan if j.status else None
         return derive(_observe(kube, j, plan, recorded_gpu_type(j), seen), j.status, now())
 

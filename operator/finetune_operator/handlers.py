@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import __version__, api, controller, oplog, story, telemetry
+from finetune_operator import __version__, api, controller, oplog, staging, story, telemetry
 from finetune_operator.kube import Kube, load_config, server
 from finetune_operator.objects import Pod
 from finetune_operator.settings import Settings, SettingsError
@@ -76,11 +76,7 @@ def _announce_one(kube: Kube, body: Any, outcome: controller.Outcome) -> None:
     story.announce(kube, dict(body), outcome)
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE, field="spec")
-def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    job = _parse(body)
+def _reconcile(memo: kopf.Memo, job: api.FineTuneJob, body: Any) -> None:
     config: Settings = memo.settings
     with telemetry.timed():
         controller.reconcile(
@@ -88,8 +84,16 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             job,
             image=config.trainer_image,
             metrics_port=config.trainer_metrics_port,
+            cache=config.cache,
             on_write=lambda outcome: _announce_one(memo.kube, body, outcome),
         )
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(memo, _parse(body), body)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
@@ -112,6 +116,21 @@ def _refresh(memo: kopf.Memo, namespace: str, name: str, seen: Pod | None = None
     _announce(kube, document, outcomes)
 
 
+@kopf.on.event("batch", "v1", "jobs", labels={staging.STAGING_LABEL: kopf.PRESENT})
+def staging_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The staging Job moved on (done, failed, retrying): move its FineTuneJob on."""
+    meta = body["metadata"]
+    document = memo.kube.finetunejob(meta["namespace"], meta["labels"][staging.STAGING_LABEL])
+    if document is None:
+        return
+    try:
+        job = api.parse(document)
+    except api.SpecError:
+        return  # the FineTuneJob's own handler reports it
+    if controller.staging_now(job):
+        _reconcile(memo, job, document)
+
+
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
 def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
@@ -129,15 +148,9 @@ def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     every Settings.progress_interval seconds, registered by :func:`run`)."""
     job = _parse(body)
     config: Settings = memo.settings
-    if controller.waits_for_gpu_type(job):  # the nodes may tell its GPU type now
-        with telemetry.timed():
-            controller.reconcile(
-                memo.kube,
-                job,
-                image=config.trainer_image,
-                metrics_port=config.trainer_metrics_port,
-                on_write=lambda outcome: _announce_one(memo.kube, body, outcome),
-            )
+    # The nodes may tell its GPU type now; its staging pod may have ended (or be stuck).
+    if controller.waits_for_gpu_type(job) or controller.staging_now(job):
+        _reconcile(memo, job, body)
         return
     with telemetry.timed():
         outcomes = controller.scrape_progress(

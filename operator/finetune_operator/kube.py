@@ -2,8 +2,9 @@
 
 Server-side apply under one field manager for children; status written by replacing it through
 the status subresource, guarded by the resourceVersion it was computed from; reads of
-FineTuneJobs, of the PyTorchJob and its pods (parsed here into :mod:`finetune_operator.objects`);
-Events; pod logs; the GPU product labels of nodes; and the master pod's metrics endpoint.
+FineTuneJobs, of the PyTorchJob and its pods, of the staging Job, its pods and its cache claim
+(parsed here into :mod:`finetune_operator.objects` and :mod:`finetune_operator.staging`); Events;
+pod logs; the GPU product labels of nodes; and the master pod's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
-from finetune_operator import api
+from finetune_operator import api, staging
 from finetune_operator.controller import Cluster, WriteConflictError
 from finetune_operator.gputype import PRODUCT_LABEL
 from finetune_operator.manifest import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND
@@ -162,6 +163,23 @@ class Kube:
             _request_timeout=REQUEST_TIMEOUT,
         )
         return [Pod.parse(p) for p in pods.to_dict().get("items", [])]
+
+    def staging_job(self, namespace: str, name: str) -> staging.StagingJob | None:
+        found = self.get("batch/v1", "Job", namespace, name)
+        return None if found is None else staging.StagingJob.parse(found)
+
+    def staging_pods(self, namespace: str, job_name: str) -> list[Pod]:
+        """The pods of the FineTuneJob ``job_name``'s staging Job (by the staging label)."""
+        pods = self._resource("v1", "Pod").get(
+            namespace=namespace,
+            label_selector=f"{staging.STAGING_LABEL}={job_name}",
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+        return [Pod.parse(p) for p in pods.to_dict().get("items", [])]
+
+    def claim(self, namespace: str, name: str) -> staging.ClaimView | None:
+        found = self.get("v1", "PersistentVolumeClaim", namespace, name)
+        return None if found is None else staging.ClaimView.parse(found)
 
     def missing_claims(self, namespace: str, claims: list[str]) -> list[str]:
         """Those of the PersistentVolumeClaims ``claims`` that do not exist in ``namespace``."""

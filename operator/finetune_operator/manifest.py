@@ -20,6 +20,12 @@ CONTAINER = names.CONTAINER
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.json"
 CACHE_DIR = "/cache"
+#: Writable places of a staged trainer pod (its /cache is read-only): the datasets library's
+#: cache (tokenized splits) and transformers' modules, on the pod's own /tmp.
+DATASETS_CACHE = "/tmp/datasets"
+MODULES_CACHE = "/tmp/hf-modules"
+#: Where the model goes inside the pod when the job names no output storage (lost with the pod).
+POD_OUTPUT_DIR = "/tmp/output"
 METRICS_PORT = names.METRICS_PORT
 #: The numeric user of the trainer image (Dockerfile).
 TRAINER_UID = 1000
@@ -59,7 +65,7 @@ def owner_reference(job: api.FineTuneJob) -> dict[str, Any]:
     }
 
 
-def _metadata(job: api.FineTuneJob, name: str) -> dict[str, Any]:
+def metadata(job: api.FineTuneJob, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": job.metadata.namespace,
@@ -73,12 +79,12 @@ def config_map(job: api.FineTuneJob, config: TrainerConfig) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, config_map_name(job.name)),
+        "metadata": metadata(job, config_map_name(job.name)),
         "data": {CONFIG_FILE: config.to_json()},
     }
 
 
-def _env(job: api.FineTuneJob) -> list[dict[str, Any]]:
+def _env(job: api.FineTuneJob, cache: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": names.ENV_JOB_NAME, "value": job.name},
         {"name": names.ENV_JOB_NAMESPACE, "value": job.metadata.namespace or ""},
@@ -86,6 +92,14 @@ def _env(job: api.FineTuneJob) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if cache is not None:  # staged: load from the read-only cache, never from the network
+        env += [
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "HF_DATASETS_OFFLINE", "value": "1"},
+            {"name": "HF_DATASETS_CACHE", "value": DATASETS_CACHE},
+            {"name": "HF_MODULES_CACHE", "value": MODULES_CACHE},
+        ]
+        return env  # staging did the download: the Hub token stays out of the trainer pods
     ref = job.spec.model.token_secret_ref
     if ref is not None:
         env.append(
@@ -108,21 +122,31 @@ def _read_only_claims(job: api.FineTuneJob) -> set[str]:
     return set(claims(spec)) - written
 
 
-def _volumes(job: api.FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(
+    job: api.FineTuneJob, cache: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    cache_volume: dict[str, Any] = {"name": "cache", "emptyDir": {}}
+    cache_mount: dict[str, Any] = {"name": "cache", "mountPath": CACHE_DIR}
+    if cache is not None:  # the staged cache, read-only: staging alone writes it
+        cache_volume = {
+            "name": "cache",
+            "persistentVolumeClaim": {"claimName": cache, "readOnly": True},
+        }
+        cache_mount = {**cache_mount, "readOnly": True}
     volumes: list[dict[str, Any]] = [
         {"name": "trainer-config", "configMap": {"name": config_map_name(job.name)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "cache", "emptyDir": {}},
+        cache_volume,
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "trainer-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "cache", "mountPath": CACHE_DIR},
+        cache_mount,
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     read_only = _read_only_claims(job)
-    for i, claim in enumerate(claims(job.spec)):
+    for i, claim in enumerate(c for c in claims(job.spec) if c != cache):
         volume = f"pvc-{i}"
         volumes.append(
             {
@@ -195,10 +219,11 @@ def _affinity(job: api.FineTuneJob) -> dict[str, Any] | None:
 
 
 def pod_template(
-    job: api.FineTuneJob, image: str, metrics_port: int = METRICS_PORT
+    job: api.FineTuneJob, image: str, metrics_port: int = METRICS_PORT, cache: str | None = None
 ) -> dict[str, Any]:
-    """The pod template shared by the master and the workers."""
-    volumes, mounts = _volumes(job)
+    """The pod template shared by the master and the workers; ``cache`` is the claim staging
+    filled (None: the job was not staged, and the pods get an empty cache of their own)."""
+    volumes, mounts = _volumes(job, cache)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": job.spec.image or image,
@@ -207,7 +232,7 @@ def pod_template(
         # PET_MASTER_PORT, which training-operator injects.
         "command": ["torchrun", "-m", names.ENTRY_POINT],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
-        "env": _env(job),
+        "env": _env(job, cache),
         "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
         "resources": _resources(job),
         "volumeMounts": mounts,
@@ -280,11 +305,13 @@ def pytorch_job(
     plan_summary: str | None,
     exists: bool,
     metrics_port: int = METRICS_PORT,
+    cache: str | None = None,
 ) -> dict[str, Any]:
     """The PyTorchJob that runs the trainer: a master and numNodes-1 workers.
 
     ``exists`` says whether the PyTorchJob is already there: a queued job (Kueue) is created
-    suspended and its suspension is then left to Kueue, never applied again.
+    suspended and its suspension is then left to Kueue, never applied again. ``cache`` is the
+    claim staging filled, which the pods mount read-only (None: not staged).
     """
     suspend: bool | None = job.spec.run_policy.suspend
     if queued(job):
@@ -293,24 +320,24 @@ def pytorch_job(
         "Master": {
             "replicas": 1,
             "restartPolicy": "OnFailure",
-            "template": pod_template(job, image, metrics_port),
+            "template": pod_template(job, image, metrics_port, cache),
         }
     }
     if job.spec.resources.num_nodes > 1:
         replicas["Worker"] = {
             "replicas": job.spec.resources.num_nodes - 1,
             "restartPolicy": "OnFailure",
-            "template": pod_template(job, image, metrics_port),
+            "template": pod_template(job, image, metrics_port, cache),
         }
-    metadata = _metadata(job, job.name)
+    meta = metadata(job, job.name)
     if queued(job):
-        metadata["labels"][QUEUE_LABEL] = job.spec.scheduling.queue_name  # type: ignore[union-attr]
+        meta["labels"][QUEUE_LABEL] = job.spec.scheduling.queue_name  # type: ignore[union-attr]
     if plan_summary:
-        metadata["annotations"] = {PLAN_ANNOTATION: plan_summary}
+        meta["annotations"] = {PLAN_ANNOTATION: plan_summary}
     return {
         "apiVersion": PYTORCHJOB_API_VERSION,
         "kind": PYTORCHJOB_KIND,
-        "metadata": metadata,
+        "metadata": meta,
         "spec": {
             "nprocPerNode": str(job.spec.resources.gpus_per_node),
             "runPolicy": _run_policy(job, suspend),

@@ -33,6 +33,26 @@ def _str(raw: Raw, key: str) -> str:
     return "" if value is None else str(value)
 
 
+def _int(raw: Raw, key: str) -> int:
+    value = raw.get(key)
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_time(text: object) -> datetime | None:
+    """An RFC 3339 time as the API writes it (``2026-12-07T05:00:00Z``, maybe with fractions or
+    an offset), timezone-aware; None when absent or unreadable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
 @dataclass(frozen=True)
 class Condition:
     """A condition of a pod or a PyTorchJob."""
@@ -41,11 +61,17 @@ class Condition:
     status: str
     reason: str = ""
     message: str = ""
+    #: When its status last changed (lastTransitionTime); None when not given.
+    last_transition: datetime | None = None
 
     @classmethod
     def parse(cls, raw: Raw) -> Condition:
         return cls(
-            _str(raw, "type"), _str(raw, "status"), _str(raw, "reason"), _str(raw, "message")
+            _str(raw, "type"),
+            _str(raw, "status"),
+            _str(raw, "reason"),
+            _str(raw, "message"),
+            parse_time(raw.get("lastTransitionTime")),
         )
 
 
@@ -93,14 +119,21 @@ class ContainerStatus:
     state: ContainerState = ContainerState()
     #: The state before the latest restart (often the only record of an OOM kill).
     last_state: ContainerState = ContainerState()
+    #: How many times the kubelet restarted this container in place.
+    restart_count: int = 0
+    #: Whether it is running (its state is ``running``).
+    running: bool = False
 
     @classmethod
     def parse(cls, raw: Raw) -> ContainerStatus:
+        state = _map(raw, "state")
         return cls(
             name=_str(raw, "name"),
             image=_str(raw, "image"),
-            state=ContainerState.parse(_map(raw, "state")),
+            state=ContainerState.parse(state),
             last_state=ContainerState.parse(_map(raw, "lastState")),
+            restart_count=_int(raw, "restartCount"),
+            running=isinstance(state.get("running"), Mapping),
         )
 
 
@@ -114,11 +147,29 @@ class Pod:
     pod_ip: str | None = None
     container_statuses: tuple[ContainerStatus, ...] = ()
     conditions: tuple[Condition, ...] = ()
+    uid: str = ""
+    #: When the pod object was created (metadata.creationTimestamp).
+    created: datetime | None = None
+    #: When the kubelet took the pod (status.startTime): before its images are pulled.
+    started: datetime | None = None
+    #: Set once the pod is being deleted (metadata.deletionTimestamp).
+    deleting: bool = False
+    #: The init containers' statuses (a pod stuck in an init container waits there).
+    init_container_statuses: tuple[ContainerStatus, ...] = ()
 
     @property
     def replica_type(self) -> str | None:
         """``master`` or ``worker`` (the training-operator's label)."""
         return self.labels.get(REPLICA_TYPE_LABEL)
+
+    @property
+    def restarts(self) -> int:
+        """Restarts in place of all its containers."""
+        return sum(cs.restart_count for cs in self.container_statuses)
+
+    def condition(self, type_: str) -> Condition | None:
+        """Its condition of type ``type_`` (PodScheduled, Ready...), if it has one."""
+        return next((c for c in self.conditions if c.type == type_), None)
 
     @classmethod
     def parse(cls, raw: Raw) -> Pod:
@@ -132,6 +183,13 @@ class Pod:
                 ContainerStatus.parse(cs) for cs in _list(status, "containerStatuses")
             ),
             conditions=tuple(Condition.parse(c) for c in _list(status, "conditions")),
+            uid=_str(meta, "uid"),
+            created=parse_time(meta.get("creationTimestamp")),
+            started=parse_time(status.get("startTime")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            init_container_statuses=tuple(
+                ContainerStatus.parse(cs) for cs in _list(status, "initContainerStatuses")
+            ),
         )
 
 
@@ -142,18 +200,40 @@ class PyTorchJob:
     name: str
     uid: str = ""
     conditions: tuple[Condition, ...] = ()
+    #: When the PyTorchJob object was created (metadata.creationTimestamp).
+    created: datetime | None = None
+    #: When the training-operator first saw it (status.startTime).
+    started: datetime | None = None
+    #: Set once it is being deleted (metadata.deletionTimestamp).
+    deleting: bool = False
+    #: Its metadata.annotations (the plan summary it was built for...).
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    #: Whether runPolicy.suspend is set on it (Kueue or the operator holds its pods back).
+    suspended: bool = False
 
     def true_conditions(self) -> dict[str, Condition]:
         """The conditions whose status is True, by type (Created, Running, Succeeded...)."""
         return {c.type: c for c in self.conditions if c.status == "True"}
 
+    def since(self, type_: str) -> datetime | None:
+        """When its condition ``type_`` last became True (None if it is not True now)."""
+        for c in self.conditions:
+            if c.type == type_ and c.status == "True":
+                return c.last_transition
+        return None
+
     @classmethod
     def parse(cls, raw: Raw) -> PyTorchJob:
-        meta, status = _map(raw, "metadata"), _map(raw, "status")
+        meta, spec, status = _map(raw, "metadata"), _map(raw, "spec"), _map(raw, "status")
         return cls(
             name=_str(meta, "name"),
             uid=_str(meta, "uid"),
             conditions=tuple(Condition.parse(c) for c in _list(status, "conditions")),
+            created=parse_time(meta.get("creationTimestamp")),
+            started=parse_time(status.get("startTime")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            annotations={str(k): str(v) for k, v in _map(meta, "annotations").items()},
+            suspended=bool(_map(spec, "runPolicy").get("suspend")),
         )
 
 

@@ -2,8 +2,10 @@
 ``status.plan`` and the trainer's :class:`PlanConfig`. Pure: no Kubernetes client, kopf or torch.
 
 A model the planner knows offline (the catalog of public configurations and the builtin tiny
-architectures) is planned here, before any pod exists. Any other model (a private Hub repo, a
-folder on a PVC) is planned by the trainer when it has read the model's config.json.
+architectures) can be planned from its spec alone (``finetune plan``). In the cluster the
+operator plans every staged model from the config.json its staging Job read
+(:mod:`finetune_operator.staging`), a private Hub repository or a folder on a PVC included,
+before any pod exists; only a model nobody could read is left to the trainer to plan.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ PHASE_STYLE = {
     "Suspended": "yellow",
     "Pending": "magenta",
     "Planned": "blue",
+    "Staging": "blue",
 }
 
 
@@ -103,6 +104,9 @@ def progress_note(job: FineTuneJob) -> str:
     if phase in {"Pending", "Planned"}:
         why = f": {status.failure.message}" if status and status.failure else ""
         return f"waiting for the pods to start{why}"
+    if phase == "Staging":
+        why = f": {status.failure.message}" if status and status.failure else ""
+        return f"staging the model and dataset into the cache{why}"
     if phase == "Running":
         return (
             "no metrics from the trainer yet (the operator reads the master pod's /metrics "
@@ -168,6 +172,9 @@ def describe(job: FineTuneJob, events: list[Event]) -> RenderableType:
         gpu = "(gpuType left out: inferred from the nodes)"
     head.add_row("GPUs", f"{res.num_nodes} x {res.gpus_per_node} {gpu}")
     parts: list[RenderableType] = [head]
+    if status and status.staging:
+        staged = next((c for c in status.conditions or [] if c.type == "Staged"), None)
+        head.add_row("Staged", staged.message if staged else status.staging.cache or "")
     if status and status.plan:
         head.add_row("Plan", status.plan.summary)
         head.add_row("", Text(status.plan.reason, style="dim"))

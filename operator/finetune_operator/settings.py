@@ -4,17 +4,25 @@ them in templates/deployment.yaml). Pure: imports no Kubernetes client, kopf or 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from finetune_operator import __version__
 from finetune_operator.oplog import LOG_FORMATS, LogFormat
+from finetune_operator.spec import QUANTITY_PATTERN
+from finetune_operator.staging import CacheSettings
 from finetune_trainer import names
 
 #: The trainer image of this release, used when FINETUNE_TRAINER_IMAGE is not set.
 DEFAULT_IMAGE = f"finetune-trainer:{__version__}"
 #: Seconds between two scrapes of a running job's progress.
 DEFAULT_PROGRESS_INTERVAL = 15.0
+#: The StorageClass and size of the per-namespace cache claims (the chart's cache values).
+ENV_CACHE_STORAGE_CLASS = "FINETUNE_CACHE_STORAGE_CLASS"
+ENV_CACHE_SIZE = "FINETUNE_CACHE_SIZE"
+DEFAULT_CACHE_SIZE = "200Gi"
+DEFAULT_CACHE = CacheSettings(size=DEFAULT_CACHE_SIZE)
 
 
 class SettingsError(ValueError):
@@ -33,6 +41,8 @@ class Settings:
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     #: How the operator logs: plain lines, or one JSON object a line (FINETUNE_LOG_FORMAT).
     log_format: LogFormat = "plain"
+    #: The cache claims the operator makes for jobs that name none (spec.cache).
+    cache: CacheSettings = DEFAULT_CACHE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -62,7 +72,12 @@ class Settings:
             raise SettingsError(
                 f"{names.ENV_LOG_FORMAT}={log_text!r}: expected one of {', '.join(LOG_FORMATS)}"
             )
+        size = env.get(ENV_CACHE_SIZE) or DEFAULT_CACHE_SIZE
+        if not re.fullmatch(QUANTITY_PATTERN, size):
+            raise SettingsError(f"{ENV_CACHE_SIZE}={size!r}: expected a quantity such as 200Gi")
+        cache = CacheSettings(storage_class=env.get(ENV_CACHE_STORAGE_CLASS) or None, size=size)
         return cls(
+            cache=cache,
             trainer_image=image,
             trainer_metrics_port=port,
             progress_interval=interval,

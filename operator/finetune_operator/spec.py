@@ -168,6 +168,26 @@ class ModelSpec(ApiModel):
         Literal["bfloat16", "float16", "float32"],
         Field(description="Compute precision for training (weights are kept in fp32 by FSDP)."),
     ] = "bfloat16"
+    allow_pickle_weights: Annotated[
+        bool,
+        Field(
+            description=(
+                "Let staging download pickle weights (pytorch_model.bin, .pt, .ckpt) when the "
+                "revision has no safetensors. Loading pickle runs code from the file: refused "
+                "unless true, and a warning Event says when it was used."
+            )
+        ),
+    ] = False
+    allow_remote_code: Annotated[
+        bool,
+        Field(
+            description=(
+                "Let staging accept a model whose config.json names custom code (auto_map): the "
+                "trainer would run that code. Refused unless true, and a warning Event says when "
+                "it was used."
+            )
+        ),
+    ] = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +713,9 @@ class Scheduling(ApiModel):
 
 
 class RunPolicy(ApiModel):
-    """Lifecycle limits, passed to the PyTorchJob's runPolicy."""
+    """Lifecycle limits and recovery: suspend, activeDeadlineSeconds, backoffLimit and
+    ttlSecondsAfterFinished go to the PyTorchJob's runPolicy; the operator itself enforces the
+    startup deadline, restarts a hung job and re-plans after out-of-memory, within these budgets."""
 
     suspend: Annotated[
         bool, Field(description="true stops the pods (a checkpoint is saved); false resumes.")
@@ -708,6 +730,57 @@ class RunPolicy(ApiModel):
         int | None,
         Field(description="Delete the PyTorchJob and its pods this long after the end.", ge=0),
     ] = None
+    startup_deadline_seconds: Annotated[
+        int,
+        Field(
+            description=(
+                "Fail the job (reason StartupDeadlineExceeded, with the pod's own message: "
+                "ImagePullBackOff, the scheduler's Unschedulable, a stuck init container) when a "
+                "training pod is still not running this many seconds after it was created. "
+                "Queued jobs (no pods yet) do not count. The default, 600, leaves time to pull a "
+                "20 GB trainer image."
+            ),
+            ge=10,
+            le=86400,
+        ),
+    ] = 600
+    hang_timeout_seconds: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Restart the training pods (they resume from the last complete checkpoint) when "
+                "the trainer's step has not advanced for this many seconds. Left out: 10 times "
+                "the observed step time, at least 300 (1800 before the first step, while the "
+                "model loads). Each restart counts against maxRestarts."
+            ),
+            ge=10,
+            le=604800,
+        ),
+    ] = None
+    max_restarts: Annotated[
+        int,
+        Field(
+            description=(
+                "Restarts of a hung job allowed; when they are spent, the next hang fails the "
+                "job with reason Hung."
+            ),
+            ge=0,
+            le=100,
+        ),
+    ] = 3
+    max_replans: Annotated[
+        int,
+        Field(
+            description=(
+                "Times the operator re-plans the job after it runs out of memory (OOMKilled, or "
+                "the trainer's GPUOutOfMemory): each time it picks the fastest plan that predicts "
+                "a lower peak memory than the one that failed, records it in status.attempts and "
+                "resumes from the last checkpoint. 0 fails the job at the first out-of-memory."
+            ),
+            ge=0,
+            le=10,
+        ),
+    ] = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,13 +806,14 @@ class PodMetadata(ApiModel):
 
     labels: Annotated[
         dict[str, Annotated[str, Field(max_length=63)]] | None,
-        Field(description="Labels added to every training pod.", max_length=64),
+        Field(description="Labels added to every training and staging pod.", max_length=64),
     ] = None
     annotations: Annotated[
         dict[str, Annotated[str, Field(max_length=4096)]] | None,
         Field(
             description=(
-                "Annotations added to every training pod (sidecar injection, cost allocation...)."
+                "Annotations added to every training and staging pod (sidecar injection, cost "
+                "allocation...)."
             ),
             max_length=64,
         ),
@@ -845,6 +919,19 @@ class FineTuneJobSpec(ApiModel):
     ]
     pod_metadata: Annotated[
         PodMetadata | None, Field(description="Extra labels and annotations for the pods.")
+    ] = None
+    cache: Annotated[
+        str | None,
+        Field(
+            description=(
+                "PersistentVolumeClaim (in the job's namespace) that holds staged models and "
+                "datasets: the staging Job downloads into it once per repository and commit, and "
+                "the trainer pods mount it read-only. It must be ReadWriteMany when numNodes > "
+                "1. Unset: the operator's per-namespace cache claim (the chart's cache settings)."
+            ),
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
     ] = None
     image: Annotated[
         str | None,

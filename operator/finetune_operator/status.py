@@ -19,8 +19,10 @@ from finetune_operator.objects import Condition as JobCondition
 from finetune_operator.objects import Pod, PyTorchJob, Waiting
 from finetune_operator.spec import GpuType
 
-Phase = Literal["Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
-ConditionType = Literal["Validated", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Staging", "Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal[
+    "Validated", "Staged", "Planned", "Running", "Succeeded", "Failed", "Suspended"
+]
 _TIME = "RFC 3339 date-time"
 
 
@@ -129,6 +131,59 @@ class InferredGpuType(StatusModel):
     ]
 
 
+class StagedModel(StatusModel):
+    """The model's architecture as staging read it from its config.json: what the operator plans
+    from (a model outside the planner's catalog included), kept so a re-plan needs no download."""
+
+    model_type: Annotated[str, Field(description="config.json model_type, e.g. llama.")]
+    num_layers: Annotated[int, Field(description="Decoder layers.", ge=1)]
+    hidden_size: Annotated[int, Field(description="Hidden size.", ge=1)]
+    num_heads: Annotated[int, Field(description="Attention heads.", ge=1)]
+    num_kv_heads: Annotated[int, Field(description="Key/value heads.", ge=1)]
+    head_dim: Annotated[int, Field(description="Size of one attention head.", ge=1)]
+    intermediate_size: Annotated[int, Field(description="MLP hidden size.", ge=1)]
+    vocab_size: Annotated[int, Field(description="Embedding rows (config.json vocab_size).", ge=1)]
+    tie_word_embeddings: Annotated[
+        bool, Field(description="Whether input and output embeddings are shared.")
+    ] = False
+    gated_mlp: Annotated[bool, Field(description="Whether the MLP is gated (SwiGLU).")] = True
+    qkv_bias: Annotated[bool, Field(description="Whether q/k/v projections have a bias.")] = False
+
+
+class StagingStatus(StatusModel):
+    """What the staging Job resolved and downloaded: the job trains on exactly these commits,
+    also after a restart or a resume (a newer upload to the same branch is never picked up)."""
+
+    model_commit: Annotated[
+        str | None, Field(description="The Hub commit of the model (hf:// models).")
+    ] = None
+    dataset_commit: Annotated[
+        str | None, Field(description="The Hub commit of the dataset (hf:// datasets).")
+    ] = None
+    bytes: Annotated[
+        int, Field(description="Bytes of the staged model and dataset files.", ge=0)
+    ] = 0
+    fetched_bytes: Annotated[
+        int,
+        Field(description="Bytes this staging downloaded (0: all was in the cache already).", ge=0),
+    ] = 0
+    seconds: Annotated[int, Field(description="Seconds staging took (rounded up).", ge=0)] = 0
+    cache: Annotated[
+        str | None,
+        Field(description="The PersistentVolumeClaim that holds the staged files."),
+    ] = None
+    model: Annotated[
+        StagedModel | None,
+        Field(description="The model's architecture, read from its config.json."),
+    ] = None
+    warnings: Annotated[
+        list[str] | None,
+        Field(
+            description="What the spec allowed against the defaults (pickle weights, remote code)."
+        ),
+    ] = None
+
+
 class PyTorchJobRef(StatusModel):
     """The Kubeflow PyTorchJob that runs this job."""
 
@@ -186,7 +241,8 @@ class Failure(StatusModel):
         str,
         Field(
             description=(
-                "PlanInfeasible, GpuTypeNotInferred, OOMKilled, ImagePullBackOff, "
+                "PlanInfeasible, GpuTypeNotInferred, StagingFailed, CacheUnavailable, "
+                "OOMKilled, ImagePullBackOff, "
                 "Unschedulable, PersistentVolumeClaimMissing, Error, DeadlineExceeded, "
                 "BackoffLimitExceeded, or the trainer's own reason: LossDiverged, "
                 "GPUOutOfMemory, CollectiveTimeout, BadInput, TrainerError."
@@ -206,17 +262,23 @@ class FineTuneJobStatus(StatusModel):
     ] = None
     phase: Annotated[
         Phase | None,
-        Field(description="Pending, Planned, Running, Succeeded, Failed or Suspended."),
+        Field(description="Staging, Planned, Pending, Running, Succeeded, Failed or Suspended."),
     ] = None
     conditions: Annotated[
         list[Condition] | None,
         Field(
-            description="Validated, Planned, Running, Succeeded, Failed and Suspended conditions.",
+            description=(
+                "Validated, Staged, Planned, Running, Succeeded, Failed and Suspended conditions."
+            ),
             json_schema_extra={
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
         ),
+    ] = None
+    staging: Annotated[
+        StagingStatus | None,
+        Field(description="What staging resolved (commits) and downloaded into the cache."),
     ] = None
     plan: Annotated[PlanStatus | None, Field(description="The chosen parallelism plan.")] = None
     inferred_gpu_type: Annotated[
@@ -451,6 +513,45 @@ class Observed:
     inferred_gpu_type: InferredGpuType | None = None
     #: Why the nodes do not tell the GPU type (the job waits for spec.resources.gpuType).
     gpu_type_error: str | None = None
+    #: What staging resolved and downloaded (just now; status keeps what it recorded before).
+    staging: StagingStatus | None = None
+    #: Staging is under way (or waits for its cache): the job is in phase Staging.
+    staging_wait: StagingWait | None = None
+    #: Staging failed for good (BadInput at once; StagingFailed once the Job's retries are spent).
+    staging_failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class StagingWait:
+    """Why a job is still staging: the Staged condition's reason and message, and a problem of
+    the staging pod a user can act on (e.g. its image cannot be pulled, its cache is unbound)."""
+
+    reason: str
+    message: str
+    problem: Failure | None = None
+
+
+def staged_message(staging: StagingStatus) -> str:
+    """The Staged condition's message, e.g. "model abc123, dataset def456: 14.5 GB in
+    finetune-cache (0 B fetched)"."""
+    what = [
+        f"{name} {commit[:12]}"
+        for name, commit in (("model", staging.model_commit), ("dataset", staging.dataset_commit))
+        if commit
+    ]
+    where = f" in {staging.cache}" if staging.cache else ""
+    return (
+        f"{', '.join(what) or 'model and dataset'} staged: {_human(staging.bytes)}{where} "
+        f"({_human(staging.fetched_bytes)} fetched, {staging.seconds} s)"
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _cond(
@@ -485,10 +586,25 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     child_conds = obs.child.true_conditions() if obs.child is not None else {}
     problem = pod_problem(obs.pods, obs.gpu)
 
+    staging = obs.staging or prev.staging
+    if staging is not None:
+        conds.append(_cond("Staged", True, "Staged", staged_message(staging), g, now))
+
     if obs.gpu_type_error is not None:  # waits: setting spec.resources.gpuType lets it go on
         phase: Phase = "Pending"
         failure = Failure(reason="GpuTypeNotInferred", message=obs.gpu_type_error)
         conds.append(_cond("Planned", False, "GpuTypeNotInferred", obs.gpu_type_error, g, now))
+    elif obs.staging_failure is not None:
+        phase = "Failed"
+        failure = obs.staging_failure
+        conds.append(_cond("Staged", False, failure.reason, failure.message, g, now))
+        conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
+        completion = completion or now
+    elif obs.staging_wait is not None:
+        phase = "Staging"
+        wait = obs.staging_wait
+        failure = wait.problem
+        conds.append(_cond("Staged", False, wait.reason, wait.message, g, now))
     elif obs.plan_error is not None:
         phase = "Failed"
         failure = Failure(reason="PlanInfeasible", message=obs.plan_error)
@@ -541,6 +657,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         observed_generation=g,
         phase=phase,
         conditions=_keep_transition_times(prev.conditions or [], conds),
+        staging=staging,
         plan=obs.plan or prev.plan,
         inferred_gpu_type=obs.inferred_gpu_type,
         pytorch_job=child_ref,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from finetune_operator.controller import Outcome
+from finetune_operator.status import staged_message
 
 log = logging.getLogger("finetune_operator.jobs")
 
@@ -41,6 +42,11 @@ def notes(outcome: Outcome) -> list[Note]:
         return []
     status = outcome.status
     told: list[Note] = []
+    if after == "Staging":
+        return _staging(outcome)
+    if before == "Staging" and status.staging is not None:
+        told.append(Note("Normal", "Staged", staged_message(status.staging)))
+        told += [Note("Warning", "StagingWarning", w) for w in status.staging.warnings or []]
     if after == "Succeeded" and before != "Running":  # it ran, though no write saw it running
         told.append(Note("Normal", "Running", "training started"))
     if after == "Failed" and status.failure is not None:
@@ -59,6 +65,36 @@ def notes(outcome: Outcome) -> list[Note]:
         "Succeeded": "training finished",
     }
     told.append(Note("Normal", after, messages.get(after, after)))
+    return told
+
+
+def _staging(outcome: Outcome) -> list[Note]:
+    """A job that starts staging: what the staging Job does, what the spec allows against the
+    defaults (a warning each), or why staging waits (a problem a user can act on)."""
+    status = outcome.status
+    staged = next((c for c in status.conditions or [] if c.type == "Staged"), None)
+    told = [Note("Normal", "Staging", staged.message if staged else "staging the model and data")]
+    model = outcome.job.spec.model
+    if model.allow_pickle_weights:
+        told.append(
+            Note(
+                "Warning",
+                "PickleWeightsAllowed",
+                "spec.model.allowPickleWeights is true: staging may fetch pickle weights, and "
+                "loading them runs code from the files",
+            )
+        )
+    if model.allow_remote_code:
+        told.append(
+            Note(
+                "Warning",
+                "RemoteCodeAllowed",
+                "spec.model.allowRemoteCode is true: the trainer runs the model's own code from "
+                "its repository",
+            )
+        )
+    if status.failure is not None:
+        told.append(Note("Warning", status.failure.reason, status.failure.message))
     return told
 
 

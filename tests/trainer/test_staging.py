@@ -447,7 +447,7 @@ def test_the_container_fails_with_one_line_and_never_the_token(
         {"kind": "hf", "name_or_path": DATA},
     )
     proc, message = _staging(tmp_path, cfg, hub, wrong)
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # BadInput: the Job fails at once (podFailurePolicy)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: the Hub refused the token in HF_TOKEN for model tiny-org/gated (HTTP 401): put "
@@ -463,23 +463,23 @@ def test_the_container_fails_with_one_line_and_never_the_token(
 def test_the_trainer_loads_the_staged_model_and_data_offline(
     hub: HubServer, tmp_path: Path
 ) -> None:
-    """The interface for the trainer pods: HF_HUB_OFFLINE=1, HF_HUB_CACHE at the cache, and the
-    model asked for at the staged commit; the dataset loaded from its staged snapshot."""
+    """The trainer pods as the operator makes them (HF_HUB_OFFLINE=1, HF_HUB_CACHE at the cache,
+    model and dataset pinned to the staged commits, no token) load both with the trainer's own
+    loaders: the model from its snapshot, the dataset from its staged snapshot folder."""
     cache = tmp_path / "cache"
     report = stage(hf_config(tmp_path), cache, endpoint=hub.url, log=lambda _: None)
     script = f"""
-from pathlib import Path
-from datasets import load_dataset
-from huggingface_hub import constants
-from finetune_trainer.config import ModelConfig
+from finetune_trainer.config import DEFAULT_COLUMNS, DataConfig, ModelConfig
+from finetune_trainer.data import load_raw, staged_dataset
 from finetune_trainer.model_loading import load_model, load_tokenizer
-from finetune_trainer.staging import snapshot_dir
 import torch
 cfg = ModelConfig(kind="hf", name_or_path={MODEL!r}, revision={report.model.commit!r})
 model = load_model(cfg, seed=0, dtype=torch.float32)
 tok = load_tokenizer(cfg)
-folder = snapshot_dir(Path(constants.HF_HUB_CACHE), {DATA!r}, "dataset", {report.dataset.commit!r})
-rows = load_dataset(str(folder), split="train")
+data = DataConfig(kind="hf", name_or_path={DATA!r}, revision={report.dataset.commit!r},
+                  columns=DEFAULT_COLUMNS["alpaca"])
+assert staged_dataset(data) is not None
+rows, _ = load_raw(data, seed=0)
 print(model.config.hidden_size, len(tok), len(rows), rows[0]["output"])
 """
     env = {

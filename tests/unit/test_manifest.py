@@ -10,14 +10,22 @@ import pytest
 import yaml
 
 from bad_specs import DELETE, apply
-from finetune_operator import api, manifest
+from finetune_operator import api, manifest, staging
 from finetune_operator.plan import plan_config, plan_job
+from finetune_operator.status import StagingStatus
 from finetune_operator.translate import to_trainer_config
 from finetune_trainer import names
 from finetune_trainer.config import TrainerConfig
 from helpers import EXAMPLES, GOLDEN_NAMESPACE, GOLDEN_UID, ROOT, load_yaml
 
 GOLDEN = ROOT / "tests" / "golden"
+#: What the staging Job of a staged example reported (fixed, for the golden files).
+STAGED = StagingStatus(
+    model_commit="a" * 40,
+    dataset_commit="b" * 40,
+    bytes=14_500_000_000,
+    cache=staging.DEFAULT_CLAIM,
+)
 
 
 def _job(doc: dict[str, Any]) -> api.FineTuneJob:
@@ -26,19 +34,139 @@ def _job(doc: dict[str, Any]) -> api.FineTuneJob:
 
 
 def _children(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ConfigMap and PyTorchJob of ``doc`` as the controller makes them once the job is
+    staged (with STAGED in the job's cache claim) or, for a job that is not staged, at once."""
     job = _job(doc)
     planned = plan_job(job.spec)  # None for a model only the trainer can read
     config = to_trainer_config(
         job.spec,
         name=job.name,
-        default_output_dir="/cache/output",
+        default_output_dir=manifest.POD_OUTPUT_DIR,
         plan=plan_config(planned) if planned else None,
     )
+    cache = None
+    if staging.needed(job.spec):
+        cache = staging.cache_claim(job.spec).name
+        config = staging.pinned(config, STAGED.model_copy(update={"cache": cache}))
     summary = planned.summary if planned else None
     child = manifest.pytorch_job(
-        job, image="finetune-trainer:0.1.0", plan_summary=summary, exists=False
+        job, image="finetune-trainer:0.1.0", plan_summary=summary, exists=False, cache=cache
     )
     return manifest.config_map(job, config), child
+
+
+def _staging_job(doc: dict[str, Any]) -> dict[str, Any]:
+    job = _job(doc)
+    claim = staging.cache_claim(job.spec)
+    return staging.staging_job(job, image="finetune-trainer:0.1.0", claim=claim)
+
+
+STAGED_EXAMPLES = [p for p in EXAMPLES if staging.needed(_job(load_yaml(p)).spec)]
+
+
+@pytest.mark.parametrize("path", STAGED_EXAMPLES, ids=lambda p: p.stem)
+def test_staging_job_matches_golden(path: Path, request: pytest.FixtureRequest) -> None:
+    text = yaml.safe_dump(_staging_job(load_yaml(path)), sort_keys=False)
+    golden = GOLDEN / f"{path.stem}.staging-job.yaml"
+    if request.config.getoption("--update-golden", default=False):
+        golden.write_text(text)
+    assert golden.read_text() == text, f"{golden} is stale: pytest --update-golden"
+
+
+def test_hub_examples_are_staged_and_the_offline_one_is_not() -> None:
+    assert {p.stem for p in STAGED_EXAMPLES} == {
+        "mistral-7b-python-code",
+        "llama3-8b-cnn-dailymail",
+    }
+
+
+def _container(child: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
+    spec = child["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+    (container,) = spec["containers"]
+    return dict(container)
+
+
+def test_staged_trainer_pods_load_offline_from_the_read_only_cache() -> None:
+    cm, child = _children(load_yaml(ROOT / "examples" / "llama3-8b-cnn-dailymail.yaml"))
+    for replica in ("Master", "Worker"):
+        pod = child["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+        assert {
+            "name": "cache",
+            "persistentVolumeClaim": {"claimName": staging.DEFAULT_CLAIM_RWX, "readOnly": True},
+        } in pod["volumes"]
+        container = _container(child, replica)
+        assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in container[
+            "volumeMounts"
+        ]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "1"
+        assert env["HF_HOME"] == "/cache/huggingface"
+        assert env["HF_DATASETS_CACHE"].startswith("/tmp/")  # writable: /tmp is the pod's own
+        assert "HF_TOKEN" not in env  # staging downloaded: the token stays out of the pods
+    config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
+    assert config.model.revision == STAGED.model_commit
+    assert config.data.revision == STAGED.dataset_commit
+    assert config.model.token_env is None
+
+
+def test_a_job_that_is_not_staged_keeps_its_own_empty_cache(tiny_job: dict[str, Any]) -> None:
+    _, child = _children(tiny_job)
+    pod = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    env = {e["name"] for e in _container(child)["env"]}
+    assert "HF_HUB_OFFLINE" not in env
+
+
+def test_staging_job_runs_the_trainer_image_restricted_and_fails_fast_on_bad_input() -> None:
+    job = _staging_job(load_yaml(ROOT / "examples" / "llama3-8b-cnn-dailymail.yaml"))
+    assert job["metadata"]["ownerReferences"][0]["uid"] == GOLDEN_UID
+    assert job["metadata"]["namespace"] == GOLDEN_NAMESPACE
+    spec = job["spec"]
+    assert spec["backoffLimit"] <= 3
+    (fail_at_once, _) = spec["podFailurePolicy"]["rules"]
+    assert fail_at_once["action"] == "FailJob"
+    assert fail_at_once["onExitCodes"]["values"] == [3]  # staging_report.EXIT_BAD_INPUT
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "finetune-trainer:0.1.0"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["command"] == ["python", "-m", "finetune_trainer.staging"]
+    assert "--allow-pickle-weights" not in container["args"]
+    token = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+    assert token == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+    }
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["cache"] == {"name": "cache", "mountPath": "/cache"}  # read-write
+    assert mounts["trainer-config"]["readOnly"] is True
+    assert {
+        "name": "cache",
+        "persistentVolumeClaim": {"claimName": staging.DEFAULT_CLAIM_RWX},
+    } in pod["volumes"]
+
+
+def test_staging_flags_follow_the_spec() -> None:
+    doc = apply(
+        load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"),
+        {"spec.model.allowPickleWeights": True, "spec.model.allowRemoteCode": True},
+    )
+    (container,) = _staging_job(doc)["spec"]["template"]["spec"]["containers"]
+    assert container["args"][-2:] == ["--allow-pickle-weights", "--allow-remote-code"]
+
+
+def test_a_named_cache_claim_is_used_as_it_is() -> None:
+    doc = apply(load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"), {"spec.cache": "c"})
+    claim = staging.cache_claim(_job(doc).spec)
+    assert (claim.name, claim.managed, claim.access_mode) == ("c", False, "ReadWriteOnce")
+    pvc = staging.cache_pvc("ns", staging.cache_claim(_job(load_yaml(EXAMPLES[0])).spec),
+                            staging.CacheSettings(storage_class="nfs", size="1Ti"))  # fmt: skip
+    assert pvc["spec"]["storageClassName"] == "nfs"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Ti"
+    assert "ownerReferences" not in pvc["metadata"]  # shared by the namespace's jobs
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
@@ -66,8 +194,10 @@ def test_master_and_workers_follow_num_nodes() -> None:
 
 
 def test_token_only_through_secret_ref() -> None:
-    _, child = _children(load_yaml(ROOT / "examples" / "llama3-8b-cnn-dailymail.yaml"))
-    env = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    """Not staged (a job whose pods download themselves), the token reaches the trainer only
+    from its Secret."""
+    job = _job(load_yaml(ROOT / "examples" / "llama3-8b-cnn-dailymail.yaml"))
+    env = manifest.pod_template(job, "i")["spec"]["containers"][0]["env"]
     token = next(e for e in env if e["name"] == "HF_TOKEN")
     assert token == {
         "name": "HF_TOKEN",

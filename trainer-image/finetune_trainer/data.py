@@ -62,6 +62,21 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kind, [str(p) for p in files if suffix_kind.get(p.suffix) == kind]
 
 
+def staged_dataset(cfg: DataConfig) -> Path | None:
+    """The snapshot folder the staging Job left a Hub dataset in, when there is one: the cache
+    (``HF_HUB_CACHE``) holds ``datasets--org--name/snapshots/<revision>/``. The operator pins the
+    revision to the staged commit and sets ``HF_HUB_OFFLINE=1``; ``datasets`` cannot find a Hub
+    dataset offline by its name, so it is loaded from the folder (its data files and card)."""
+    if cfg.kind != "hf" or not cfg.revision:
+        return None
+    from huggingface_hub import constants  # noqa: PLC0415 - reads HF_HUB_CACHE/HF_HOME
+
+    from finetune_trainer.staging import snapshot_dir  # noqa: PLC0415
+
+    folder = snapshot_dir(Path(constants.HF_HUB_CACHE), cfg.name_or_path, "dataset", cfg.revision)
+    return folder if folder.is_dir() else None
+
+
 def _load_split(cfg: DataConfig, split: str, token: str | None) -> Dataset:
     try:
         if cfg.kind == "builtin":
@@ -84,6 +99,8 @@ def _load_split(cfg: DataConfig, split: str, token: str | None) -> Dataset:
                 if all(Path(f).stat().st_size == 0 for f in files):
                     raise ConfigError(_empty(cfg, split))
                 ds = load_dataset(kind, data_files=files, split="train")
+        elif (staged := staged_dataset(cfg)) is not None:  # the staging Job left it here
+            ds = load_dataset(str(staged), cfg.config_name, split=split)
         else:
             ds = load_dataset(
                 cfg.name_or_path,

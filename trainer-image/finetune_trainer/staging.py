@@ -18,7 +18,9 @@ Given a run's :class:`~finetune_trainer.config.TrainerConfig` and a cache folder
 ``python -m finetune_trainer.staging --config PATH --cache DIR`` is the staging Job's container:
 it prints a line per step and per file, and writes the report as one JSON line to the
 termination log (or, when it fails, a ``{"reason", "message"}`` line as the trainer does:
-``BadInput`` for what the user must change, ``StagingFailed`` for what may pass on a retry).
+``BadInput`` for what the user must change, exit code 3, ``StagingFailed`` for what may pass on a
+retry, exit code 1). The report's shape is :mod:`finetune_trainer.staging_report`'s, which the
+operator reads without importing this module.
 
 The Hub's endpoint is huggingface_hub's (``HF_ENDPOINT``) unless the caller names one. The token
 comes from the variable ``ModelConfig.token_env`` names; it is never printed or written.
@@ -39,15 +41,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from finetune_trainer.config import DataConfig, ModelConfig, SourceKind, TrainerConfig
+from finetune_trainer.config import DataConfig, ModelConfig, TrainerConfig
 from finetune_trainer.planner.model import TINY_CONFIGS, ModelConfigError, ModelFacts
+from finetune_trainer.staging_report import (
+    BAD_INPUT,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    REPORT_VERSION,
+    STAGING_FAILED,
+    SourceReport,
+    StagingReport,
+)
 
-REPORT_VERSION: Literal[1] = 1
-#: Failure reasons (the termination message's ``reason``).
-BAD_INPUT = "BadInput"  # the user must change the spec (source, revision, token, model)
-STAGING_FAILED = "StagingFailed"  # the Hub or the disk failed; a retry may pass
+__all__ = [
+    "BAD_INPUT",
+    "REPORT_VERSION",
+    "STAGING_FAILED",
+    "Options",
+    "SourceReport",
+    "StagingError",
+    "StagingReport",
+    "snapshot_dir",
+    "stage",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -131,50 +147,6 @@ class Options:
     allow_pickle_weights: bool = False
     #: Models whose config names custom code (``auto_map``): the trainer would run that code.
     allow_remote_code: bool = False
-
-
-# ---- the report ------------------------------------------------------------------------------
-
-
-class _Report(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceReport(_Report):
-    """One staged source (the model, or the dataset)."""
-
-    kind: SourceKind
-    #: What was staged: a Hub id, a local path or a builtin name.
-    source: str
-    #: The revision asked for (a branch, tag or commit), if any.
-    revision: str | None = None
-    #: The commit it resolved to (Hub sources): train on exactly this.
-    commit: str | None = None
-    #: Hub sources: the snapshot folder, relative to the cache folder (Hugging Face cache layout).
-    snapshot: str | None = None
-    #: Files the trainer reads, and their bytes on disk.
-    files: int = 0
-    bytes: int = 0
-    #: Bytes downloaded by this staging (0 when everything was cached).
-    fetched_bytes: int = 0
-    seconds: float = 0.0
-
-
-class StagingReport(_Report):
-    """What staging found: the staging Job's termination message (one JSON line, < 4 KiB)."""
-
-    version: Literal[1] = REPORT_VERSION
-    model: SourceReport
-    dataset: SourceReport
-    #: The config.json keys the planner reads (``ModelFacts.from_hf_config`` takes this dict).
-    config: dict[str, Any]
-    #: The tokenizer's vocabulary (with added tokens).
-    vocab_size: int
-    #: What was allowed against the defaults (pickle weights, remote code): for a warning Event.
-    warnings: tuple[str, ...] = ()
-
-    def line(self) -> str:
-        return self.model_dump_json() + "\n"
 
 
 # ---- pure choices ----------------------------------------------------------------------------
@@ -846,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"error: {failure.message}", file=sys.stderr, flush=True)
     write_termination_message(failure)
-    return 1
+    return EXIT_BAD_INPUT if failure.reason == BAD_INPUT else EXIT_FAILED
 
 
 if __name__ == "__main__":
