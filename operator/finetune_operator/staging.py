@@ -468,7 +468,7 @@ def staging_status(report: StagingReport, claim: CacheClaim) -> StagingStatus | 
 
 def model_facts(staging: StagingStatus | None, source: str) -> ModelFacts | None:
     """The model's architecture staging recorded (None: plan from the catalog, or the trainer)."""
-    if True:  # BROKEN ON PURPOSE
+    if staging is None or staging.model is None:
         return None
     return ModelFacts(name=source, **staging.model.model_dump())
 
