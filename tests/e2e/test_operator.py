@@ -476,13 +476,15 @@ def test_operator_logs_its_start_and_each_transition_as_json(
     assert started["cluster"] == server.stdout.strip()
 
     went = [(line["before"], line["phase"]) for line in lines if line.get("job") == "logged"]
-    assert went[0] == (None, "Planned")
+    assert went[0] == (None, "Staging")  # the model is fetched and its config.json read first
+    assert went[1] == ("Staging", "Planned")
     assert went[-1][1] == "Succeeded"
     assert all(prev[1] == then[0] for prev, then in itertools.pairwise(went))  # a chain
     assert all(line["level"] == "INFO" for line in lines if line.get("job") == "logged")
     failed = [line for line in lines if line.get("job") == "too-big"]
-    assert [(f["phase"], f["reason"]) for f in failed] == [("Failed", "PlanInfeasible")]
-    assert "PlanInfeasible" in failed[0]["message"]
+    assert [f["phase"] for f in failed[:-1]] == ["Staging"] * (len(failed) - 1)
+    assert (failed[-1]["phase"], failed[-1]["reason"]) == ("Failed", "PlanInfeasible")
+    assert "PlanInfeasible" in failed[-1]["message"]
     assert not any("Handler" in line["message"] for line in lines)  # not a line per handler run
 
 
@@ -531,7 +533,8 @@ def test_an_image_that_does_not_exist_says_so_and_never_runs(operator: Any) -> N
     assert image in status["failure"]["message"]
     assert "check spec.image" in status["failure"]["message"]
     time.sleep(8)  # longer than a pod's run-duration: it never ran
-    assert ftj(testbed, ns, "typo")["status"]["phase"] == "Pending"
+    # the staging pod runs the same image, so the job never gets past staging
+    assert ftj(testbed, ns, "typo")["status"]["phase"] == "Staging"
     assert all(p["status"].get("phase") == "Pending" for p in pods(testbed, ns, "typo"))
 
 

@@ -60,19 +60,23 @@ def test_the_hub_token_appears_in_nothing_the_operator_writes_or_logs(
     finally:
         op.stop()
 
-    # The pods get the token by reference only.
-    pytorchjob = testbed.kubectl_json("get", "pytorchjob", "ok", "-n", namespace)
-    env = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
-        "env"
-    ]
+    # Only the staging pod gets the token, and by reference only; the trainer pods read the
+    # staged cache offline and get none.
+    staging = testbed.kubectl_json("get", "job", "ok-staging", "-n", namespace)
+    env = staging["spec"]["template"]["spec"]["containers"][0]["env"]
     refs = [e for e in env if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
     assert {(r["valueFrom"]["secretKeyRef"]["name"], r["valueFrom"]["secretKeyRef"]["key"])
             for r in refs} == {("hf-token", "token")}  # fmt: skip
+    pytorchjob = testbed.kubectl_json("get", "pytorchjob", "ok", "-n", namespace)
+    for replica in pytorchjob["spec"]["pytorchReplicaSpecs"].values():
+        for container in replica["template"]["spec"]["containers"]:
+            assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])
+            assert "HF_TOKEN" not in {e["name"] for e in container["env"]}
 
     # Everything in the namespace but the Secret itself, with the operator's log and events.
     kinds = "finetunejobs,pytorchjobs,configmaps,pods,events,serviceaccounts,services,jobs"
     objects = testbed.kubectl_json("get", kinds, "-n", namespace)["items"]
-    assert {o["kind"] for o in objects} >= {"FineTuneJob", "PyTorchJob", "ConfigMap", "Pod"}
+    assert {o["kind"] for o in objects} >= {"FineTuneJob", "PyTorchJob", "ConfigMap", "Pod", "Job"}
     assert any(o["kind"] == "Event" for o in objects)
     # The token as text or as a Secret holds it (base64): the Secret itself is found this way.
     forms = (token, base64.b64encode(token.encode()).decode())

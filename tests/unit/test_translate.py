@@ -92,6 +92,13 @@ OPERATOR_ONLY = {
     "runPolicy.activeDeadlineSeconds",
     "runPolicy.backoffLimit",
     "runPolicy.ttlSecondsAfterFinished",
+    "runPolicy.startupDeadlineSeconds",  # recovery: the operator watches the pods
+    "runPolicy.hangTimeoutSeconds",
+    "runPolicy.maxRestarts",
+    "runPolicy.maxReplans",
+    "model.allowPickleWeights",  # staging flags: the staging Job's arguments
+    "model.allowRemoteCode",
+    "cache",  # the claim the operator mounts
     "podMetadata.labels",
     "podMetadata.annotations",
     "image",
