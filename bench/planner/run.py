@@ -17,7 +17,7 @@ without the row's source, the issue's validation), side by side:
   predicted faster;
 - fits: how many published layouts (which ran) the memory model calls infeasible (memory is not
   fitted, so this is the same both ways).
-Rows with an option the planner cannot express (context parallelism, ZeRO-1/2, LoRA with TP/PP,
+Rows with an option the planner cannot express (context parallelism, LoRA with PP,
 a GPU or model it cannot read; uneven pipeline stages split the source's own way are planned but
 not predicted) are counted and listed with the reason;
 their degrees are a miss, and they are predicted only where the time model has the option.
@@ -65,7 +65,7 @@ from finetune_trainer.planner.cost import estimate_time  # noqa: E402
 from finetune_trainer.planner.hardware import GiB  # noqa: E402
 from finetune_trainer.planner.layout import GradSync, Layout  # noqa: E402
 from finetune_trainer.planner.memory import estimate_memory, fits  # noqa: E402
-from finetune_trainer.planner.plan import LORA_SUPPORTS_TP_PP  # noqa: E402
+from finetune_trainer.planner.plan import LORA_SUPPORTS_PP, LORA_SUPPORTS_TP  # noqa: E402
 from finetune_trainer.planner.search import Candidate  # noqa: E402
 
 PUBLISHED = ROOT / "bench" / "planner" / "published.toml"
@@ -260,13 +260,12 @@ def parse_row(r: dict[str, Any]) -> Row:
     if cp > 1:
         problems.append(f"context parallelism cp{cp} (option not modelled)")
         time_problems.append("cp not in the time model")
+    sync = _grad_sync(r, 1 if zero in (1, 2) else fsdp)
     if zero in (1, 2):
-        problems.append(
-            f"ZeRO-{zero} (replicated parameters, sharded optimizer): the planner cannot plan"
-            " it yet (its time is modelled, its memory is not)"
-        )
-        memory_problems.append(f"ZeRO-{zero}: sharded optimizer states not in the memory model")
-        dp, fsdp = dp * fsdp, 1
+        # replicated parameters, sharded optimizer (and gradients) over the data-parallel group:
+        # the planner's ZeRO-2 over that group (Layout.zero), gradients reduced once per step as
+        # Megatron (distributed optimizer) and ZeRO-1 do unless the row says otherwise
+        dp, fsdp = 1, dp * fsdp
     if model is not None and model.num_layers % (pp * vp):
         # the planner plans uneven stages as the trainer splits them (memory.stage_layers); a
         # source split its own way (Llama 3: one layer fewer on the first and last stages;
@@ -274,7 +273,9 @@ def parse_row(r: dict[str, Any]) -> Row:
         time_problems.append(
             f"{model.num_layers} layers on pp{pp}x{vp}: uneven stages split the source's way"
         )
-    if method == "lora" and (tp > 1 or pp > 1) and not LORA_SUPPORTS_TP_PP:
+    if method == "lora" and (
+        (tp > 1 and not LORA_SUPPORTS_TP) or (pp > 1 and not LORA_SUPPORTS_PP)
+    ):
         problems.append("LoRA with TP/PP (option not modelled by the planner's plans)")
     if dp * fsdp * tp * pp * cp != world:
         problems.append(f"dp{dp}*fsdp{fsdp}*tp{tp}*pp{pp}*cp{cp} != {world} GPUs")
@@ -288,8 +289,8 @@ def parse_row(r: dict[str, Any]) -> Row:
         sched = "none" if pp == 1 else ("interleaved-1f1b" if vp > 1 else "1f1b")
         layout = Layout(
             dp, fsdp, tp, pp, sched, vp, mbs, ga, ac, False,  # type: ignore[arg-type]
-            _grad_sync(r, fsdp), tp_overlap=tp > 1 and _tp_overlap(r),
-            shard_optimizer=zero in (1, 2) and dp > 1,
+            sync, tp_overlap=tp > 1 and _tp_overlap(r),
+            zero=2 if zero in (1, 2) else 3,
         )  # fmt: skip
     if tok is None:
         time_problems.append(f"no tokens/s ({how})")

@@ -79,7 +79,13 @@ def build(
 
         model = get_peft_model(
             model,
-            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                # column-parallel (q, v) and row-parallel (o, down) linears under TP
+                target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            ),
         )
         for name, p in model.named_parameters():
             if "lora_B" in name:  # nonzero B so adapters matter from the first step

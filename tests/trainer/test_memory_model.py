@@ -13,17 +13,19 @@ How it is compared: the tracker's peak (largest total over the step, by category
 planner's peak minus its constant CUDA/NCCL overhead, within +-10%; the model states the
 formulas claim exactly (sharded fp32 params + Adam moments, and the sharded gradients under
 gradient accumulation) within 1%. Measured / predicted, torch 2.15, with the trainer's chunked
-loss (one case per line of CASES): 0.99, 0.96, 1.00, 0.98 (TP 2), 0.94 (HSDP 2x4), 0.99
-(LoRA, dropout), 1.02 (LoRA, SAC), 0.94, 1.03 (FSDP 64), 1.01 (TP 4, SAC), 0.92 (Qwen2, tied
+loss (one case per line of CASES): 0.99, 0.96, 1.00, 0.98 (TP 2), 0.94 (HSDP 2x4), 0.99 (LoRA,
+dropout), 1.02 (LoRA, SAC), 0.94, 1.03 (FSDP 64), 1.01 (TP 4, SAC), 0.92 (Qwen2, tied
 embeddings), 1.02 and 1.02 (the loss's backward is the predicted peak: FSDP 8, and TP 2 with
-the vocabulary-parallel loss), 0.98 (deferred gradient sync: FSDP2's unsharded fp32
-gradients held between micro-batches, which the tracker does not attribute, are read from
-FSDP2's parameters and added; they are exactly the 4 bytes per trained parameter / TP the
-planner charges). With the old unchunked loss most cases peaked at the loss and
-read 0.97-1.03; now a decoder layer's backward or the end of the step is the predicted peak,
-and those moments include FSDP2's unsharded bf16 gradients, which the tracker does not see
-(below), hence the lower ratios. Pipeline stages are not measured here (the schedules do not
-run under the fake process group).
+the vocabulary-parallel loss), 0.98 (deferred gradient sync: FSDP2's unsharded fp32 gradients
+held between micro-batches, which the tracker does not attribute, are read from FSDP2's
+parameters and added; they are exactly the 4 bytes per trained parameter / TP the planner
+charges), 0.92 (LoRA on TP 2: each adapter split with its linear, one factor replicated), 0.97
+and 0.98 (ZeRO-2: every decoder layer gathered from its forward to its backward; with deferred
+sync also kept between micro-batches). With the old unchunked loss most cases peaked at the
+loss and read 0.97-1.03; now a decoder layer's backward or the end of the step is the predicted
+peak, and those moments include FSDP2's unsharded bf16 gradients, which the tracker does not
+see (below), hence the lower ratios. Pipeline stages are not measured here (the schedules do
+not run under the fake process group).
 
 What the tracker does not see or the fake mode distorts:
 - AdamW with ``foreach=True`` or ``fused=True`` on DTensors under FakeTensorMode is booked as
@@ -72,7 +74,10 @@ from finetune_trainer.planner import (  # noqa: E402
     hf_config,
 )
 from finetune_trainer.planner.layout import Layout  # noqa: E402
-from finetune_trainer.planner.memory import estimate_memory  # noqa: E402
+from finetune_trainer.planner.memory import (  # noqa: E402
+    estimate_memory,
+    lora_params_per_tp_rank,
+)
 
 pytestmark = pytest.mark.trainer
 
@@ -96,6 +101,7 @@ class Case:
     lora_dropout: float | None = None  # None: full fine-tune
     loss_peak: bool = False  # the planner's peak is the loss's backward (checked)
     sync: str = "every"  # gradient sync under accumulation: every micro-batch, or the last
+    zero: int = 3  # 2: parameters kept gathered from forward to backward (ZeRO-2)
 
     @property
     def world(self) -> int:
@@ -107,12 +113,14 @@ class Case:
             f"{self.model_id.split('/')[-1]} x{self.layers} dp{self.dp} fsdp{self.fsdp} "
             f"tp{self.tp} mbs{self.mbs} ga{self.ga} ac={self.ac} {method}"
             + (f" sync={self.sync}" if self.sync != "every" else "")
+            + (" zero2" if self.zero == 2 else "")
         )
 
     def layout(self) -> Layout:
         return Layout(
             dp=self.dp, fsdp=self.fsdp, tp=self.tp, pp=1, schedule="none", v=1, mbs=self.mbs,
             ga=self.ga, ac=self.ac, offload=False, grad_sync=self.sync,  # type: ignore[arg-type]
+            zero=self.zero,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def plan_config(self) -> PlanConfig:
@@ -125,6 +133,7 @@ class Case:
             gradient_accumulation=self.ga,
             activation_checkpointing=self.ac,  # type: ignore[arg-type]
             gradient_sync=self.sync,  # type: ignore[arg-type]
+            zero_stage=self.zero,  # type: ignore[arg-type]
         )
 
 
@@ -183,9 +192,12 @@ def _measure(case: Case, cfg: dict[str, Any]) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             # the loop's deferred sync: the earlier micro-batches keep unsharded gradients
             model.set_requires_gradient_sync(case.sync == "every")
+            # ZeRO-2 with deferred sync: the loop keeps the parameters gathered in between
+            model.set_reshard_after_backward(not (case.zero == 2 and case.sync == "last"))
             for _ in range(case.ga - 1):
                 model(ids, pos, ids)[0].backward()
             model.set_requires_gradient_sync(True)
+            model.set_reshard_after_backward(True)
             held = _deferred_gradient_bytes(model)
             tracker = FSDPMemTracker(model, opt)
             tracker.track_inputs((ids, pos, ids))
@@ -235,6 +247,12 @@ CASES = [
     Case("Qwen/Qwen2-0.5B", fsdp=8, mbs=2, ac="none", loss_peak=True),
     Case("Qwen/Qwen2-0.5B", fsdp=4, tp=2, mbs=1, ac="none", loss_peak=True),
     Case("Qwen/Qwen2-0.5B", fsdp=8, mbs=2, ac="selective", ga=2, sync="last"),
+    # LoRA on TP-split linears: frozen weights split by TP, adapters split with them
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=4, tp=2, mbs=2, ac="selective", lora_dropout=0.0),
+    # ZeRO-2: every decoder layer gathered in bf16 at the loss and the first layer's backward;
+    # with deferred sync also kept between micro-batches, beside the unsharded gradients
+    Case("meta-llama/Meta-Llama-3-8B", fsdp=8, mbs=2, ac="selective", zero=2),
+    Case("Qwen/Qwen2-0.5B", fsdp=8, mbs=2, ac="selective", ga=2, sync="last", zero=2),
 ]
 
 
@@ -263,6 +281,7 @@ def test_peak_memory_matches_fsdp_mem_tracker(case: Case) -> None:
         gradient_accumulation=case.ga,
         activation_checkpointing=case.ac,  # type: ignore[arg-type]
         gradient_sync=case.sync,  # type: ignore[arg-type]
+        zero_stage=case.zero,  # type: ignore[arg-type]
     )
     est = estimate(plan)
     predicted = est.peak_memory_bytes - est.memory_breakdown["overhead"]
@@ -277,21 +296,23 @@ def test_peak_memory_matches_fsdp_mem_tracker(case: Case) -> None:
     # The formulas' model states, exactly: the sharded parameters (fp32, or bf16 frozen LoRA
     # base weights) and both fp32 Adam moments of what is trained, always; the fp32 sharded
     # gradients once an earlier micro-batch of the accumulation has reduced them.
-    n = trained = plan.model.num_params
+    # Per TP rank (HSDP replicas each hold a full set of shards), then split by FSDP. LoRA under
+    # TP: adapters follow their linear's split, one factor of each replicated.
+    n = plan.model.num_params / case.tp
+    trained = n
     if lora:  # fp32 adapters on top of the bf16 frozen weights
-        trained = case.layers * plan.model.lora_params_per_layer(16, LORA_TARGETS)
+        trained = lora_params_per_tp_rank(plan.model, plan.workload, case.layers, case.tp)
     params = 2 * n + 4 * trained if lora else 4 * n
-    shard = case.fsdp * case.tp  # HSDP replicas each hold a full set of shards
-    assert measured["Sharded Param"] == pytest.approx(params / shard, rel=STATES_TOLERANCE)
-    assert measured["OptState"] == pytest.approx(8 * trained / shard, rel=STATES_TOLERANCE)
+    assert measured["Sharded Param"] == pytest.approx(params / case.fsdp, rel=STATES_TOLERANCE)
+    assert measured["OptState"] == pytest.approx(8 * trained / case.fsdp, rel=STATES_TOLERANCE)
     if case.sync == "last":  # unsharded fp32 gradients of everything this rank trains
-        assert measured["Deferred Grad"] == pytest.approx(
-            4 * trained / case.tp, rel=STATES_TOLERANCE
-        )
+        assert measured["Deferred Grad"] == pytest.approx(4 * trained, rel=STATES_TOLERANCE)
     else:
         assert measured["Deferred Grad"] == 0
     if case.ga > 1 and case.sync == "every":
-        assert measured["Sharded Grad"] == pytest.approx(4 * trained / shard, rel=STATES_TOLERANCE)
+        assert measured["Sharded Grad"] == pytest.approx(
+            4 * trained / case.fsdp, rel=STATES_TOLERANCE
+        )
     assert PEAK_BAND[0] <= ratio <= PEAK_BAND[1], (ratio, measured, est.memory_breakdown)
 
 

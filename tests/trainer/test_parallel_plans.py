@@ -78,8 +78,17 @@ TWO = [
     {"name": "tp2_full_ac", "plan": plan(tp=2, mbs=4, ac="full")},
     {"name": "fsdp2_cpu_offload", "plan": plan(fsdp=2, offload=True)},
     {"name": "fsdp2_lora", "plan": plan(fsdp=2), "lora": True},
+    # adapters on column- (q, v) and row-parallel (o, down) linears, split with them
+    {"name": "tp2_lora", "plan": plan(tp=2, mbs=4), "lora": True},
     # gradients reduced once per step (2 micro-batches), unsharded in between
     {"name": "fsdp2_sync_last", "plan": {**plan(fsdp=2), "gradient_sync": "last"}},
+    # ZeRO-2: parameters kept gathered from forward to backward; with deferred sync also
+    # between micro-batches (one all-gather and one reduce-scatter per step)
+    {"name": "fsdp2_zero2", "plan": {**plan(fsdp=2), "zero_stage": 2}},
+    {
+        "name": "fsdp2_zero2_sync_last",
+        "plan": {**plan(fsdp=2, mbs=1), "zero_stage": 2, "gradient_sync": "last"},
+    },
     # tied embeddings: the vocabulary-split embedding and LM head stay one parameter
     {"name": "tp2_tied", "plan": plan(tp=2, mbs=4), "tied": True},
     VOCAB_PARALLEL,
@@ -88,6 +97,8 @@ FOUR = [
     {"name": "hsdp_2x2", "plan": plan(dp=2, fsdp=2)},
     {"name": "hsdp_2x2_sync_last", "plan": {**plan(dp=2, fsdp=2, mbs=1), "gradient_sync": "last"}},
     {"name": "tp2_x_fsdp2", "plan": plan(fsdp=2, tp=2)},
+    {"name": "tp2_x_fsdp2_lora", "plan": plan(fsdp=2, tp=2, ac="selective"), "lora": True},
+    {"name": "tp2_x_fsdp2_zero2", "plan": {**plan(fsdp=2, tp=2, mbs=1), "zero_stage": 2}},
     {
         "name": "pp2_x_fsdp2_1f1b_selective",
         "plan": plan(fsdp=2, pp=2, schedule="1f1b", mbs=1, ac="selective"),

@@ -141,6 +141,13 @@ class PlanConfig(_Config):
         " or only on the last one (each rank keeps its unsharded fp32 gradients meanwhile);"
         " pipelines always reduce on the last",
     )
+    zero_stage: Literal[2, 3] = Field(
+        default=3,
+        description="3: FSDP reshards each layer's parameters after its forward and gathers them"
+        " again for its backward (ZeRO-3); 2: they stay gathered from forward to backward"
+        " (FSDP2 reshard_after_forward=False; gradients and optimizer states still sharded,"
+        " ZeRO-2): one all-gather per micro-batch instead of two, for more memory",
+    )
 
     @property
     def world_size(self) -> int:
@@ -166,6 +173,7 @@ class PlanConfig(_Config):
                 f"mbs{self.micro_batch_size}",
                 f"ga{self.gradient_accumulation}",
                 f"ac={self.activation_checkpointing}",
+                *(["zero2"] if self.zero_stage == 2 and self.fsdp > 1 else []),
             ]
         )
 

@@ -112,6 +112,9 @@ class Loop:
         self.loss_copies = parallel.tp_size if parallel is not None else 1
         #: Reduce gradients on the last micro-batch only (the plan's gradient_sync "last").
         self.defer_sync = parallel is not None and parallel.gradient_sync == "last"
+        #: ZeRO-2 with deferred sync: parameters stay gathered from the first micro-batch's
+        #: forward to the last one's backward (one all-gather per step, as ZeRO-1 does).
+        self.keep_gathered = self.defer_sync and parallel is not None and parallel.zero_stage == 2
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.sampler = sampler
@@ -163,10 +166,13 @@ class Loop:
             # only the last one's ("last": the others accumulate unsharded fp32 gradients,
             # as the planner's memory model counts)
             sync = getattr(self.module, "set_requires_gradient_sync", None)
+            reshard = getattr(self.module, "set_reshard_after_backward", None)
             last = len(batches) - 1
             for i, b in enumerate(batches):
                 if sync is not None:
                     sync(not self.defer_sync or i == last)
+                if reshard is not None and self.keep_gathered:
+                    reshard(i == last)
                 with self._ctx():
                     loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
                 (loss_sum * scale).backward()

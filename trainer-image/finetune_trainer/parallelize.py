@@ -21,13 +21,23 @@ The order is fixed, as in torchtitan's ``parallelize_llama``:
 4. **torch.compile** per decoder layer, when the caller asks for it (``compile_layers``: the
    trainer config's ``parallelism.compile``; off by default).
 5. **FSDP2** ``fully_shard`` per decoder layer plus the root, over the data-parallel mesh: 1-D
-   (fsdp) or 2-D (dp replicate x fsdp shard = HSDP). Parameters stay fp32 (the optimizer's master
+   (fsdp) or 2-D (dp replicate x fsdp shard = HSDP). The plan's ``zero_stage`` 3 reshards a
+   layer after its forward (ZeRO-3); 2 keeps it gathered until its backward (ZeRO-2,
+   ``reshard_after_forward=False``). A ZeRO-1 layout (replicated parameters and gradients,
+   optimizer states sharded: DDP + ``ZeroRedundancyOptimizer``) is not offered: that optimizer
+   takes plain tensors (not the DTensors TP and FSDP2 make), and ZeRO-2 holds less (sharded
+   gradients) for the same communication volume. Parameters stay fp32 (the optimizer's master
    copy); on GPU they are gathered in bf16 and gradients reduced in fp32. CPU offload is FSDP2's
    ``CPUOffloadPolicy``.
 
 LoRA (peft) is applied by the caller before :func:`apply_plan`; its frozen base weights and
-trainable adapters are sharded by FSDP like any other parameters. LoRA with tensor or pipeline
-parallelism is not supported (the planner never emits it: ``LORA_SUPPORTS_TP_PP``).
+trainable adapters are sharded by FSDP like any other parameters. Under tensor parallelism a
+peft-wrapped linear's ``base_layer`` takes the linear's style and its adapters follow the split
+(as NeMo's LoRA does): for a column-parallel linear, A (r x in) is replicated and B (out x r)
+column-parallel, so each rank adds its own output columns; for a row-parallel one, A is
+row-parallel (its r-wide output all-reduced: small) and B replicated, its output split over the
+sequence like the base layer's reduce-scattered output. LoRA with pipeline parallelism is not
+supported (the planner never emits it: ``LORA_SUPPORTS_PP``).
 
 Rank order, outer to inner: pp, dp, fsdp, tp (tensor parallel ranks are neighbours, so they share
 a node).
@@ -50,7 +60,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -84,6 +94,9 @@ class AppliedPlan:
     #: Reduce gradients on every micro-batch ("every") or only the last ("last"; the loop
     #: turns FSDP2's gradient sync off for the others). Pipelines always reduce on the last.
     gradient_sync: str = "every"
+    #: 3: FSDP reshards parameters after each layer's forward; 2: keeps them gathered until its
+    #: backward (and, with gradient_sync "last", the loop keeps them between micro-batches).
+    zero_stage: int = 3
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -114,10 +127,10 @@ def check_plan(plan: PlanConfig | None, world_size: int, *, lora: bool = False) 
         )
     if plan.pipeline_parallel > 1:
         check_schedule(plan)
-    if lora and (plan.tensor_parallel > 1 or plan.pipeline_parallel > 1):
+    if lora and plan.pipeline_parallel > 1:
         raise ConfigError(
-            "LoRA runs with data parallelism and FSDP only: set tensorParallel and "
-            "pipelineParallel to 1 (or leave mode auto)"
+            "LoRA runs with data, tensor parallelism and FSDP only: set pipelineParallel to 1 "
+            "(or leave mode auto)"
         )
 
 
@@ -199,6 +212,61 @@ def tp_plan(config: Any, tp: int) -> dict[str, ParallelStyle]:
     return styles
 
 
+class _Replicated(ParallelStyle):
+    """Parameters replicated over the TP mesh (DTensors, so the gradient norm and FSDP see one
+    mesh) and a whole (replicated) input; the output local (LoRA's A of a column-parallel
+    linear), or split over the sequence as a ``Shard(1)`` DTensor (``sequence_output``: LoRA's
+    B of a row-parallel linear, added to the base layer's reduce-scattered output)."""
+
+    def __init__(self, *, sequence_output: bool = False) -> None:
+        super().__init__()
+        self.sequence_output = sequence_output
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate(_name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for key, param in list(mod.named_parameters(recurse=False)):
+                local = DTensor.from_local(param, mesh, [Replicate()], run_check=False)
+                mod.register_parameter(key, nn.Parameter(local, param.requires_grad))
+
+        def inputs(_mod: nn.Module, args: Any, mesh: DeviceMesh) -> Any:
+            return tuple(
+                DTensor.from_local(a, mesh, [Replicate()], run_check=False)
+                if isinstance(a, torch.Tensor) and not isinstance(a, DTensor)
+                else a
+                for a in args
+            )
+
+        def output(_mod: nn.Module, out: Any, mesh: DeviceMesh) -> Any:
+            if not isinstance(out, DTensor):
+                return out
+            return out.redistribute(mesh, [Shard(1)]) if self.sequence_output else out.to_local()
+
+        return distribute_module(module, device_mesh, replicate, inputs, output)
+
+
+def lora_tp_styles(layer: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """``styles`` with each peft-wrapped linear's style moved to its ``base_layer`` and its
+    adapters split to match (module docstring); other entries unchanged."""
+    out: dict[str, ParallelStyle] = {}
+    for name, style in styles.items():
+        module = layer.get_submodule(name)
+        adapters_a = getattr(module, "lora_A", None)
+        if not hasattr(module, "base_layer") or not isinstance(adapters_a, nn.ModuleDict):
+            out[name] = style
+            continue
+        out[f"{name}.base_layer"] = style
+        for key in adapters_a:
+            a, b = f"{name}.lora_A.{key}", f"{name}.lora_B.{key}"
+            if isinstance(style, ColwiseParallel):
+                out[a], out[b] = _Replicated(), ColwiseParallel()
+            elif isinstance(style, RowwiseParallel):
+                out[a] = RowwiseParallel(output_layouts=Replicate())  # r wide: all-reduced
+                out[b] = _Replicated(sequence_output=True)
+            else:
+                raise ConfigError(f"LoRA on {name} under tensor parallelism is not supported")
+    return out
+
+
 def _gather_sequence(_m: nn.Module, _args: Any, out: Any) -> Any:
     return out.full_tensor() if isinstance(out, DTensor) else out
 
@@ -208,12 +276,15 @@ def apply_tensor_parallel(container: nn.Module, config: Any, tp_mesh: DeviceMesh
     lm_head."""
     tp = tp_mesh.size()
     per_layer = tp_plan(config, tp)
+    # frozen parameters (LoRA's base model) stay frozen: SequenceParallel re-creates the norms'
+    # weights as new, trainable parameters
+    frozen = {name for name, p in container.named_parameters() if not p.requires_grad}
     for layer in decoder_layers(container):
         plan = dict(per_layer)
         for name, _child in layer.named_children():
             if "norm" in name:
                 plan[name] = SequenceParallel()
-        parallelize_module(layer, tp_mesh, plan)
+        parallelize_module(layer, tp_mesh, lora_tp_styles(layer, plan))
     ends = {n.rsplit(".", 1)[-1]: m for n, m in container.named_modules()}
     embed, head = ends.get("embed_tokens"), ends.get("lm_head")
     tied = embed is not None and head is not None and head.weight is embed.weight
@@ -242,6 +313,9 @@ def apply_tensor_parallel(container: nn.Module, config: Any, tp_mesh: DeviceMesh
         # Both styles split the (vocabulary, hidden) weight over its rows, Shard(0), each into a
         # new parameter: share the embedding's again, as the model ties them.
         head.weight = embed.weight
+    for name, param in container.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
 
 
 # -- activation checkpointing --------------------------------------------------------------------
@@ -326,7 +400,12 @@ def apply_fsdp(
     *,
     offload: bool,
     reshard_last: bool = False,
+    keep_gathered: bool = False,
 ) -> None:
+    """``fully_shard`` each decoder layer and the root. ``keep_gathered`` (the plan's
+    zero_stage 2): no layer is resharded after its forward, so its parameters stay gathered
+    until its backward has run (ZeRO-2: one all-gather per micro-batch; gradients and optimizer
+    states stay sharded)."""
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -340,7 +419,7 @@ def apply_fsdp(
             mesh=mesh,
             mp_policy=mp,
             offload_policy=policy,
-            reshard_after_forward=reshard_last or i < len(layers) - 1,
+            reshard_after_forward=not keep_gathered and (reshard_last or i < len(layers) - 1),
         )
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
 
@@ -364,7 +443,14 @@ def parallelize(
         compile_decoder_layers(model)
     dp_mesh = mesh["dp", "fsdp"] if mesh["dp"].size() > 1 else mesh["fsdp"]
     if dp_mesh.size() > 1 or offload:
-        apply_fsdp(model, dp_mesh, device, offload=offload, reshard_last=pipelined)
+        apply_fsdp(
+            model,
+            dp_mesh,
+            device,
+            offload=offload,
+            reshard_last=pipelined,
+            keep_gathered=plan is not None and plan.zero_stage == 2,
+        )
 
 
 def apply_plan(
@@ -401,6 +487,7 @@ def apply_plan(
         pp_size=mesh["pp"].size(),
         pp_rank=mesh["pp"].get_local_rank(),
         gradient_sync=plan.gradient_sync if plan is not None else "every",
+        zero_stage=plan.zero_stage if plan is not None else 3,
     )
     if plan is not None and plan.pipeline_parallel > 1:
         if hf_model is None:

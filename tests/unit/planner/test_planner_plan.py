@@ -104,7 +104,18 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         },
         "cpuOffload",
     ),
-    ("lora with tp", {"method": "lora", "fsdp": 4, "tensor_parallel": 2, "gbs": 8}, "LoRA"),
+    (
+        "lora with pp",
+        {
+            "method": "lora",
+            "fsdp": 4,
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "1f1b",
+            "gbs": 8,
+        },
+        "LoRA",
+    ),
+    ("zero2 with offload", {"fsdp": 8, "zero_stage": 2, "cpu_offload": True}, "zeroStage 2"),
     ("zero degree", {"fsdp": 0}, "greater than"),
 ]
 
@@ -129,6 +140,11 @@ VALID: list[tuple[dict[str, Any], str]] = [
         "dp2 fsdp4 mbs2 ga1 ac=selective",
     ),
     ({"fsdp": 4, "tensor_parallel": 2, "gbs": 8}, "fsdp4 tp2 mbs1 ga2 ac=none"),
+    (
+        {"method": "lora", "fsdp": 4, "tensor_parallel": 2, "gbs": 8},
+        "fsdp4 tp2 mbs1 ga2 ac=none lora",
+    ),
+    ({"fsdp": 8, "zero_stage": 2}, "fsdp8 mbs1 ga2 ac=none zero2"),
     (
         {
             "fsdp": 4,

@@ -88,6 +88,7 @@ def test_the_sweeps_cover_every_kind_of_layout() -> None:
         "gradient accumulation": any(lay.ga > 1 for lay in layouts),
         "recompute": any(lay.ac != "none" for lay in layouts),
         "offload": any(lay.offload for lay in layouts),
+        "zero2": any(lay.zero == 2 for lay in layouts),
     }
     assert [k for k, seen in kinds.items() if not seen] == []
 
@@ -255,3 +256,40 @@ def test_any_interleave_depth_that_splits_the_layers_evenly() -> None:
     best = search(model, cluster, wl, Constraints(pipeline_parallel=4, virtual_stages=5)).best
     assert best is not None
     assert best.layout.v == 5
+
+
+def test_zero2_is_planned_and_reaches_the_trainer_config() -> None:
+    """ZeRO-2 (parameters kept gathered from forward to backward) is offered wherever there is
+    an FSDP group and no pipeline or offload: it saves one all-gather per micro-batch (and, with
+    deferred sync, every one but the first) for the memory of the gathered layers. The choice
+    travels Layout -> Plan -> the trainer's PlanConfig (as the operator builds it)."""
+    from finetune_trainer.config import PlanConfig
+    from finetune_trainer.planner.search import evaluate
+
+    model = known_model("meta-llama/Meta-Llama-3-8B")
+    cluster = Cluster.of("H100-80GB", nodes=4)
+    wl = Workload(seq_len=4096, global_batch_size=128)
+    every = sweep(model, cluster, wl)
+    zero2 = [c for c in every if c.layout.zero == 2]
+    assert zero2
+    for c in zero2:
+        assert c.layout.fsdp > 1
+        assert c.layout.pp == 1
+        assert not c.layout.offload
+        same = evaluate(model, cluster, wl, replace(c.layout, zero=3))
+        assert c.memory.peak > same.memory.peak
+        if same.fits and c.fits:
+            assert c.score() <= same.score()
+    best = search(model, cluster, wl).best
+    assert best is not None
+    assert best.layout == sweep_best(model, cluster, wl).layout  # type: ignore[union-attr]
+    fitting = [c for c in zero2 if c.fits]
+    assert fitting
+    plan = Plan.from_layout(model, cluster, wl, fitting[0].layout)
+    assert plan.zero_stage == 2
+    assert plan.layout() == fitting[0].layout
+    assert "zero2" in plan.summary
+    config = PlanConfig(**{name: getattr(plan, name) for name in PlanConfig.model_fields})
+    assert config.zero_stage == 2
+    with pytest.raises(ValueError, match="zeroStage 2"):
+        Plan(**{**plan.model_dump(), "zero_stage": 2, "cpu_offload": True})

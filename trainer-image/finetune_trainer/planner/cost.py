@@ -30,9 +30,13 @@ see calibration.py). Sources of each term:
   reduce-scatter grads (fp32) on every micro-batch or only the last (``Layout.grad_sync``) =
   1.5x DDP's volume per synchronised micro-batch (Rajbhandari et al. 2020, Sec. 7); it overlaps
   with compute except the first all-gather and the last reduction.
-- HSDP / DDP: + all-reduce of the shard's fp32 gradients across replicas, with the reduce-scatter;
-  ZeRO-1/2 replicas (``Layout.shard_optimizer``, published runs only) reduce-scatter them and
-  all-gather the updated bf16 parameters during the next step's first micro-batch.
+- ZeRO-2 (``Layout.zero == 2``, FSDP2 reshard_after_forward=False): one all-gather per
+  micro-batch (forward; backward finds the parameters still gathered), or, with gradients
+  reduced on the last micro-batch only, one per step: the trainer then keeps the parameters
+  gathered between micro-batches, as ZeRO-1 / Megatron's distributed optimizer do (their
+  published rows are planned as this: reduce-scatter the gradients once, all-gather the updated
+  parameters once).
+- HSDP / DDP: + all-reduce of the shard's fp32 gradients across replicas, with the reduce-scatter.
 - TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters of b*s*h in forward and
   the same in backward (Korthikanti et al. 2022, Sec. 4.2.2; without SP: 4 all-reduces, the same
   volume), on the critical path (hidden behind the GEMMs only with ``Layout.tp_overlap``, which
@@ -170,19 +174,15 @@ def estimate_time(
     p_tp = last_p / lay.tp  # params this TP rank holds before FSDP sharding
     fsdp_bw, fsdp_lat = _bw(cluster, lay.tp, lay.fsdp)
     n_units = layers_per_stage + 2
-    ag = 2 * _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0, n_units)
+    ag_pass = _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0, n_units)  # every unit once
+    passes = 2 if lay.zero == 3 else 1  # all-gathers per micro-batch (forward [+ backward])
     trained = lora_params(model, workload, layers_per_stage) if lora else last_p
     # reduced in fp32 (the trainer), or bf16 (FSDP1 PURE / bfSixteen, pure bf16 states)
     bf16_reduce = workload.reduce_dtype == "bf16" or workload.precision == "pure-bf16"
     grads = (2.0 if bf16_reduce else 4.0) * trained / lay.tp
     rs = _ring_time(lay.fsdp, grads, fsdp_bw, fsdp_lat, 1.0, n_units)
     rep_bw, rep_lat = _bw(cluster, lay.tp * lay.fsdp, lay.dp)
-    gather = 0.0  # ZeRO-1/2: the updated parameters, gathered during the next forward
-    if lay.shard_optimizer:  # reduce-scatter fp32 grads, all-gather bf16 params
-        allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 1.0, n_units)
-        gather = _ring_time(lay.dp, 2.0 * p_tp / lay.fsdp, rep_bw, rep_lat, 1.0, n_units)
-    else:
-        allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 2.0, n_units)
+    allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 2.0, n_units)
     reduce = rs + allreduce
 
     # ---- tensor parallel (sequence parallel) -------------------------------------------------
@@ -213,21 +213,25 @@ def estimate_time(
 
     fixed = t_tp + t_pp + t_off
 
-    def micro_batch(comm: float) -> float:
-        """One micro-batch whose collectives ``comm`` overlap its compute, except the first
-        all-gather and the last reduction (one FSDP unit's worth each)."""
-        return max(t_compute, ag + comm) + (ag / 2 + comm) / n_units + fixed
+    def micro_batch(comm: float, gathers: int = passes) -> float:
+        """One micro-batch whose collectives (``gathers`` all-gather passes and ``comm``)
+        overlap its compute, except the first all-gather and the last reduction (one FSDP
+        unit's worth each)."""
+        ag = gathers * ag_pass
+        return max(t_compute, ag + comm) + (ag_pass * min(gathers, 1) + comm) / n_units + fixed
 
-    t_mb = micro_batch(0.0)  # parameters gathered, no gradient reduction
     deferred = lay.grad_sync == "last" or lay.pp > 1
+    # ZeRO-2 with deferred sync: gathered on the first micro-batch, kept for the others
+    later = 0 if lay.zero == 2 and deferred else passes
+    t_mb = micro_batch(0.0, later)  # no gradient reduction
     if lay.ga == 1:
-        slots = micro_batch(reduce + gather)
+        slots = micro_batch(reduce)
         bubble = 0.0
-    elif deferred:  # gather during the first micro-batch, reduce during the last
-        slots = micro_batch(gather) + (lay.ga - 2) * t_mb + micro_batch(reduce)
+    elif deferred:  # reduce during the last micro-batch
+        slots = micro_batch(0.0) + (lay.ga - 2) * t_mb + micro_batch(reduce, later)
         bubble = (lay.pp - 1) / lay.v * t_mb
     else:
-        slots = micro_batch(gather + reduce) + (lay.ga - 1) * micro_batch(reduce)
+        slots = lay.ga * micro_batch(reduce)
         bubble = (lay.pp - 1) / lay.v * micro_batch(reduce)
     per_param = (
         PURE_BF16_ADAM_BYTES_PER_PARAM

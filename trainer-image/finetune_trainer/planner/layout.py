@@ -15,6 +15,9 @@ reduction per step, but every GPU keeps its stage's unsharded gradients, in the 
 between micro-batches). With one micro-batch per step the two are the same. Pipelined layouts
 always reduce on the last micro-batch (torch.distributed.pipelining's stages do)."""
 
+ZeroStage = Literal[2, 3]
+"""ZeRO stage of the FSDP group (``Layout.zero``)."""
+
 AC_ORDER: dict[str, int] = {"none": 0, "selective": 1, "full": 2}
 
 
@@ -37,21 +40,25 @@ class Layout:
     # under torch.compile). The trainer does neither, so the search never sets it; it exists to
     # predict published runs that did.
     tp_overlap: bool = False
-    # ZeRO-1/2 (Megatron distributed optimizer, FSDP SHARD_GRAD_OP): the dp replicas keep full
-    # parameters but shard gradients and optimizer states: gradients are reduce-scattered and
-    # the updated parameters all-gathered instead of all-reduced. Costed (cost.py) to predict
-    # published runs; not in the memory model or the trainer yet, so the search never sets it.
-    shard_optimizer: bool = False
+    # 3: ZeRO-3, each FSDP unit's parameters resharded after its forward and gathered again for
+    # its backward; 2: ZeRO-2 (FSDP2 reshard_after_forward=False, FSDP1 SHARD_GRAD_OP,
+    # DeepSpeed ZeRO-2): gathered once per micro-batch and kept until the unit's backward,
+    # gradients and optimizer states sharded over the fsdp group. With grad_sync "last" the
+    # trainer also keeps them gathered between micro-batches (one all-gather and one
+    # reduce-scatter per step: the communication and memory of ZeRO-1 / Megatron's distributed
+    # optimizer, whose published rows are planned as this).
+    zero: ZeroStage = 3
 
     @property
     def world(self) -> int:
         return self.dp * self.fsdp * self.tp * self.pp
 
-    def complexity(self) -> tuple[int, int, int, int, int, int]:
+    def complexity(self) -> tuple[int, int, int, int, int, int, int]:
         """Tie-breaker: fewer moving parts first (used only when step times are equal)."""
         hsdp = int(self.dp > 1 and self.fsdp > 1)
         return (
             int(self.offload),
+            int(self.zero == 2),
             int(self.pp > 1),
             self.v,
             int(self.tp > 1),
@@ -75,6 +82,8 @@ class Layout:
         parts += [f"mbs{self.mbs}", f"ga{self.ga}", f"ac={self.ac}"]
         if self.offload:
             parts.append("offload")
+        if self.zero == 2 and self.fsdp > 1:
+            parts.append("zero2")
         if self.grad_sync == "last" and self.ga > 1 and self.pp == 1:
             parts.append("sync=last")
         if lora:

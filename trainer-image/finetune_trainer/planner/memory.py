@@ -15,7 +15,9 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   weights get no gradients. Activations: each adapter keeps its rank-r intermediate (2r), the
   frozen norm weights need no normalized output (-2 x 2h), and with dropout every adapter keeps
   its own dropped copy of its input and the mask (3 d_in). Under selective SAC the adapters'
-  A and B matmuls join the every-second-matmul count (and dropout is recomputed).
+  A and B matmuls join the every-second-matmul count (and dropout is recomputed). Under TP each
+  adapter is split with its linear, one of its two factors replicated
+  (``lora_params_per_tp_rank``).
 - CPU offload (FSDP2 CPUOffloadPolicy): sharded params, grads and optimizer states live in host
   memory; only the unsharded units below stay on the GPU.
 - FSDP2 units as the trainer's ``apply_fsdp`` builds them: one unit per decoder layer and the
@@ -65,6 +67,14 @@ The peak is the largest of a few moments of a training step, each the sum of wha
   ``set_requires_gradient_sync(False)`` accumulates the micro-batches' gradients unsharded in
   its reduce dtype (fp32, 4P/t) until the last micro-batch reduce-scatters them (no sharded
   gradients before then); parameters are resharded after each backward as usual.
+- ZeRO-2 (``Layout.zero == 2``; FSDP2 ``reshard_after_forward=False``): no decoder layer is
+  resharded after its forward, so at the loss and at the first layer's backward every layer of
+  the stage is gathered in bf16 (2 bytes per layer parameter), and nothing is prefetched; each
+  layer is resharded after its own backward. With deferred gradient sync the trainer keeps them
+  gathered between micro-batches too (which adds nothing to the peak: these moments already hold
+  them). Published ZeRO-1/2 runs (Megatron's distributed optimizer, DeepSpeed ZeRO-1/2) are
+  judged as this with deferred sync: replicated bf16 parameters, unsharded gradients, sharded
+  fp32 master copy and moments.
 - Loss head (last stage): the final norm (6h, sequence parallel) and the head's input (2h, the
   full sequence on every TP rank: each holds a vocabulary shard of the column-parallel head)
   per token, then the cross-entropy, counted as the trainer computes it
@@ -298,6 +308,22 @@ def lora_params(model: ModelFacts, workload: Workload, layers: int) -> int:
     return layers * model.lora_params_per_layer(workload.lora_rank, workload.lora_targets)
 
 
+def lora_params_per_tp_rank(model: ModelFacts, workload: Workload, layers: int, tp: int) -> float:
+    """Adapter parameters one TP rank holds (before FSDP sharding): the trainer splits each
+    adapter with its linear (parallelize.lora_tp_styles): a column-parallel linear's A
+    (r x d_in) is replicated and its B (d_out x r) split, a row-parallel one's A split and its B
+    replicated."""
+    r = workload.lora_rank
+    per_layer = 0.0
+    for name in resolve_lora_targets(model, workload.lora_targets):
+        d_in, d_out = model.linear_shapes[name]
+        if name in ROWWISE:
+            per_layer += r * (d_in / tp + d_out)
+        else:
+            per_layer += r * (d_in + d_out / tp)
+    return layers * per_layer
+
+
 def in_flight_microbatches(lay: Layout) -> tuple[float, float]:
     """(first stage, last stage) micro-batches whose activations are held at the peak."""
     if lay.pp == 1:
@@ -347,8 +373,8 @@ def _stage_moments(
 
     # model states during the backward, and after its last reduce-scatter
     resident, grad_bytes = state_bytes_per_param(workload)
-    if lora:
-        adapters = float(lora_params(model, workload, layers))
+    if lora:  # adapters per TP rank (some replicated), frozen weights split by TP
+        adapters = lay.tp * lora_params_per_tp_rank(model, workload, layers, lay.tp)
         base = LORA_FROZEN_BYTES_PER_PARAM * params + resident * adapters
         grads = grad_bytes * adapters
     else:
@@ -413,8 +439,15 @@ def _stage_moments(
     else:
         per_layer, root_end = LAYER_BACKWARD_BYTES_PER_PARAM_FULL, ROOT_END_BYTES_PER_PARAM_FULL
     in_layer = (transient_tok + backward_working_bytes_per_token(model, lay.tp)) * tokens
+    # the decoder layers' bf16 parameters gathered at the loss and at the first layer's backward:
+    # the last layer (ZeRO-3; plus the next one prefetched in backward), or all of them (ZeRO-2)
+    at_loss = UNSHARDED_BYTES_PER_PARAM * layer / lay.tp
+    at_layer = per_layer * layer / lay.tp
+    if lay.zero == 2 and lay.pp == 1 and lay.fsdp > 1:
+        at_loss = UNSHARDED_BYTES_PER_PARAM * layers * layer / lay.tp
+        at_layer = at_loss + (per_layer - 2 * UNSHARDED_BYTES_PER_PARAM) * layer / lay.tp
     moments = [
-        moment("layer", during, kept + gathered_root + head_grad + per_layer * layer / lay.tp,
+        moment("layer", during, kept + gathered_root + head_grad + at_layer,
                saved + in_layer, 0.0),
         moment("end", after, root_end * root / lay.tp, 0.0, 0.0),
     ]  # fmt: skip
@@ -424,7 +457,7 @@ def _stage_moments(
         )
         moments.append(
             moment("loss", during,
-                   kept + gathered_root + UNSHARDED_BYTES_PER_PARAM * layer / lay.tp,
+                   kept + gathered_root + at_loss,
                    saved + final, loss_head_bytes(model, tokens, lay.tp, loss,
                                                   head_trained=not lora))
         )  # fmt: skip

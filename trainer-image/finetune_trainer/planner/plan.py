@@ -7,12 +7,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .hardware import Cluster
-from .layout import GradSync, Layout
+from .layout import GradSync, Layout, ZeroStage
 from .model import ModelFacts
 from .workload import Recompute, Schedule, Workload
 
-# peft adapters are plain nn.Linear modules; parallelize applies LoRA with FSDP only.
-LORA_SUPPORTS_TP_PP = False
+# parallelize splits LoRA adapters with their tensor-parallel linears (parity-tested); the
+# pipeline split does not take peft-wrapped models.
+LORA_SUPPORTS_TP = True
+LORA_SUPPORTS_PP = False
 
 
 class Plan(BaseModel):
@@ -44,6 +46,11 @@ class Plan(BaseModel):
         default="every",
         description="gradient reduction under accumulation: every micro-batch, or the last only"
         " (unsharded gradients kept meanwhile); pipelines always reduce on the last",
+    )
+    zero_stage: ZeroStage = Field(
+        default=3,
+        description="3: FSDP reshards parameters after each layer's forward (ZeRO-3); 2: keeps"
+        " them gathered until its backward (ZeRO-2, reshard_after_forward=False)",
     )
 
     @model_validator(mode="after")
@@ -81,10 +88,14 @@ class Plan(BaseModel):
             errors.append(
                 f"dp*fsdp*microBatch*gradAccum = {gbs} != globalBatchSize {w.global_batch_size}"
             )
+        if self.zero_stage == 2 and (pp > 1 or self.cpu_offload):
+            errors.append("zeroStage 2 is planned without pipeline parallelism or cpuOffload")
         if self.cpu_offload and pp > 1:
             errors.append("cpuOffload is not supported with pipeline parallelism")
-        if w.method == "lora" and not LORA_SUPPORTS_TP_PP and (tp > 1 or pp > 1):
-            errors.append("LoRA is planned with FSDP/data parallelism only (no TP/PP)")
+        if w.method == "lora" and (
+            (tp > 1 and not LORA_SUPPORTS_TP) or (pp > 1 and not LORA_SUPPORTS_PP)
+        ):
+            errors.append("LoRA is planned with FSDP, data and tensor parallelism (no PP)")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -108,6 +119,7 @@ class Plan(BaseModel):
             activation_checkpointing=lay.ac,
             cpu_offload=lay.offload,
             gradient_sync=lay.grad_sync,
+            zero_stage=lay.zero,
         )
 
     def layout(self) -> Layout:
@@ -123,6 +135,7 @@ class Plan(BaseModel):
             ac=self.activation_checkpointing,
             offload=self.cpu_offload,
             grad_sync=self.gradient_sync,
+            zero=self.zero_stage,
         )
 
     @property

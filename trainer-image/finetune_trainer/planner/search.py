@@ -13,10 +13,10 @@ from functools import cache
 
 from .cost import TimeBreakdown, estimate_time, model_flops_per_token
 from .hardware import Cluster
-from .layout import GradSync, Layout
+from .layout import GradSync, Layout, ZeroStage
 from .memory import MemoryBreakdown, estimate_memory, fits, overcommit, usable_memory
 from .model import ModelFacts
-from .plan import LORA_SUPPORTS_TP_PP, Estimate
+from .plan import LORA_SUPPORTS_PP, LORA_SUPPORTS_TP, Estimate
 from .workload import Constraints, Recompute, Schedule, Workload
 
 AC_OPTIONS: tuple[Recompute, ...] = ("none", "selective", "full")
@@ -81,14 +81,14 @@ def _structures(
             continue
         if con.tensor_parallel is not None and tp != con.tensor_parallel:
             continue
-        if lora and not LORA_SUPPORTS_TP_PP and tp > 1:
+        if lora and not LORA_SUPPORTS_TP and tp > 1:
             continue
         for pp in divisors(world // tp):
             if pp > model.num_layers:  # uneven stages are fine (memory.stage_layers), empty not
                 continue
             if con.pipeline_parallel is not None and pp != con.pipeline_parallel:
                 continue
-            if lora and not LORA_SUPPORTS_TP_PP and pp > 1:
+            if lora and not LORA_SUPPORTS_PP and pp > 1:
                 continue
             d = world // (tp * pp)
             if gbs % d:
@@ -145,6 +145,14 @@ def _offload_options(con: Constraints, pp: int) -> tuple[bool, ...]:
     return (con.cpu_offload,)
 
 
+def _zero_options(fsdp: int, pp: int, offload: bool) -> tuple[ZeroStage, ...]:
+    """ZeRO-2 (parameters kept gathered from forward to backward) where there is an FSDP group
+    to keep them from, without a pipeline (its stages keep them gathered anyway) or offload."""
+    if fsdp == 1 or pp > 1 or offload:
+        return (3,)
+    return (3, 2)
+
+
 def _sync_options(pp: int, ga: int, data_parallel: int) -> tuple[GradSync, ...]:
     """Pipelines always reduce on the last micro-batch (cost.py charges them so whatever the
     field says); one micro-batch, or no data parallelism, has nothing to defer."""
@@ -193,23 +201,25 @@ def search(
         for mbs in mbs_list:
             any_fits = False
             for sync in _sync_options(pp, per_rank // mbs, dp * fsdp):
-                chosen: Candidate | None = None
-                for off in offs:
-                    for ac in acs:
-                        lay = Layout(
-                            dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync
-                        )
-                        cand = evaluate(model, cluster, workload, lay)
-                        res.evaluated += 1
-                        res.closest = _closer(res.closest, cand, cluster)
-                        if cand.fits:
-                            chosen = cand
+                for zero in _zero_options(fsdp, pp, False):
+                    chosen: Candidate | None = None
+                    for off in offs if zero == 3 else (False,):
+                        for ac in acs:
+                            lay = Layout(
+                                dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync,
+                                zero=zero,
+                            )  # fmt: skip
+                            cand = evaluate(model, cluster, workload, lay)
+                            res.evaluated += 1
+                            res.closest = _closer(res.closest, cand, cluster)
+                            if cand.fits:
+                                chosen = cand
+                                break
+                        if chosen is not None:
                             break
                     if chosen is not None:
-                        break
-                if chosen is not None:
-                    any_fits = True
-                    found.append(chosen)
+                        any_fits = True
+                        found.append(chosen)
             if not any_fits:
                 break
     found.sort(key=Candidate.key)
@@ -228,11 +238,13 @@ def sweep(
         for mbs in mbs_list:
             for sync in _sync_options(pp, per_rank // mbs, dp * fsdp):
                 for off in _offload_options(con, pp):
-                    for ac in _ac_options(con):
-                        lay = Layout(
-                            dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync
-                        )
-                        out.append(evaluate(model, cluster, workload, lay))
+                    for zero in _zero_options(fsdp, pp, off):
+                        for ac in _ac_options(con):
+                            lay = Layout(
+                                dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync,
+                                zero=zero,
+                            )  # fmt: skip
+                            out.append(evaluate(model, cluster, workload, lay))
     return out
 
 
