@@ -17,7 +17,12 @@ its registry, names and types) on that IP and the pod's ``metrics`` port, fed by
   ``maxSteps``, else 100 a epoch; tokens a step, the learning-rate schedule, the checkpoint and
   eval cadence and the ranks come from the trainer config in the job's ConfigMap;
 - the loss falls from about ln(vocabulary) = 10.4 towards 1.1 with a little noise; step
-  durations are the wall time a step takes here, so the operator's ETA is right.
+  durations are the wall time a step takes here, so the operator's ETA is right;
+- a hang: ``testbed.finetune.dev/hang-after`` stops the steps for good after that many steps
+  (``"5"``) or that long after the rendezvous (a Go duration, ``"40s"``), as a trainer stuck in
+  a collective would: the pod keeps running (for its run-duration) and serves the same step,
+  with no further checkpoint. On the replica template, every pod the PyTorchJob re-creates
+  hangs the same way.
 
 It stops serving a pod when the pod ends, is deleted or its IP leaves the test bed's pod network
 (a test that points the pod elsewhere serves its own). ``testbed.finetune.dev/trainer-metrics:
@@ -52,6 +57,7 @@ from .state import load
 
 RUN_DURATION = "testbed.finetune.dev/run-duration"
 TOTAL_STEPS = "testbed.finetune.dev/total-steps"
+HANG_AFTER = "testbed.finetune.dev/hang-after"
 OPT_OUT = "testbed.finetune.dev/trainer-metrics"
 CONFIG_FILE = "config.json"
 HEARTBEAT = "trainer-metrics.heartbeat"
@@ -121,6 +127,14 @@ class Schedule:
         done = (elapsed - self.run_seconds * LOAD) / self.step_seconds
         return max(0, min(self.total_steps, math.floor(done)))
 
+    def hang_step(self, hang: Hang | None) -> int | None:
+        """The step a run that hangs as ``hang`` says stops at (None: it does not hang)."""
+        if hang is None:
+            return None
+        if hang.steps is not None:
+            return min(hang.steps, self.total_steps)
+        return self.step_at(hang.seconds or 0.0)
+
     def finished(self, elapsed: float) -> bool:
         """Training is over (the final checkpoint and export are under way)."""
         return elapsed >= self.run_seconds * (LOAD + TRAIN)
@@ -154,6 +168,28 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Hang:
+    """When a simulated run stops stepping: after ``steps`` steps, or ``seconds`` after the
+    rendezvous (one of the two)."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Hang:
+        """``"5"`` (steps) or a Go duration (``"40s"``); ValueError for anything else."""
+        text = text.strip()
+        if text.isdigit():
+            return cls(steps=int(text))
+        try:
+            return cls(seconds=parse_duration(text))
+        except ValueError:
+            raise ValueError(
+                f"{HANG_AFTER}: {text!r} is neither a step count (5) nor a Go duration (40s)"
+            ) from None
+
+
+@dataclass(frozen=True)
 class MasterPod:
     """What the loop needs of a training pod (parsed once from the API's JSON)."""
 
@@ -169,6 +205,7 @@ class MasterPod:
     total_steps: int | None
     config_map: str | None
     silent: bool
+    hang: Hang | None = None
 
     @classmethod
     def of(cls, pod: Obj) -> MasterPod:
@@ -205,6 +242,7 @@ class MasterPod:
             total_steps=int(total) if total else None,
             config_map=volumes[0] if volumes else None,
             silent=str(notes.get(OPT_OUT, "")).lower() == "false",
+            hang=Hang.parse(str(notes[HANG_AFTER])) if notes.get(HANG_AFTER) else None,
         )
 
     def serves(self, network: str) -> bool:
@@ -233,6 +271,9 @@ class Run:
         s, m = self.schedule, self.trainer
         elapsed = now - (self.pod.joined_at or now)
         step, finished = s.step_at(elapsed), s.finished(elapsed)
+        stuck = s.hang_step(self.pod.hang)
+        if stuck is not None and stuck < s.total_steps:  # hung: no more steps, so no final save
+            step = min(step, stuck)
         for k in range(self.done + 1, step + 1):
             m.steps.inc()
             m.tokens.inc(s.tokens_per_step)

@@ -13,25 +13,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from finetune_operator import api, manifest, sources, staging
+from finetune_operator import api, manifest, recovery, sources, staging
 from finetune_operator.gputype import NotInferred, infer_gpu_type, with_gpu_type
-from finetune_operator.objects import Pod, PyTorchJob
+from finetune_operator.objects import Pod, PyTorchJob, parse_time
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     TERMINAL,
+    Failure,
     FineTuneJobStatus,
     GpuAsk,
     InferredGpuType,
     Observed,
     PlanStatus,
+    Progress,
     StagingStatus,
     StagingWait,
     derive,
+    failed,
     refine_failure,
+    replanned,
+    restarted,
 )
 from finetune_operator.translate import to_trainer_config
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import PlanConfig, TrainerConfig
 from finetune_trainer.staging_report import StagingReport
 
 #: Where the model goes inside the pod when the job names no output storage.
@@ -82,9 +87,24 @@ class Cluster(Protocol):
     def claim(self, namespace: str, name: str) -> staging.ClaimView | None:
         """The PersistentVolumeClaim ``name``; None if there is none."""
 
+    def delete_pods(self, namespace: str, job_name: str) -> None:
+        """Delete the pods of the PyTorchJob ``job_name`` (the training-operator makes new
+        ones, which resume from the last complete checkpoint)."""
+
+    def delete_pytorchjob(self, namespace: str, name: str) -> None:
+        """Delete the PyTorchJob ``name``; its pods go with it."""
+
+    def suspend_pytorchjob(self, namespace: str, name: str) -> None:
+        """Suspend the PyTorchJob ``name``: the training-operator deletes its pods."""
+
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return stamp(datetime.now(UTC))
+
+
+def stamp(moment: datetime) -> str:
+    """``moment`` as status writes times (RFC 3339, seconds, UTC)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,8 @@ class Outcome:
     status: FineTuneJobStatus
     changed: bool
     job: api.FineTuneJob
+    #: The status before the write (what a restart or a re-plan is told against).
+    previous: FineTuneJobStatus | None = None
 
 
 #: Attempts at a status write that races with another writer before giving up (kopf retries).
@@ -116,7 +138,7 @@ def _write(kube: Cluster, job: api.FineTuneJob, compute: Compute) -> Outcome | N
         status = compute(job)
         phase = before.phase if before else None
         if status == before:
-            return Outcome(phase, status.phase, status, False, job)
+            return Outcome(phase, status.phase, status, False, job, before)
         wire = status.model_dump(by_alias=True, exclude_none=True, mode="json")
         try:
             written = kube.replace_status(job.to_document(), wire)
@@ -134,6 +156,7 @@ def _write(kube: Cluster, job: api.FineTuneJob, compute: Compute) -> Outcome | N
             status,
             True,
             job.model_copy(update={"status": status, "metadata": meta}),
+            before,
         )
     raise WriteConflictError(f"status of {job.name} kept changing under us; will retry")
 
@@ -149,13 +172,20 @@ def _observe(
     its last state is often the only record of why a container died)."""
     ns = job.metadata.namespace or ""
     child = kube.pytorchjob(ns, job.name)
+    if child is not None and child.deleting:  # an earlier plan's, on its way out
+        child, seen = None, None
     listed = kube.pods(ns, job.name) if child is not None else []
     if seen is not None and seen.name not in {p.name for p in listed}:
         listed.append(seen)
     pods = tuple(listed)
     claims = sources.claims(job.spec)
     missing = kube.missing_claims(ns, claims) if claims else []
+    late = None
+    if child is not None and not child.suspended:
+        deadline = job.spec.run_policy.startup_deadline_seconds
+        late = recovery.startup_failure(pods, deadline, datetime.now(UTC))
     return Observed(
+        startup_failure=late,
         gpu=gpu_ask(job, inferred),
         inferred_gpu_type=inferred,
         generation=job.metadata.generation,
@@ -311,15 +341,26 @@ def reconcile(
         if isinstance(seen, Observed):
             return _written(_announced(kube, job, seen, on_write))
         staged = just_staged = seen
-    try:
-        result = plan_job(spec, staging.model_facts(staged, spec.model.source))
-    except PlanInfeasible as exc:
-        message = f"{inferred.message}: {exc.message}" if inferred else exc.message
-        infeasible = Observed(
-            generation, False, plan_error=message, inferred_gpu_type=inferred, staging=just_staged
-        )
-        return _written(_announced(kube, job, infeasible, on_write))
-    plan = plan_status(result) if result else None
+    attempts = job.status.attempts if job.status else None
+    plan: PlanStatus | None
+    if attempts:  # re-planned after running out of memory: the last attempt's plan stays
+        plan = attempts[-1].plan
+        trainer_plan: PlanConfig | None = recovery.plan_config_of(plan)
+    else:
+        try:
+            result = plan_job(spec, staging.model_facts(staged, spec.model.source))
+        except PlanInfeasible as exc:
+            message = f"{inferred.message}: {exc.message}" if inferred else exc.message
+            infeasible = Observed(
+                generation,
+                False,
+                plan_error=message,
+                inferred_gpu_type=inferred,
+                staging=just_staged,
+            )
+            return _written(_announced(kube, job, infeasible, on_write))
+        plan = plan_status(result) if result else None
+        trainer_plan = plan_config(result) if result else None
     outcomes: list[Outcome | None] = []
     if (  # status.staging, status.plan (and the inferred GPU type) before any pod exists
         job.status is None
@@ -334,14 +375,17 @@ def reconcile(
         outcomes.append(first)
         if first is not None:
             job = first.job
-    if result is not None:
-        config = config.model_copy(update={"plan": plan_config(result)})
+    if trainer_plan is not None:
+        config = config.model_copy(update={"plan": trainer_plan})
     if staged is not None:
         config = staging.pinned(config, staged)
     ns = job.metadata.namespace or ""
-    exists = kube.pytorchjob(ns, job.name) is not None
+    child = kube.pytorchjob(ns, job.name)
+    if child is not None and child.deleting:  # an earlier plan's: made anew once it is gone
+        return _written(*outcomes)
+    exists = child is not None
     kube.apply(manifest.config_map(resolved, config))
-    summary = result.summary if result else None
+    summary = plan.summary if plan else None
     kube.apply(
         manifest.pytorch_job(
             resolved,
@@ -362,17 +406,53 @@ def _written(*outcomes: Outcome | None) -> list[Outcome]:
     return [o for o in outcomes if o is not None]
 
 
+def needs_child(job: api.FineTuneJob) -> bool:
+    """Whether the job was re-planned and waits for :func:`reconcile` to make its PyTorchJob
+    again (once the earlier plan's is gone)."""
+    status = job.status
+    return (
+        status is not None
+        and status.phase == "Planned"
+        and bool(status.attempts)
+        and status.pytorch_job is None
+    )
+
+
+def stop_child(kube: Cluster, job: api.FineTuneJob) -> None:
+    """Stop the pods of a job that failed while its PyTorchJob had not (the operator's own
+    verdict: a startup deadline, a hang, out of memory with no re-plan left): suspend the
+    PyTorchJob, so the training-operator deletes them. Idempotent; nothing for a PyTorchJob
+    that ended, is suspended or is going."""
+    ns = job.metadata.namespace or ""
+    child = kube.pytorchjob(ns, job.name)
+    if child is None or child.deleting or child.suspended:
+        return
+    if {"Succeeded", "Failed"} & set(child.true_conditions()):
+        return
+    kube.suspend_pytorchjob(ns, job.name)
+
+
 def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> list[Outcome]:
-    """Update status from the children without changing them (on a child or pod event)."""
+    """Update status from the children without changing them (on a child or pod event); an
+    out-of-memory end re-plans the job (runPolicy.maxReplans), and a job that failed by the
+    operator's verdict has its pods stopped."""
     if job.status is None:
         return []
     if job.status.phase in TERMINAL:  # only a late pod can still tell why it failed
+        failure = job.status.failure
+        if failure is not None and failure.reason in recovery.VERDICTS:
+            stop_child(kube, job)  # again, should the operator have stopped before it did
         if seen is None:
             return []
         final = job.status
         return _written(_write(kube, job, lambda j: refine_failure(j.status or final, [seen])))
-    if waits_for_gpu_type(job) or _before_children(job):
+    if waits_for_gpu_type(job) or _before_children(job) or needs_child(job):
         return []  # no children yet: reconcile says why, and moves it on
+    cause = _out_of_memory(kube, job, seen)
+    if cause is not None and job.status.plan is not None:
+        acted = _replan(kube, job, cause)
+        if acted is not None:
+            return acted
 
     def compute(j: api.FineTuneJob) -> FineTuneJobStatus:
         if j.status is not None and (waits_for_gpu_type(j) or _before_children(j)):
@@ -380,28 +460,129 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
         plan = j.status.plan if j.status else None
         return derive(_observe(kube, j, plan, recorded_gpu_type(j), seen), j.status, now())
 
-    return _written(_write(kube, job, compute))
+    outcomes = _written(_write(kube, job, compute))
+    if any(o.after == "Failed" for o in outcomes):
+        stop_child(kube, job)
+    return outcomes
+
+
+def _out_of_memory(kube: Cluster, job: api.FineTuneJob, seen: Pod | None) -> Failure | None:
+    """An out-of-memory end of a pod of the current attempt (None: none)."""
+    ns = job.metadata.namespace or ""
+    child = kube.pytorchjob(ns, job.name)
+    if child is None or child.deleting:
+        return None
+    pods = kube.pods(ns, job.name)
+    if seen is not None and seen.name not in {p.name for p in pods}:
+        pods.append(seen)
+    attempts = job.status.attempts if job.status else None
+    since = parse_time(attempts[-1].time) if attempts else None
+    return recovery.out_of_memory_in(pods, since)
+
+
+def _replan(kube: Cluster, job: api.FineTuneJob, cause: Failure) -> list[Outcome] | None:
+    """Re-plan a job that ran out of memory: record the attempt and delete the PyTorchJob
+    (:func:`reconcile` makes it again with the new plan; its pods resume from the last complete
+    checkpoint). A job re-planned before that has no re-plan left fails at once, with the
+    reason, and its pods are stopped. None (nothing done) for a first out-of-memory no re-plan
+    can help (a manual plan, a model the trainer plans, re-planning off, no plan with more
+    headroom): the PyTorchJob's backoffLimit decides, as for any other crash."""
+    status = job.status
+    assert status is not None
+    assert status.plan is not None
+    inferred = recorded_gpu_type(job)
+    spec = with_gpu_type(job.spec, inferred.gpu_type) if inferred else job.spec
+    attempts = status.attempts or []
+    decision = recovery.replan(
+        spec,
+        status.plan,
+        cause,
+        [a.plan for a in attempts],
+        max(0, len(attempts) - 1),
+        staging.model_facts(status.staging, spec.model.source),
+    )
+    ns = job.metadata.namespace or ""
+    if isinstance(decision, Failure):
+        if not attempts:
+            return None
+        verdict = decision
+        written = _write(kube, job, lambda j: failed(j.status or status, verdict, now()))
+        stop_child(kube, job)
+        return _written(written)
+    chosen = decision
+    written = _write(
+        kube,
+        job,
+        lambda j: replanned(j.status or status, chosen.plan, cause.reason, chosen.message, now()),
+    )
+    if written is not None:
+        kube.delete_pytorchjob(ns, job.name)
+    return _written(written)
+
+
+def _step_clock(progress: Progress | None) -> recovery.StepClock | None:
+    since = parse_time(progress.step_since) if progress is not None else None
+    if progress is None or since is None:
+        return None
+    return recovery.StepClock(progress.step, since)
 
 
 def scrape_progress(
     kube: Cluster, job: api.FineTuneJob, metrics_port: int = manifest.METRICS_PORT
 ) -> list[Outcome]:
-    """Read progress from the master pod's metrics into status.progress (while Running)."""
+    """Read progress from the master pod's metrics into status.progress (while Running), and
+    act on a hang: no new step for runPolicy.hangTimeoutSeconds restarts the pods (their
+    new ones resume from the last complete checkpoint), within runPolicy.maxRestarts; then the
+    job fails Hung. Only a master that answers is judged: a trainer whose metrics cannot be
+    read (a network policy, no metrics port) is never called hung."""
     status = job.status
     if status is None or status.phase != "Running":
         return []
-    pods = kube.pods(job.metadata.namespace or "", job.name)
+    ns = job.metadata.namespace or ""
+    pods = kube.pods(ns, job.name)
     master = next((p for p in pods if p.replica_type == "master"), None)
     text = kube.metrics(master, metrics_port) if master else None
-    progress = parse_progress(text, now()) if text else None
-    if progress is None or text is None:
+    if text is None:
         return []
-    update: dict[str, object] = {"progress": progress}
+    moment = datetime.now(UTC)
+    progress = parse_progress(text, stamp(moment))
+    child = kube.pytorchjob(ns, job.name)
+    running = recovery.running_since(child, pods, parse_time(status.last_restart_time))
+    clock = _step_clock(status.progress)
+    if progress is not None:
+        if clock is not None and running is not None and clock.since < running:
+            clock = None  # a step of the gang before: this one's count starts now
+        clock = recovery.observe_step(clock, progress.step, moment)
+        progress = progress.model_copy(update={"step_since": stamp(clock.since)})
+    update: dict[str, object] = {}
+    if progress is not None:
+        update["progress"] = progress
     saved = parse_checkpoint(text, job.spec.checkpoint.storage)
     if saved is not None:
         update["checkpoint"] = saved
+    seconds = (
+        recovery.step_seconds(progress.step, progress.total_steps, progress.eta_seconds)
+        if progress is not None
+        else None
+    )
+    decision = recovery.hang_decision(
+        clock, running, job.spec.run_policy, status.restarts or 0, seconds, moment
+    )
 
-    def with_progress(j: api.FineTuneJob) -> FineTuneJobStatus:
-        return (j.status or FineTuneJobStatus()).model_copy(update=update)
+    def scraped(j: api.FineTuneJob) -> FineTuneJobStatus:
+        current = (j.status or FineTuneJobStatus()).model_copy(update=update)
+        if isinstance(decision, recovery.Restart):
+            return restarted(current, decision.restarts, decision.message, stamp(moment))
+        if isinstance(decision, Failure):
+            return failed(current, decision, stamp(moment))
+        return current
 
-    return _written(_write(kube, job, with_progress))
+    if not update and decision is None:
+        return []
+    outcomes = _written(_write(kube, job, scraped))
+    if outcomes and outcomes[-1].changed:
+        if isinstance(decision, recovery.Restart):
+            kube.delete_pods(ns, job.name)
+        elif isinstance(decision, Failure):
+            stop_child(kube, job)
+    return outcomes

@@ -111,6 +111,9 @@ def _refresh(memo: kopf.Memo, namespace: str, name: str, seen: Pod | None = None
         job = api.parse(document)
     except api.SpecError:
         return  # the FineTuneJob's own handler reports it
+    if controller.needs_child(job):  # re-planned: its PyTorchJob is made again
+        _reconcile(memo, job, document)
+        return
     with telemetry.timed():
         outcomes = controller.refresh(kube, job, seen)
     _announce(kube, document, outcomes)
@@ -148,8 +151,13 @@ def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     every Settings.progress_interval seconds, registered by :func:`run`)."""
     job = _parse(body)
     config: Settings = memo.settings
-    # The nodes may tell its GPU type now; its staging pod may have ended (or be stuck).
-    if controller.waits_for_gpu_type(job) or controller.staging_now(job):
+    # The nodes may tell its GPU type now; its staging pod may have ended (or be stuck); a
+    # re-planned job waits for its PyTorchJob to be made again.
+    if (
+        controller.waits_for_gpu_type(job)
+        or controller.staging_now(job)
+        or controller.needs_child(job)
+    ):
         _reconcile(memo, job, body)
         return
     with telemetry.timed():

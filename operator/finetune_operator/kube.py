@@ -9,6 +9,7 @@ pod logs; the GPU product labels of nodes; and the master pod's metrics endpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import urllib.request
@@ -154,6 +155,38 @@ class Kube:
     def pytorchjob(self, namespace: str, name: str) -> PyTorchJob | None:
         found = self.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, namespace, name)
         return None if found is None else PyTorchJob.parse(found)
+
+    def delete_pods(self, namespace: str, job_name: str) -> None:
+        """Delete the PyTorchJob's pods (a gang restart: the training-operator makes new ones)."""
+        for pod in self.pods(namespace, job_name):
+            try:
+                self._core.delete_namespaced_pod(
+                    pod.name, namespace, _request_timeout=REQUEST_TIMEOUT
+                )
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    def delete_pytorchjob(self, namespace: str, name: str) -> None:
+        """Delete the PyTorchJob (its pods go with it: background propagation)."""
+        with contextlib.suppress(NotFoundError):
+            self._resource(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND).delete(
+                name=name,
+                namespace=namespace,
+                body={"propagationPolicy": "Background"},
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+
+    def suspend_pytorchjob(self, namespace: str, name: str) -> None:
+        """Suspend the PyTorchJob (the training-operator deletes its pods)."""
+        with contextlib.suppress(NotFoundError):
+            self._resource(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND).patch(
+                name=name,
+                namespace=namespace,
+                body={"spec": {"runPolicy": {"suspend": True}}},
+                content_type="application/merge-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
+            )
 
     def pods(self, namespace: str, job_name: str) -> list[Pod]:
         """The PyTorchJob's pods (those with the training-operator's job-name label)."""

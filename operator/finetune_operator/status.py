@@ -21,7 +21,7 @@ from finetune_operator.spec import GpuType
 
 Phase = Literal["Staging", "Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionType = Literal[
-    "Validated", "Staged", "Planned", "Running", "Succeeded", "Failed", "Suspended"
+    "Validated", "Staged", "Planned", "Running", "Restarted", "Succeeded", "Failed", "Suspended"
 ]
 _TIME = "RFC 3339 date-time"
 
@@ -217,6 +217,16 @@ class Progress(StatusModel):
         ),
     ] = None
     summary: Annotated[str | None, Field(description='Printed form, e.g. "450/1000 (45%)".')] = None
+    step_since: Annotated[
+        str | None,
+        Field(
+            description=(
+                f"Since when the step has been what it is ({_TIME}): what hang detection "
+                "counts from (runPolicy.hangTimeoutSeconds)."
+            ),
+            json_schema_extra={"format": "date-time"},
+        ),
+    ] = None
 
 
 class CheckpointStatus(StatusModel):
@@ -234,6 +244,30 @@ class CheckpointStatus(StatusModel):
     ] = None
 
 
+class Attempt(StatusModel):
+    """One plan the job ran with: the first one, then one for each re-plan after it ran out of
+    memory (runPolicy.maxReplans)."""
+
+    plan: Annotated[PlanStatus, Field(description="The plan of this attempt.")]
+    reason: Annotated[
+        str,
+        Field(
+            description=(
+                "Why this attempt began: Planned (the first), or the out-of-memory reason of the "
+                "attempt before it (OOMKilled, GPUOutOfMemory)."
+            )
+        ),
+    ]
+    message: Annotated[str, Field(description="What happened, and how the run resumed.")] = ""
+    time: Annotated[
+        str,
+        Field(
+            description=f"When the attempt began ({_TIME}).",
+            json_schema_extra={"format": "date-time"},
+        ),
+    ]
+
+
 class Failure(StatusModel):
     """Why the job failed, in terms a user can act on."""
 
@@ -242,7 +276,7 @@ class Failure(StatusModel):
         Field(
             description=(
                 "PlanInfeasible, GpuTypeNotInferred, StagingFailed, CacheUnavailable, "
-                "OOMKilled, ImagePullBackOff, "
+                "StartupDeadlineExceeded, Hung, OOMKilled, ImagePullBackOff, "
                 "Unschedulable, PersistentVolumeClaimMissing, Error, DeadlineExceeded, "
                 "BackoffLimitExceeded, or the trainer's own reason: LossDiverged, "
                 "GPUOutOfMemory, CollectiveTimeout, BadInput, TrainerError."
@@ -291,6 +325,31 @@ class FineTuneJobStatus(StatusModel):
         None
     )
     failure: Annotated[Failure | None, Field(description="Why the job failed.")] = None
+    attempts: Annotated[
+        list[Attempt] | None,
+        Field(
+            description=(
+                "The plans the job ran with, in order, once it has been re-planned after "
+                "running out of memory (the last one is status.plan)."
+            )
+        ),
+    ] = None
+    restarts: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Times the operator restarted the pods of a hung job (runPolicy.maxRestarts)."
+            ),
+            ge=0,
+        ),
+    ] = None
+    last_restart_time: Annotated[
+        str | None,
+        Field(
+            description=f"When the operator last restarted the pods ({_TIME}).",
+            json_schema_extra={"format": "date-time"},
+        ),
+    ] = None
     start_time: Annotated[
         str | None,
         Field(
@@ -519,6 +578,8 @@ class Observed:
     staging_wait: StagingWait | None = None
     #: Staging failed for good (BadInput at once; StagingFailed once the Job's retries are spent).
     staging_failure: Failure | None = None
+    #: A pod not running past runPolicy.startupDeadlineSeconds (recovery.startup_failure).
+    startup_failure: Failure | None = None
 
 
 @dataclass(frozen=True)
@@ -629,6 +690,12 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
             conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
             conds.append(_cond("Running", False, failure.reason, failure.message, g, now))
             completion = completion or now
+        elif obs.startup_failure is not None:
+            phase = "Failed"
+            failure = obs.startup_failure
+            conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
+            conds.append(_cond("Running", False, failure.reason, failure.message, g, now))
+            completion = completion or now
         elif obs.suspend_requested or "Suspended" in child_conds:
             phase = "Suspended"
             conds.append(_cond("Suspended", True, "Suspended", "runPolicy.suspend is true", g, now))
@@ -653,6 +720,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     child_ref = prev.pytorch_job
     if obs.child is not None:
         child_ref = PyTorchJobRef(name=obs.child.name, uid=obs.child.uid)
+    conds += [c for c in prev.conditions or [] if c.type == "Restarted"]  # the operator's own
     return FineTuneJobStatus(
         observed_generation=g,
         phase=phase,
@@ -664,8 +732,70 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         progress=prev.progress,
         checkpoint=prev.checkpoint,
         failure=failure,
+        attempts=prev.attempts,
+        restarts=prev.restarts,
+        last_restart_time=prev.last_restart_time,
         start_time=start,
         completion_time=completion,
+    )
+
+
+def failed(status: FineTuneJobStatus, failure: Failure, now: str) -> FineTuneJobStatus:
+    """``status`` ended by the operator's own decision (a hang after the restarts are spent)."""
+    g = status.observed_generation
+    conds = [c for c in status.conditions or [] if c.type not in {"Failed", "Running"}]
+    conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
+    conds.append(_cond("Running", False, failure.reason, failure.message, g, now))
+    return status.model_copy(
+        update={
+            "phase": "Failed",
+            "failure": failure,
+            "conditions": _keep_transition_times(status.conditions or [], conds),
+            "completion_time": status.completion_time or now,
+        }
+    )
+
+
+def restarted(
+    status: FineTuneJobStatus, restarts: int, message: str, now: str
+) -> FineTuneJobStatus:
+    """``status`` once the operator restarts the pods of a hung job (the ``restarts``-th time)."""
+    g = status.observed_generation
+    conds = [c for c in status.conditions or [] if c.type != "Restarted"]
+    conds.append(_cond("Restarted", True, "Hung", message, g, now))
+    return status.model_copy(
+        update={
+            "restarts": restarts,
+            "last_restart_time": now,
+            "conditions": sorted(conds, key=lambda c: c.type),
+        }
+    )
+
+
+def replanned(
+    status: FineTuneJobStatus, plan: PlanStatus, reason: str, message: str, now: str
+) -> FineTuneJobStatus:
+    """``status`` once the operator re-plans the job after it ran out of memory: the new plan
+    is the last attempt (the first attempt, the plan it ran with, is recorded with it), the
+    PyTorchJob is made again, so the job is Planned, its progress and failure gone."""
+    g = status.observed_generation
+    attempts = list(status.attempts or [])
+    if not attempts and status.plan is not None:
+        attempts.append(Attempt(plan=status.plan, reason="Planned", time=status.start_time or now))
+    attempts.append(Attempt(plan=plan, reason=reason, message=message, time=now))
+    conds = [c for c in status.conditions or [] if c.type not in {"Running", "Restarted"}]
+    conds.append(_cond("Running", False, "Replanned", message, g, now))
+    conds.append(_cond("Restarted", True, "Replanned", message, g, now))
+    return status.model_copy(
+        update={
+            "phase": "Planned",
+            "plan": plan,
+            "attempts": attempts,
+            "failure": None,
+            "progress": None,
+            "pytorch_job": None,
+            "conditions": _keep_transition_times(status.conditions or [], conds),
+        }
     )
 
 

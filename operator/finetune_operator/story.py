@@ -35,15 +35,32 @@ class Recorder(Protocol):
         """Record an Event about ``obj``."""
 
 
-def notes(outcome: Outcome) -> list[Note]:
-    """The Events one status write tells, in order; none when the phase did not change."""
-    before, after = outcome.before, outcome.after
-    if before == after or after is None:
+def recovered(outcome: Outcome) -> list[Note]:
+    """The operator's own recoveries a status write records: a restart of hung pods, a re-plan
+    after out-of-memory (one Event each, whatever the phase does)."""
+    prev, status = outcome.previous, outcome.status
+    if prev is None:
         return []
-    status = outcome.status
     told: list[Note] = []
+    if (status.restarts or 0) > (prev.restarts or 0):
+        cond = next((c for c in status.conditions or [] if c.type == "Restarted"), None)
+        told.append(Note("Warning", "Restarted", cond.message if cond else "pods restarted"))
+    attempts = status.attempts or []
+    if len(attempts) > len(prev.attempts or []):
+        told.append(Note("Warning", "Replanned", attempts[-1].message))
+    return told
+
+
+def notes(outcome: Outcome) -> list[Note]:
+    """The Events one status write tells, in order: the operator's recoveries, then the phase
+    transition (none when the phase did not change)."""
+    before, after = outcome.before, outcome.after
+    told: list[Note] = recovered(outcome)
+    if before == after or after is None:
+        return told
+    status = outcome.status
     if after == "Staging":
-        return _staging(outcome)
+        return told + _staging(outcome)
     if before == "Staging" and status.staging is not None:
         told.append(Note("Normal", "Staged", staged_message(status.staging)))
         told += [Note("Warning", "StagingWarning", w) for w in status.staging.warnings or []]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
 
 from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_testbed import manifests, provisioner, trainer_metrics
-from finetune_testbed.trainer_metrics import MasterPod, Run, Schedule, parse_duration
+from finetune_testbed.trainer_metrics import Hang, MasterPod, Run, Schedule, parse_duration
 from finetune_trainer import metrics
 
 NETWORK = "127.42.0.0/16"
@@ -140,6 +140,49 @@ def test_what_is_served_is_what_the_operator_reads() -> None:
     assert final.step == 300
     assert last is not None
     assert last.step == 300
+
+
+def test_a_hang_is_a_step_count_or_a_time_after_the_rendezvous() -> None:
+    assert Hang.parse("5") == Hang(steps=5)
+    assert Hang.parse(" 40s ") == Hang(seconds=40.0)
+    with pytest.raises(ValueError, match="neither a step count"):
+        Hang.parse("soon")
+    s = Schedule(run_seconds=100, total_steps=40)  # steps from 10 s, 2 s each
+    assert s.hang_step(None) is None
+    assert s.hang_step(Hang(steps=5)) == 5
+    assert s.hang_step(Hang(steps=500)) == 40
+    assert s.hang_step(Hang(seconds=20)) == 5
+
+
+def _served(run: Run, at: float) -> tuple[int, int | None]:
+    """The step and the checkpoint step the operator reads after advancing ``run`` to ``at``."""
+    run.advance(at)
+    text = generate_latest(run.trainer.registry).decode()
+    progress, saved = parse_progress(text, "now"), parse_checkpoint(text, None)
+    assert progress is not None
+    return progress.step, saved.step if saved else None
+
+
+@pytest.mark.parametrize("hang", ["6", "22s"])
+def test_a_hanging_run_stops_stepping_for_good_and_saves_no_more(hang: str) -> None:
+    """hang-after 6 steps, or 22 s after the rendezvous (10 s loading, then 2 s a step): the
+    served step stays 6 to the end of the pod's run, with no final checkpoint."""
+    raw = pod()
+    raw["metadata"]["annotations"][trainer_metrics.HANG_AFTER] = hang  # type: ignore[index]
+    raw["metadata"]["annotations"][trainer_metrics.RUN_DURATION] = "100s"  # type: ignore[index]
+    p = MasterPod.of(raw)
+    assert p.hang == Hang.parse(hang)
+    assert p.joined_at is not None
+    s = Schedule(run_seconds=100, total_steps=40, checkpoint_every=5)
+    run = Run(p, s, metrics.create(torch_version="testbed", transformers_version="testbed"))
+    assert _served(run, p.joined_at + 14) == (2, None)
+    assert _served(run, p.joined_at + 30) == (6, 5)
+    assert _served(run, p.joined_at + 60) == (6, 5)
+    assert _served(run, p.joined_at + 99) == (6, 5), "training never finishes"
+    steady = Run(
+        MasterPod.of(pod()), s, metrics.create(torch_version="t", transformers_version="t")
+    )
+    assert _served(steady, p.joined_at + 99) == (40, 40)
 
 
 def test_each_node_gets_its_own_slice_of_a_loopback_pod_network() -> None:

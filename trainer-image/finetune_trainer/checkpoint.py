@@ -4,6 +4,13 @@ Layout under the checkpoint dir: ``step-00000020/`` (complete) holding the DCP s
 model and optimizer, ``trainer.pt`` (step, scheduler) and ``rng-<rank>.pt``, plus a ``COMPLETE``
 marker. A checkpoint is written to ``step-N.tmp/``, marked, then renamed: a crash mid-save
 leaves only a ``.tmp`` folder, which resume ignores and the next save removes.
+
+Complete means every rank wrote its part: rank 0 writes the marker only after a barrier that
+every rank reaches once its shards and RNG state are on disk (DCP fsyncs its files), so a rank
+killed mid-save leaves an unmarked ``.tmp`` and the previous checkpoint stays the latest. The
+rename is made durable (the folder is fsynced) before older checkpoints are rotated out, and a
+rotated checkpoint loses its marker before its files, so a crash mid-rotation never leaves a
+marked, half-deleted folder.
 """
 
 from __future__ import annotations
@@ -68,17 +75,20 @@ def _dirname(step: int) -> str:
     return checkpoint_dirname(step)
 
 
+#: A complete checkpoint's folder name: ``step-`` and the step (``step-N.tmp`` is one being
+#: written; any other name is not ours).
+_NAME = re.compile(rf"{PREFIX}(\d+)")
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (named ``step-N``, marked), oldest first."""
     base = Path(root)
     if not base.is_dir():
         return []
     found = [
         p
         for p in base.iterdir()
-        if p.is_dir()
-        and p.name.startswith(PREFIX)
-        and not p.name.endswith(".tmp")
-        and (p / MARKER).is_file()
+        if _NAME.fullmatch(p.name) and p.is_dir() and (p / MARKER).is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
@@ -86,6 +96,27 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 def latest(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of ``path`` (a rename into it) durable; a no-op where folders cannot be
+    opened for that."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint: its marker first, so that it is never complete and half gone."""
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 #: Checkpoint layouts. 2: optimizer state keyed by parameter name ("state.<fqn>.exp_avg",
@@ -191,10 +222,11 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             if final.exists():
-                shutil.rmtree(final)
+                _remove(final)
             tmp.rename(final)
+            _fsync_dir(self.root)
             for old in complete_checkpoints(self.root)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
         _barrier()
         return final, time.perf_counter() - start
 
