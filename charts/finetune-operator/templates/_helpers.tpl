@@ -57,7 +57,8 @@ app.kubernetes.io/part-of: finetune-operator
   verbs: ["get", "patch", "update"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  # delete: a re-plan after out-of-memory makes the PyTorchJob anew with the new plan
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
@@ -66,7 +67,8 @@ app.kubernetes.io/part-of: finetune-operator
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  # delete: a hung gang is restarted (its pods deleted, resumed from the last checkpoint)
+  verbs: ["get", "list", "watch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
