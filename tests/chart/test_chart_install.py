@@ -44,6 +44,11 @@ ALLOWED = [
     ("list", "pods", ""),
     ("watch", "pods", ""),
     ("create", "events", ""),
+    ("delete", "pytorchjobs.kubeflow.org", ""),  # a re-plan after out-of-memory makes it anew
+    ("delete", "pods", ""),  # a hung gang is restarted from its last checkpoint
+    ("create", "jobs.batch", ""),  # staging
+    ("watch", "jobs.batch", ""),
+    ("create", "persistentvolumeclaims", ""),  # the namespace's cache claim
 ]
 #: What it must never do there.
 DENIED = [
@@ -52,11 +57,12 @@ DENIED = [
     ("watch", "secrets", ""),
     ("delete", "finetunejobs.finetune.dev", ""),
     ("create", "finetunejobs.finetune.dev", ""),
-    ("delete", "pytorchjobs.kubeflow.org", ""),
     ("delete", "configmaps", ""),
+    ("delete", "jobs.batch", ""),
+    ("delete", "persistentvolumeclaims", ""),
     ("list", "configmaps", ""),
     ("create", "pods", ""),
-    ("delete", "pods", ""),
+    ("deletecollection", "pods", ""),
     ("get", "pods", "log"),
     ("create", "pods", "exec"),
     ("create", "deployments.apps", ""),
