@@ -17,6 +17,7 @@ from finetune_operator import api, manifest, recovery, sources, staging
 from finetune_operator.gputype import NotInferred, infer_gpu_type, with_gpu_type
 from finetune_operator.objects import Pod, PyTorchJob, parse_time
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
+from finetune_operator.queueing import QueueView
 from finetune_operator.scrape import parse_checkpoint, parse_progress
 from finetune_operator.status import (
     TERMINAL,
@@ -96,6 +97,18 @@ class Cluster(Protocol):
 
     def suspend_pytorchjob(self, namespace: str, name: str) -> None:
         """Suspend the PyTorchJob ``name``: the training-operator deletes its pods."""
+
+    def workload(self, namespace: str, job_uid: str) -> QueueView | None:
+        """The Kueue Workload of the child whose uid is ``job_uid``; None while there is none
+        (or Kueue is not installed, or the operator may not read Workloads)."""
+
+    def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        """Set the Workload's spec.active: false stops Kueue admitting it (and evicts it if
+        admitted) and marks it queueing.SUSPENDED_BY_USER; true lets it queue again."""
+
+    def release_suspend(self, namespace: str, child: PyTorchJob) -> None:
+        """Make runPolicy.suspend of ``child`` (a PyTorchJob Kueue admits) stay as it is when
+        the operator's later applies leave it out: nothing when the operator does not own it."""
 
 
 def now() -> str:
@@ -180,6 +193,7 @@ def _observe(
     pods = tuple(listed)
     claims = sources.claims(job.spec)
     missing = kube.missing_claims(ns, claims) if claims else []
+    queue = kube.workload(ns, child.uid) if child is not None and child.queue_name else None
     late = None
     if child is not None and not child.suspended:
         deadline = job.spec.run_policy.startup_deadline_seconds
@@ -189,9 +203,10 @@ def _observe(
         gpu=gpu_ask(job, inferred),
         inferred_gpu_type=inferred,
         generation=job.metadata.generation,
-        suspend_requested=job.spec.run_policy.suspend and not manifest.queued(job),
+        suspend_requested=job.spec.run_policy.suspend,
         plan=plan,
         child=child,
+        queue=queue,
         pods=pods,
         previous_failure=job.status.failure if job.status else None,
         missing_claims=tuple(missing),
@@ -386,20 +401,48 @@ def reconcile(
     exists = child is not None
     kube.apply(manifest.config_map(resolved, config))
     summary = plan.summary if plan else None
-    kube.apply(
+    applied = kube.apply(
         manifest.pytorch_job(
             resolved,
             image=image,
             plan_summary=summary,
             exists=exists,
+            kueue=child is not None and bool(child.queue_name),
             metrics_port=metrics_port,
             cache=staged.cache if staged is not None else None,
         )
     )
+    _leave_to_kueue(kube, job, PyTorchJob.parse(applied))
     last = _write(kube, job, lambda j: derive(_observe(kube, j, plan, inferred), j.status, now()))
     if last is not None:
         on_write(last)
     return _written(*outcomes, last)
+
+
+def _leave_to_kueue(kube: Cluster, job: api.FineTuneJob, child: PyTorchJob) -> None:
+    """A child Kueue admits (labelled with a queue, by the operator or by Kueue's defaulting):
+    its runPolicy.suspend is Kueue's from now on, and the user's spec.runPolicy.suspend reaches
+    Kueue as its Workload's spec.active (once Kueue has made the Workload)."""
+    if not child.queue_name:
+        return
+    ns = job.metadata.namespace or ""
+    kube.release_suspend(ns, child)
+    view = kube.workload(ns, child.uid)
+    if view is not None:
+        sync_workload(kube, job, view)
+
+
+def sync_workload(kube: Cluster, job: api.FineTuneJob, view: QueueView) -> None:
+    """Deactivate the Workload of a job its user suspended, and activate it again when they
+    resume it: Kueue then neither admits it nor fights the operator over the child's suspend.
+    A Workload Kueue deactivated itself (past its requeuing limit) stays so. Nothing once the
+    job has ended."""
+    if job.status is not None and job.status.phase in TERMINAL:
+        return
+    if job.spec.run_policy.suspend and view.active:
+        kube.set_workload_active(view.namespace, view.name, False)
+    elif not job.spec.run_policy.suspend and not view.active and view.suspended_by_user:
+        kube.set_workload_active(view.namespace, view.name, True)
 
 
 def _written(*outcomes: Outcome | None) -> list[Outcome]:

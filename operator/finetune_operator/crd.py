@@ -25,7 +25,7 @@ _DROP = {"title", "$defs", "discriminator"}
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Staging, Planned, Pending, Running, Succeeded, Failed or Suspended."},
+     "description": "Staging, Planned, Queued, Pending, Running, Succeeded, Failed or Suspended."},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source",
      "description": "The base model."},
     {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.world",

@@ -14,7 +14,17 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import __version__, api, controller, oplog, staging, story, telemetry
+from finetune_operator import (
+    __version__,
+    api,
+    controller,
+    manifest,
+    oplog,
+    queueing,
+    staging,
+    story,
+    telemetry,
+)
 from finetune_operator.kube import Kube, load_config, server
 from finetune_operator.objects import Pod
 from finetune_operator.settings import Settings, SettingsError
@@ -102,7 +112,13 @@ def forget(body: kopf.Body, **_: Any) -> None:
     telemetry.job_phase(f"{body['metadata'].get('namespace')}/{body['metadata']['name']}", None)
 
 
-def _refresh(memo: kopf.Memo, namespace: str, name: str, seen: Pod | None = None) -> None:
+def _refresh(
+    memo: kopf.Memo,
+    namespace: str,
+    name: str,
+    seen: Pod | None = None,
+    workload: queueing.QueueView | None = None,
+) -> None:
     kube: Kube = memo.kube
     document = kube.finetunejob(namespace, name)
     if document is None:
@@ -111,6 +127,11 @@ def _refresh(memo: kopf.Memo, namespace: str, name: str, seen: Pod | None = None
         job = api.parse(document)
     except api.SpecError:
         return  # the FineTuneJob's own handler reports it
+    if workload is not None:
+        child = job.status.pytorch_job if job.status else None
+        if child is None or child.uid != workload.owner_uid:
+            return  # not the Workload of this job's child
+        controller.sync_workload(kube, job, workload)
     if controller.needs_child(job):  # re-planned: its PyTorchJob is made again
         _reconcile(memo, job, document)
         return
@@ -144,6 +165,15 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
     _refresh(memo, meta["namespace"], meta["labels"][JOB_LABEL], seen=Pod.parse(body))
+
+
+def workload_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Kueue moved a child on (quota reserved, admitted, evicted, preempted): tell it in the
+    FineTuneJob's status, and keep a suspended job's Workload deactivated (registered by
+    :func:`run` when Workloads are served and the operator may watch them)."""
+    view = queueing.parse_workload(body)
+    if view.owner_kind == manifest.PYTORCHJOB_KIND and view.owner_name:
+        _refresh(memo, view.namespace, view.owner_name, workload=view)
 
 
 def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -187,6 +217,11 @@ def run(
     oplog.configure(log_format or config.log_format)
     every = config.progress_interval
     kopf.timer(*RESOURCE, interval=every, initial_delay=every)(progress)
+    load_config()
+    if Kube().can_watch_workloads(namespaces):
+        group, version = queueing.WORKLOAD_API_VERSION.split("/")
+        kopf.on.event(group, version, "workloads")(workload_changed)
+        log.info("watching Kueue's Workloads: queued jobs tell Kueue's story in their status")
     telemetry.serve(metrics_port)
     kopf.run(
         standalone=True,

@@ -19,16 +19,31 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import (
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ResourceNotFoundError,
+)
 
 from finetune_operator import api, staging
 from finetune_operator.controller import Cluster, WriteConflictError
 from finetune_operator.gputype import PRODUCT_LABEL
 from finetune_operator.manifest import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND
 from finetune_operator.objects import Event, Pod, PyTorchJob
+from finetune_operator.queueing import (
+    JOB_UID_LABEL,
+    SUSPENDED_BY_USER,
+    WORKLOAD_API_VERSION,
+    WORKLOAD_KIND,
+    QueueView,
+    workload_of,
+)
 from finetune_trainer.names import CONTAINER, JOB_NAME_LABEL
 
 FIELD_MANAGER = "finetune-operator"
+#: Holds runPolicy.suspend of a queued child as Kueue has it (:meth:`Kube.release_suspend`).
+SUSPEND_MANAGER = "finetune-operator-kueue"
 #: Seconds a single API request may take before it is abandoned and retried by the handler.
 REQUEST_TIMEOUT = 30
 
@@ -187,6 +202,72 @@ class Kube:
                 content_type="application/merge-patch+json",
                 _request_timeout=REQUEST_TIMEOUT,
             )
+
+    def release_suspend(self, namespace: str, child: PyTorchJob) -> None:
+        """Share runPolicy.suspend of a child Kueue admits with a second field manager, holding
+        its current value: the operator's later applies, which leave it out, then leave it as
+        Kueue has it (a field only the operator owned would go back to its default, false)."""
+        if FIELD_MANAGER not in child.suspend_owners:
+            return
+        self._resource(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND).server_side_apply(
+            body={
+                "apiVersion": PYTORCHJOB_API_VERSION,
+                "kind": PYTORCHJOB_KIND,
+                "metadata": {"name": child.name, "namespace": namespace},
+                "spec": {"runPolicy": {"suspend": child.suspended}},
+            },
+            namespace=namespace,
+            field_manager=SUSPEND_MANAGER,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+
+    def workload(self, namespace: str, job_uid: str) -> QueueView | None:
+        """The Workload Kueue made for the job ``job_uid`` (None: none yet, Kueue is not
+        installed, or the operator may not read Workloads: the chart's kueue.enabled)."""
+        try:
+            found = self._resource(WORKLOAD_API_VERSION, WORKLOAD_KIND).get(
+                namespace=namespace,
+                label_selector=f"{JOB_UID_LABEL}={job_uid}",
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except (ResourceNotFoundError, ForbiddenError):
+            return None
+        return workload_of(found.to_dict().get("items", []), job_uid)
+
+    def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        with contextlib.suppress(NotFoundError):
+            self._resource(WORKLOAD_API_VERSION, WORKLOAD_KIND).patch(
+                name=name,
+                namespace=namespace,
+                body={
+                    "metadata": {"annotations": {SUSPENDED_BY_USER: None if active else "true"}},
+                    "spec": {"active": active},
+                },
+                content_type="application/merge-patch+json",
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+
+    def can_watch_workloads(self, namespaces: list[str]) -> bool:
+        """Whether Kueue's Workloads are served and the operator may list and watch them in
+        ``namespaces`` (every namespace when empty; the chart grants it with kueue.enabled)."""
+        try:
+            self._resource(WORKLOAD_API_VERSION, WORKLOAD_KIND)
+        except ResourceNotFoundError:
+            return False
+        review = client.AuthorizationV1Api(self._client)
+        group = WORKLOAD_API_VERSION.split("/")[0]
+        for namespace in namespaces or [""]:
+            for verb in ("list", "watch"):
+                attributes = {"group": group, "resource": "workloads", "verb": verb}
+                if namespace:
+                    attributes["namespace"] = namespace
+                answer = review.create_self_subject_access_review(
+                    {"spec": {"resourceAttributes": attributes}},  # type: ignore[arg-type]
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+                if answer.status is None or not answer.status.allowed:
+                    return False
+        return True
 
     def pods(self, namespace: str, job_name: str) -> list[Pod]:
         """The PyTorchJob's pods (those with the training-operator's job-name label)."""

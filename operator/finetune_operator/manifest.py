@@ -6,9 +6,13 @@ apply. Nothing here reads the cluster. Pure: no Kubernetes client, kopf or torch
 
 from __future__ import annotations
 
+import math
+import re
+from fractions import Fraction
 from typing import Any
 
 from finetune_operator import api
+from finetune_operator.queueing import QUEUE_LABEL, priority_labels
 from finetune_operator.sources import claims, parse_source, pvc_mount_path
 from finetune_trainer import names
 from finetune_trainer.config import TrainerConfig
@@ -31,7 +35,6 @@ METRICS_PORT = names.METRICS_PORT
 TRAINER_UID = 1000
 JOB_LABEL = names.JOB_LABEL
 MANAGED_BY = "finetune-operator"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PLAN_ANNOTATION = f"{api.GROUP}/plan"
 GPU_RESOURCE = "nvidia.com/gpu"
 #: Node labels of NVIDIA GPU feature discovery (GFD): the product name and the GPUs per node.
@@ -160,16 +163,50 @@ def _volumes(
     return volumes, mounts
 
 
+_BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+def canonical_quantity(text: str) -> str:
+    """A resource quantity (spec.QUANTITY_PATTERN) in Kubernetes' canonical form, as the API
+    writes it back ("1000m" -> "1", "2000" -> "2k", "1.5Gi" -> "1536Mi"): a controller that
+    updates the child (Kueue) stores that form, and an apply of another spelling would change
+    the child's spec back and forth."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", text)
+    if found is None:
+        return text
+    number, suffix = found.groups()
+    if suffix in _BINARY:
+        value = Fraction(number) * 1024 ** _BINARY[suffix]
+        if value >= 1024 and value.denominator == 1:
+            whole, power = int(value), 0
+            while power < 6 and whole % 1024 == 0:
+                whole, power = whole // 1024, power + 1
+            return f"{whole}{['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'][power]}"
+    elif suffix in _DECIMAL:
+        value = Fraction(number) * Fraction(10) ** _DECIMAL[suffix]
+    else:
+        return text
+    nanos = math.ceil(value * 10**9)  # Kubernetes rounds up to the nano
+    if nanos == 0:
+        return "0"
+    exponent = -9
+    while exponent < 18 and nanos % 1000 == 0:
+        nanos, exponent = nanos // 1000, exponent + 3
+    unit = next(k for k, v in _DECIMAL.items() if v == exponent)
+    return f"{nanos}{unit}"
+
+
 def _resources(job: api.FineTuneJob) -> dict[str, Any]:
     res = job.spec.resources
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if res.gpu_type != "CPU":
-        limits[GPU_RESOURCE] = res.gpus_per_node
+        limits[GPU_RESOURCE] = canonical_quantity(str(res.gpus_per_node))
     for key, value in (("cpu", res.cpu), ("memory", res.memory)):
         if value is not None:
-            limits[key] = value
-            requests[key] = value
+            limits[key] = canonical_quantity(value)
+            requests[key] = canonical_quantity(value)
     out: dict[str, Any] = {"limits": limits}
     if requests:
         out["requests"] = requests
@@ -283,10 +320,8 @@ def _run_policy(job: api.FineTuneJob, suspend: bool | None) -> dict[str, Any]:
     if rp.ttl_seconds_after_finished is not None:
         policy["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
     scheduling = job.spec.scheduling
-    if scheduling and (scheduling.queue_name or scheduling.priority_class_name):
-        sp: dict[str, Any] = {}
-        if scheduling.queue_name:
-            sp["queue"] = scheduling.queue_name
+    if scheduling and scheduling.gang_scheduling:
+        sp: dict[str, Any] = {"minAvailable": job.spec.resources.num_nodes}
         if scheduling.priority_class_name:
             sp["priorityClass"] = scheduling.priority_class_name
         policy["schedulingPolicy"] = sp
@@ -294,7 +329,8 @@ def _run_policy(job: api.FineTuneJob, suspend: bool | None) -> dict[str, Any]:
 
 
 def queued(job: api.FineTuneJob) -> bool:
-    """Whether Kueue admits this job (and so owns its suspension)."""
+    """Whether the spec names a Kueue LocalQueue (Kueue may also queue a job that names none:
+    one in a namespace with a LocalQueue named ``default``)."""
     return bool(job.spec.scheduling and job.spec.scheduling.queue_name)
 
 
@@ -304,17 +340,21 @@ def pytorch_job(
     image: str,
     plan_summary: str | None,
     exists: bool,
+    kueue: bool = False,
     metrics_port: int = METRICS_PORT,
     cache: str | None = None,
 ) -> dict[str, Any]:
     """The PyTorchJob that runs the trainer: a master and numNodes-1 workers.
 
-    ``exists`` says whether the PyTorchJob is already there: a queued job (Kueue) is created
-    suspended and its suspension is then left to Kueue, never applied again. ``cache`` is the
-    claim staging filled, which the pods mount read-only (None: not staged).
+    Suspension: a job Kueue admits (its spec names a queue, or ``kueue``: the PyTorchJob that
+    ``exists`` carries Kueue's queue label) is created suspended and its runPolicy.suspend is
+    then left to Kueue, never applied again (a user's suspend deactivates its Workload
+    instead). Any other job carries ``suspend: true`` while its spec asks for it and no
+    ``suspend`` at all otherwise, so a suspension Kueue sets is never undone by an apply.
+    ``cache`` is the claim staging filled, which the pods mount read-only (None: not staged).
     """
-    suspend: bool | None = job.spec.run_policy.suspend
-    if queued(job):
+    suspend: bool | None = True if job.spec.run_policy.suspend else None
+    if queued(job) or kueue:
         suspend = None if exists else True
     replicas: dict[str, Any] = {
         "Master": {
@@ -330,8 +370,10 @@ def pytorch_job(
             "template": pod_template(job, image, metrics_port, cache),
         }
     meta = metadata(job, job.name)
-    if queued(job):
-        meta["labels"][QUEUE_LABEL] = job.spec.scheduling.queue_name  # type: ignore[union-attr]
+    scheduling = job.spec.scheduling
+    if scheduling is not None and scheduling.queue_name:
+        meta["labels"][QUEUE_LABEL] = scheduling.queue_name
+    meta["labels"].update(priority_labels(scheduling.priority if scheduling else None))
     if plan_summary:
         meta["annotations"] = {PLAN_ANNOTATION: plan_summary}
     return {

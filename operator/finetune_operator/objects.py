@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from finetune_operator.queueing import QUEUE_LABEL
 from finetune_trainer.names import REPLICA_TYPE_LABEL
 
 Raw = Mapping[str, Any]
@@ -210,6 +211,11 @@ class PyTorchJob:
     annotations: Mapping[str, str] = field(default_factory=dict)
     #: Whether runPolicy.suspend is set on it (Kueue or the operator holds its pods back).
     suspended: bool = False
+    #: Its kueue.x-k8s.io/queue-name label: the LocalQueue Kueue admits it through ("" when
+    #: not queued). Set by the operator, or by Kueue for a namespace's ``default`` LocalQueue.
+    queue_name: str = ""
+    #: The field managers that own runPolicy.suspend (from metadata.managedFields).
+    suspend_owners: tuple[str, ...] = ()
 
     def true_conditions(self) -> dict[str, Condition]:
         """The conditions whose status is True, by type (Created, Running, Succeeded...)."""
@@ -234,6 +240,12 @@ class PyTorchJob:
             deleting=bool(meta.get("deletionTimestamp")),
             annotations={str(k): str(v) for k, v in _map(meta, "annotations").items()},
             suspended=bool(_map(spec, "runPolicy").get("suspend")),
+            queue_name=_str(_map(meta, "labels"), QUEUE_LABEL),
+            suspend_owners=tuple(
+                _str(m, "manager")
+                for m in _list(meta, "managedFields")
+                if "f:suspend" in _map(_map(_map(m, "fieldsV1"), "f:spec"), "f:runPolicy")
+            ),
         )
 
 

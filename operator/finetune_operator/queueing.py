@@ -10,8 +10,10 @@ child's uid (``JOB_UID_LABEL``). This module turns such a Workload (the API's JS
   ``Preempted``, with Kueue's own status, reason and message (e.g. ``Pending``: "couldn't assign
   flavors to pod set master: insufficient unused quota for nvidia.com/gpu in flavor h100-80gb, 8
   more needed") and its transition times;
-- whether Kueue holds the job (:attr:`QueueView.held`: phase ``Queued``);
-- which Events a change between two views deserves (:func:`transitions`).
+- whether Kueue holds the job (:attr:`QueueView.held`: phase ``Queued``), and why.
+
+:mod:`finetune_operator.status` mirrors the conditions and :mod:`finetune_operator.story` tells
+each one that becomes True as an Event.
 
 It does not depend on the child's kind: a PyTorchJob's Workload and a TrainJob's read the same.
 ``priority_labels`` is the other direction: ``spec.scheduling.priority`` (a Kueue
@@ -33,6 +35,11 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 #: On the Workload: the uid of the job it admits (how to find a child's Workload).
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+
+#: On a Workload the operator deactivated because its FineTuneJob's user suspended the job (it
+#: activates only those again: one Kueue deactivated itself, e.g. past its requeuing limit,
+#: stays deactivated).
+SUSPENDED_BY_USER = "finetune.dev/suspended-by-user"
 
 #: The Workload conditions mirrored into the FineTuneJob, in this order.
 MIRRORED = ("QuotaReserved", "Admitted", "Evicted", "Preempted")
@@ -61,12 +68,14 @@ class QueueView:
     priority_class: str  # spec.priorityClassRef.name ("" without one)
     priority: int | None  # spec.priority, as Kueue resolved it
     active: bool  # spec.active: false when deactivated (by a user, or a requeue limit)
+    suspended_by_user: bool  # deactivated by the operator for a FineTuneJob's runPolicy.suspend
     conditions: tuple[QueueCondition, ...]
     cluster_queue: str  # status.admission.clusterQueue ("" until quota is reserved)
     requeue_count: int  # status.requeueState.count: evictions so far
     requeue_at: str  # status.requeueState.requeueAt ("" when not backing off)
     owner_kind: str  # the job it admits, from its controller owner reference
     owner_name: str
+    owner_uid: str
 
     def condition(self, type_: str) -> QueueCondition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -156,12 +165,14 @@ def parse_workload(raw: Raw) -> QueueView:
         priority_class=_str(_map(spec, "priorityClassRef"), "name"),
         priority=priority if isinstance(priority, int) else None,
         active=spec.get("active") is not False,
+        suspended_by_user=_map(meta, "annotations").get(SUSPENDED_BY_USER) == "true",
         conditions=conditions,
         cluster_queue=_str(_map(status, "admission"), "clusterQueue"),
         requeue_count=int(requeue.get("count") or 0),
         requeue_at=_str(requeue, "requeueAt"),
         owner_kind=_str(owner, "kind"),
         owner_name=_str(owner, "name"),
+        owner_uid=_str(owner, "uid"),
     )
 
 
@@ -179,36 +190,3 @@ def priority_labels(priority: str | None) -> dict[str, str]:
     """The child's label for ``spec.scheduling.priority`` (a Kueue WorkloadPriorityClass), or
     none without one."""
     return {PRIORITY_LABEL: priority} if priority else {}
-
-
-@dataclass(frozen=True)
-class Transition:
-    """An Event the operator records on the FineTuneJob for a change of Kueue's conditions."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str  # CamelCase: e.g. QuotaReserved, Admitted, Evicted, Preempted, Queued
-    message: str
-
-
-def transitions(before: QueueView | None, after: QueueView) -> list[Transition]:
-    """The Events for what changed from ``before`` (None: no Workload yet) to ``after``:
-    one per mirrored condition that became True (eviction and preemption are Warnings, with
-    Kueue's reason and message), and ``Queued`` each time the job starts waiting for quota."""
-    out: list[Transition] = []
-    for cond in after.mirrored():
-        was = before.condition(cond.type) if before else None
-        if cond.status != "True" or (was is not None and was.status == "True"):
-            continue
-        warning = cond.type in ("Evicted", "Preempted")
-        out.append(
-            Transition(
-                "Warning" if warning else "Normal",
-                cond.type,
-                f"Kueue: {cond.reason}: {cond.message}"
-                if cond.message
-                else f"Kueue: {cond.reason}",
-            )
-        )
-    if after.held and (before is None or not before.held or before.requeue_at != after.requeue_at):
-        out.append(Transition("Normal", "Queued", after.why_held()))
-    return out

@@ -706,10 +706,32 @@ class Scheduling(ApiModel):
             max_length=253,
         ),
     ] = None
+    priority: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Kueue WorkloadPriorityClass of the job (the kueue.x-k8s.io/priority-class label "
+                "on its child): its place in the queue and whom it may preempt."
+            ),
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
     priority_class_name: Annotated[
         str | None,
         Field(description="PriorityClass for the pods.", pattern=_DNS_SUBDOMAIN, max_length=253),
     ] = None
+    gang_scheduling: Annotated[
+        bool,
+        Field(
+            description=(
+                "For a cluster with a gang scheduler (Volcano, scheduler-plugins): all of the "
+                "job's pods start together or none does (the PyTorchJob's "
+                "runPolicy.schedulingPolicy.minAvailable is every replica). Kueue's "
+                "waitForPodsReady gives the same guarantee without it."
+            )
+        ),
+    ] = False
 
 
 class RunPolicy(ApiModel):

@@ -17,11 +17,25 @@ from pydantic.alias_generators import to_camel
 from finetune_operator import termination
 from finetune_operator.objects import Condition as JobCondition
 from finetune_operator.objects import Pod, PyTorchJob, Waiting
+from finetune_operator.queueing import MIRRORED, QueueCondition, QueueView
 from finetune_operator.spec import GpuType
 
-Phase = Literal["Staging", "Pending", "Planned", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal[
+    "Staging", "Planned", "Queued", "Pending", "Running", "Succeeded", "Failed", "Suspended"
+]
 ConditionType = Literal[
-    "Validated", "Staged", "Planned", "Running", "Restarted", "Succeeded", "Failed", "Suspended"
+    "Validated",
+    "Staged",
+    "Planned",
+    "QuotaReserved",
+    "Admitted",
+    "Evicted",
+    "Preempted",
+    "Running",
+    "Restarted",
+    "Succeeded",
+    "Failed",
+    "Suspended",
 ]
 _TIME = "RFC 3339 date-time"
 
@@ -580,6 +594,8 @@ class Observed:
     staging_failure: Failure | None = None
     #: A pod not running past runPolicy.startupDeadlineSeconds (recovery.startup_failure).
     startup_failure: Failure | None = None
+    #: The Kueue Workload of the child, when Kueue admits it (its queue label is set).
+    queue: QueueView | None = None
 
 
 @dataclass(frozen=True)
@@ -624,6 +640,33 @@ def _cond(
         reason=reason,
         message=message,
         last_transition_time=now,
+        observed_generation=g,
+    )
+
+
+def _held(obs: Observed) -> str | None:
+    """Why Kueue holds the job (phase Queued), or None when it does not: its child carries a
+    queue label and its Workload is not admitted (or not made yet, the child still suspended)."""
+    child = obs.child
+    if child is None or not child.queue_name:
+        return None
+    if obs.queue is not None:
+        return obs.queue.why_held() if obs.queue.held else None
+    return f"waiting for Kueue to queue it in {child.queue_name}" if child.suspended else None
+
+
+_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+
+
+def _mirror(cond: QueueCondition, g: int | None, now: str) -> Condition:
+    """A condition of Kueue's Workload as the FineTuneJob's: Kueue's status, reason, message
+    and transition time."""
+    return Condition(
+        type=cond.type,  # one of MIRRORED
+        status=cond.status,
+        reason=cond.reason if _REASON.match(cond.reason) else cond.type,
+        message=cond.message[:32768],
+        last_transition_time=cond.last_transition_time or now,
         observed_generation=g,
     )
 
@@ -696,9 +739,20 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
             conds.append(_cond("Failed", True, failure.reason, failure.message, g, now))
             conds.append(_cond("Running", False, failure.reason, failure.message, g, now))
             completion = completion or now
-        elif obs.suspend_requested or "Suspended" in child_conds:
+        elif obs.suspend_requested:
             phase = "Suspended"
-            conds.append(_cond("Suspended", True, "Suspended", "runPolicy.suspend is true", g, now))
+            why = "runPolicy.suspend is true"
+            if obs.child is not None and obs.child.queue_name:
+                why += ": its Kueue Workload is deactivated"
+            conds.append(_cond("Suspended", True, "Suspended", why, g, now))
+            conds.append(_cond("Running", False, "Suspended", "the pods are stopped", g, now))
+        elif (held := _held(obs)) is not None:
+            phase = "Queued"
+            conds.append(_cond("Running", False, "Queued", held, g, now))
+        elif "Suspended" in child_conds:
+            phase = "Suspended"
+            why = "the PyTorchJob is suspended"
+            conds.append(_cond("Suspended", True, "Suspended", why, g, now))
             conds.append(_cond("Running", False, "Suspended", "the pods are stopped", g, now))
         elif "Running" in child_conds and (problem is None or problem.reason not in BLOCKING):
             phase = "Running"
@@ -721,6 +775,10 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
     if obs.child is not None:
         child_ref = PyTorchJobRef(name=obs.child.name, uid=obs.child.uid)
     conds += [c for c in prev.conditions or [] if c.type == "Restarted"]  # the operator's own
+    if obs.queue is not None:
+        conds += [_mirror(c, g, now) for c in obs.queue.mirrored()]
+    else:  # no Workload (now): what Kueue said last stays
+        conds += [c for c in prev.conditions or [] if c.type in MIRRORED]
     return FineTuneJobStatus(
         observed_generation=g,
         phase=phase,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from finetune_operator.controller import Outcome
+from finetune_operator.queueing import MIRRORED
 from finetune_operator.status import staged_message
 
 log = logging.getLogger("finetune_operator.jobs")
@@ -51,11 +52,35 @@ def recovered(outcome: Outcome) -> list[Note]:
     return told
 
 
+def queue_moves(outcome: Outcome) -> list[Note]:
+    """Kueue's moves a status write mirrors: one Event per Workload condition that became True
+    (quota reserved, admitted; evicted and preempted as Warnings), with Kueue's reason and
+    message."""
+    previous = outcome.previous.conditions if outcome.previous else None
+    before = {c.type: c for c in previous or []}
+    told: list[Note] = []
+    now = {c.type: c for c in outcome.status.conditions or []}
+    for cond in (now[t] for t in MIRRORED if t in now):
+        if cond.status != "True":
+            continue
+        was = before.get(cond.type)
+        if (
+            was is not None
+            and was.status == "True"
+            and (was.last_transition_time == cond.last_transition_time)
+        ):
+            continue
+        kind = "Warning" if cond.type in ("Evicted", "Preempted") else "Normal"
+        said = f"Kueue: {cond.reason}: {cond.message}" if cond.message else f"Kueue: {cond.reason}"
+        told.append(Note(kind, cond.type, said))
+    return told
+
+
 def notes(outcome: Outcome) -> list[Note]:
-    """The Events one status write tells, in order: the operator's recoveries, then the phase
-    transition (none when the phase did not change)."""
+    """The Events one status write tells, in order: the operator's recoveries, Kueue's moves,
+    then the phase transition (none when the phase did not change)."""
     before, after = outcome.before, outcome.after
-    told: list[Note] = recovered(outcome)
+    told: list[Note] = recovered(outcome) + queue_moves(outcome)
     if before == after or after is None:
         return told
     status = outcome.status
@@ -74,11 +99,13 @@ def notes(outcome: Outcome) -> list[Note]:
         told.append(Note("Warning", status.failure.reason, status.failure.message))
         return told
     waiting = f": {status.failure.message}" if status.failure else ""
+    running = next((c for c in status.conditions or [] if c.type == "Running"), None)
     messages = {
         "Planned": status.plan.reason if status.plan else "the trainer will plan at start",
         "Pending": f"PyTorchJob created; waiting for the pods{waiting}",
         "Running": "training started",
         "Suspended": "suspended: the pods are stopped",
+        "Queued": running.message if running else "queued in Kueue",
         "Succeeded": "training finished",
     }
     told.append(Note("Normal", after, messages.get(after, after)))

@@ -4,10 +4,10 @@ operator. The ClusterQueue ``gpus`` holds 16 GPUs; each test's namespace gets th
 ``default`` feeding it. Kueue's ``waitForPodsReady`` evicts a job whose pods are not all ready
 in 20 s and requeues it after a short backoff (hack/finetune_testbed/kueue.py).
 
-What the operator and Kueue do today is asserted plainly. What needs the operator's Kueue wiring
-(phase Queued, Kueue's conditions mirrored into the FineTuneJob, a user's suspend honoured while
-queued) is asserted in tests marked ``xfail(strict=True, reason="wiring pending: ...")``: they
-pass (and so fail as XPASS) once that is wired, and must then lose the mark.
+First what Kueue does with the operator's children (quota, waitForPodsReady, deletion), then
+the operator's side: phase Queued with Kueue's conditions mirrored into the FineTuneJob, Events,
+a user's suspend while queued (the Workload deactivated, no fight over the child's suspend), and
+a job Kueue queues through a namespace's ``default`` LocalQueue.
 """
 
 from __future__ import annotations
@@ -220,17 +220,9 @@ def test_deleting_queued_and_running_jobs_takes_their_children_and_frees_quota(
     )
 
 
-# --------------------------------------------------------------------------- wiring pending
-
-WIRING = "wiring pending: {}"
+# --------------------------------------------------------------------------- the operator's side
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIRING.format(
-        "status.py/controller.py: phase Queued and QuotaReserved mirrored from the Workload"
-    ),
-)
 def test_a_job_short_of_quota_is_queued_with_kueues_reason(queued: Any) -> None:
     testbed, ns = queued.testbed, queued.namespace
     start_holder(testbed, ns)
@@ -250,10 +242,6 @@ def test_a_job_short_of_quota_is_queued_with_kueues_reason(queued: Any) -> None:
     assert holder["status"] == "True"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIRING.format("Evicted mirrored from the Workload (PodsReadyTimeout), then Queued"),
-)
 def test_a_pods_ready_eviction_is_reported_in_status(queued: Any) -> None:
     testbed, ns = queued.testbed, queued.namespace
     job = job16("stuck", {"testbed.finetune.dev/pending": "true"})
@@ -272,16 +260,6 @@ def test_a_pods_ready_eviction_is_reported_in_status(queued: Any) -> None:
     assert "Evicted" in events
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIRING.format(
-        "(1) manifest.py: the operator's server-side apply owns runPolicy.suspend of a queued "
-        "child from its creation, so its next apply (any spec change), which leaves it out, "
-        "unsuspends the child until Kueue suspends it again; (2) a user's runPolicy.suspend on "
-        "a queued job must deactivate its Workload (spec.active=false): today the operator "
-        "ignores it and Kueue admits the job when quota frees"
-    ),
-)
 def test_a_user_suspending_a_queued_job_neither_fights_kueue_nor_gets_admitted(
     queued: Any,
 ) -> None:
@@ -310,15 +288,6 @@ def test_a_user_suspending_a_queued_job_neither_fights_kueue_nor_gets_admitted(
     assert phase(testbed, ns, "paused") == "Suspended"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIRING.format(
-        "manifest.py: a job without scheduling.queueName in a namespace whose LocalQueue is "
-        "named `default` is queued by Kueue (it labels the child and suspends it at creation), "
-        "but the operator treats it as unqueued and its next apply sets runPolicy.suspend: "
-        "false, unsuspending a child Kueue has not admitted"
-    ),
-)
 def test_a_job_queued_by_the_namespaces_default_local_queue_is_left_to_kueue(
     queued: Any,
 ) -> None:

@@ -188,7 +188,7 @@ def test_master_and_workers_follow_num_nodes() -> None:
     for spec in replicas.values():
         container = spec["template"]["spec"]["containers"][0]
         assert container["name"] == "pytorch"
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     single = _children(load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"))[1]
     assert set(single["spec"]["pytorchReplicaSpecs"]) == {"Master"}
 
@@ -253,6 +253,47 @@ def test_suspend_follows_the_spec(tiny_job: dict[str, Any]) -> None:
     job = _job(apply(tiny_job, {"spec.runPolicy.suspend": True}))
     child = manifest.pytorch_job(job, image="i", plan_summary=None, exists=True)
     assert child["spec"]["runPolicy"]["suspend"] is True
+    # Resumed: no suspend at all (the apply drops the operator's true; one Kueue set stays).
+    running = manifest.pytorch_job(_job(tiny_job), image="i", plan_summary=None, exists=True)
+    assert "suspend" not in running["spec"]["runPolicy"]
+
+
+def test_a_child_kueue_queued_by_the_namespaces_default_queue_is_left_to_kueue(
+    tiny_job: dict[str, Any],
+) -> None:
+    """No queueName in the spec, but Kueue labelled the child (a LocalQueue named default):
+    never a suspend in the apply, even when the user suspends (the Workload is deactivated)."""
+    for suspend in (False, True):
+        job = _job(apply(tiny_job, {"spec.runPolicy.suspend": suspend}))
+        child = manifest.pytorch_job(job, image="i", plan_summary=None, exists=True, kueue=True)
+        assert "suspend" not in child["spec"]["runPolicy"]
+        assert manifest.QUEUE_LABEL not in child["metadata"]["labels"]  # Kueue's, not ours
+
+
+def test_priority_and_gang_scheduling(tiny_job: dict[str, Any]) -> None:
+    job = _job(
+        apply(
+            tiny_job,
+            {
+                "spec.resources.numNodes": 3,
+                "spec.scheduling": {
+                    "queueName": "team-a",
+                    "priority": "high",
+                    "priorityClassName": "training",
+                    "gangScheduling": True,
+                },
+            },
+        )
+    )
+    child = manifest.pytorch_job(job, image="i", plan_summary=None, exists=False)
+    labels = child["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/priority-class"] == "high"
+    assert labels[manifest.QUEUE_LABEL] == "team-a"
+    policy = child["spec"]["runPolicy"]["schedulingPolicy"]
+    assert policy == {"minAvailable": 3, "priorityClass": "training"}
+    plain = manifest.pytorch_job(_job(tiny_job), image="i", plan_summary=None, exists=False)
+    assert "schedulingPolicy" not in plain["spec"]["runPolicy"]
+    assert "kueue.x-k8s.io/priority-class" not in plain["metadata"]["labels"]
 
 
 def test_pod_metadata_reaches_the_pods(tiny_job: dict[str, Any]) -> None:
@@ -331,3 +372,26 @@ def test_cpu_jobs_have_no_gpu_affinity(tiny_job: dict[str, Any]) -> None:
     child = manifest.pytorch_job(_job(doc), image="i", plan_summary=None, exists=False)
     for spec in child["spec"]["pytorchReplicaSpecs"].values():
         assert "affinity" not in spec["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("written", "canonical"),
+    [  # as the API server writes them back (resource.Quantity's canonical form)
+        ("8", "8"),
+        ("1000m", "1"),
+        ("1500m", "1500m"),
+        ("0.5", "500m"),
+        ("2000", "2k"),
+        ("32", "32"),
+        ("512Gi", "512Gi"),
+        ("1024Mi", "1Gi"),
+        ("1.5Gi", "1536Mi"),
+        ("100M", "100M"),
+        ("0", "0"),
+        ("512Ki", "512Ki"),
+    ],
+)
+def test_quantities_are_written_in_kubernetes_canonical_form(written: str, canonical: str) -> None:
+    """Kueue rewrites the child's pod templates in canonical form: an apply of another spelling
+    would change its spec (and generation) on every reconcile."""
+    assert manifest.canonical_quantity(written) == canonical

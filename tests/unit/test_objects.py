@@ -101,6 +101,36 @@ def test_a_pytorchjob_keeps_its_identity_and_true_conditions() -> None:
     assert PyTorchJob.parse({"metadata": {"name": "j"}}).true_conditions() == {}
 
 
+def test_a_queued_pytorchjob_tells_its_queue_and_who_owns_its_suspend() -> None:
+    job = PyTorchJob.parse(
+        {
+            "metadata": {
+                "name": "j",
+                "labels": {"kueue.x-k8s.io/queue-name": "default"},
+                "managedFields": [
+                    {
+                        "manager": "finetune-operator",
+                        "operation": "Apply",
+                        "fieldsV1": {"f:spec": {"f:runPolicy": {"f:backoffLimit": {}}}},
+                    },
+                    {
+                        "manager": "kueue",
+                        "operation": "Update",
+                        "fieldsV1": {"f:spec": {"f:runPolicy": {"f:suspend": {}}}},
+                    },
+                    {"manager": "odd", "fieldsV1": "nope"},
+                ],
+            },
+            "spec": {"runPolicy": {"suspend": True}},
+        }
+    )
+    assert job.queue_name == "default"
+    assert job.suspended
+    assert job.suspend_owners == ("kueue",)
+    plain = PyTorchJob.parse({"metadata": {"name": "j"}})
+    assert (plain.queue_name, plain.suspend_owners, plain.suspended) == ("", (), False)
+
+
 def test_an_event_takes_its_time_from_last_timestamp_else_event_time() -> None:
     old = Event.parse({"type": "Normal", "lastTimestamp": "2026-01-01T00:00:00Z"})
     new = Event.parse({"lastTimestamp": None, "eventTime": "2026-01-01T00:00:01.000000Z"})

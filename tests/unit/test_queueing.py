@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from finetune_operator import queueing
+from finetune_operator import api, queueing
+from finetune_operator.controller import Outcome
+from finetune_operator.objects import Condition, PyTorchJob
+from finetune_operator.plan import plan_job, plan_status
+from finetune_operator.status import FineTuneJobStatus, Observed, derive
+from finetune_operator.story import notes
+from helpers import ROOT, load_yaml
 
 PYTORCHJOB_UID = "6c1a3e0e-3b5f-4a3c-9d61-0a9b6c1f2e11"
 SHORTFALL = (  # as the test bed's Kueue wrote it for a second 16-GPU job on 16 GPUs
@@ -127,6 +133,43 @@ FINISHED = workload(
 )
 
 
+T0, T1, T2 = "2026-12-07T05:00:10Z", "2026-12-07T05:01:10Z", "2026-12-07T05:02:40Z"
+JOB = api.parse(load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"))
+_PLANNED = plan_job(JOB.spec)
+assert _PLANNED is not None
+PLAN = plan_status(_PLANNED)
+
+
+def queued_child(*conditions: str, suspended: bool = False) -> PyTorchJob:
+    return PyTorchJob(
+        "big-1",
+        PYTORCHJOB_UID,
+        tuple(Condition(c, "True") for c in conditions),
+        suspended=suspended,
+        queue_name="default",
+    )
+
+
+def status_of(
+    raw: dict[str, Any],
+    previous: FineTuneJobStatus | None = None,
+    now: str = T0,
+    *child_conditions: str,
+) -> FineTuneJobStatus:
+    """The FineTuneJob's status while its child's Workload is ``raw``."""
+    view = queueing.parse_workload(raw)
+    child = queued_child("Created", *child_conditions, suspended=view.held)
+    return derive(Observed(1, False, plan=PLAN, child=child, queue=view), previous, now)
+
+
+def outcome(before: FineTuneJobStatus | None, after: FineTuneJobStatus) -> Outcome:
+    return Outcome(before.phase if before else None, after.phase, after, True, JOB, before)
+
+
+def told(before: FineTuneJobStatus | None, after: FineTuneJobStatus) -> list[tuple[str, str]]:
+    return [(n.type, n.reason) for n in notes(outcome(before, after))]
+
+
 def test_a_workload_is_read_once_into_a_typed_view() -> None:
     view = queueing.parse_workload(ADMITTED)
     assert view.name == "pytorchjob-big-1-3f7b1"
@@ -177,10 +220,13 @@ def test_a_re_admitted_job_keeps_its_eviction_as_history() -> None:
     assert evicted is not None
     assert evicted.status == "False"
     assert evicted.message.startswith("Previously: Exceeded the PodsReady timeout")
-    again = queueing.transitions(queueing.parse_workload(EVICTED_PODS_READY), view)
-    assert [(e.type, e.reason) for e in again] == [
+    evicted_status = status_of(EVICTED_PODS_READY)
+    again = status_of(READMITTED, evicted_status, T1, "Running")
+    assert again.phase == "Running"
+    assert told(evicted_status, again) == [
         ("Normal", "QuotaReserved"),
         ("Normal", "Admitted"),
+        ("Normal", "Running"),
     ]
 
 
@@ -269,24 +315,24 @@ def test_priority_becomes_kueues_priority_class_label(
 
 
 def test_events_for_the_queue_story() -> None:
-    pending = queueing.parse_workload(PENDING)
-    admitted = queueing.parse_workload(ADMITTED)
-    preempted = queueing.parse_workload(PREEMPTED)
+    pending = status_of(PENDING)
+    first = told(None, pending)
+    assert first == [("Normal", "Queued")]
+    assert SHORTFALL in notes(outcome(None, pending))[0].message
 
-    first = queueing.transitions(None, pending)
-    assert [(e.type, e.reason) for e in first] == [("Normal", "Queued")]
-    assert SHORTFALL in first[0].message
+    assert told(pending, status_of(PENDING, pending, T1)) == []  # nothing changed, no Event
 
-    assert queueing.transitions(pending, pending) == []  # nothing changed, no Event
-
-    on_admission = queueing.transitions(pending, admitted)
+    admitted = status_of(ADMITTED, pending, T1, "Running")
+    on_admission = notes(outcome(pending, admitted))
     assert [(e.type, e.reason) for e in on_admission] == [
         ("Normal", "QuotaReserved"),
         ("Normal", "Admitted"),
+        ("Normal", "Running"),
     ]
     assert on_admission[1].message == "Kueue: Admitted: The workload is admitted"
 
-    on_preemption = queueing.transitions(admitted, preempted)
+    preempted = status_of(PREEMPTED, admitted, T2)
+    on_preemption = notes(outcome(admitted, preempted))
     assert [(e.type, e.reason) for e in on_preemption] == [
         ("Warning", "Evicted"),
         ("Warning", "Preempted"),
@@ -295,11 +341,62 @@ def test_events_for_the_queue_story() -> None:
     assert "InClusterQueue" in on_preemption[1].message
 
 
-def test_each_new_eviction_backoff_is_an_event() -> None:
-    first = queueing.parse_workload(EVICTED_PODS_READY)
+def test_each_new_eviction_is_an_event() -> None:
+    first = status_of(EVICTED_PODS_READY)
+    readmitted = status_of(READMITTED, first, T1, "Running")
     again = copy.deepcopy(EVICTED_PODS_READY)
     again["status"]["requeueState"] = {"count": 2, "requeueAt": "2026-12-07T05:03:00Z"}
-    events = queueing.transitions(first, queueing.parse_workload(again))
-    assert [(e.reason, e.message) for e in events] == [
-        ("Queued", "evicted by Kueue, requeued at 2026-12-07T05:03:00Z")
-    ]
+    again["status"]["conditions"][2]["lastTransitionTime"] = "2026-12-07T05:02:30Z"
+    second = status_of(again, readmitted, T2)
+    events = notes(outcome(readmitted, second))
+    assert [(e.type, e.reason) for e in events] == [("Warning", "Evicted"), ("Normal", "Queued")]
+    assert events[1].message == "evicted by Kueue, requeued at 2026-12-07T05:03:00Z"
+
+
+def test_a_queued_job_mirrors_kueues_conditions_with_kueues_times() -> None:
+    status = status_of(PENDING)
+    assert status.phase == "Queued"
+    (reserved,) = [c for c in status.conditions or [] if c.type == "QuotaReserved"]
+    assert (reserved.status, reserved.reason, reserved.message) == ("False", "Pending", SHORTFALL)
+    assert reserved.last_transition_time == "2026-12-07T05:00:00Z"  # Kueue's, not ours
+    running = next(c for c in status.conditions or [] if c.type == "Running")
+    assert (running.status, running.reason) == ("False", "Queued")
+    assert running.message == f"waiting in queue default: {SHORTFALL}"
+    assert status.plan is not None  # planned before admission
+
+
+def test_a_queued_child_without_its_workload_yet_is_queued() -> None:
+    status = derive(Observed(1, False, plan=PLAN, child=queued_child(suspended=True)), None, T0)
+    assert status.phase == "Queued"
+    running = next(c for c in status.conditions or [] if c.type == "Running")
+    assert running.message == "waiting for Kueue to queue it in default"
+    # Once admitted (unsuspended) and before the Workload is read again: not held.
+    status = derive(Observed(1, False, plan=PLAN, child=queued_child()), status, T1)
+    assert status.phase == "Pending"
+
+
+def test_a_users_suspend_of_a_queued_job_is_suspended_not_queued() -> None:
+    raw = copy.deepcopy(PENDING)
+    raw["spec"]["active"] = False
+    obs = Observed(
+        1, True, plan=PLAN, child=queued_child(suspended=True), queue=queueing.parse_workload(raw)
+    )
+    status = derive(obs, None, T0)
+    assert status.phase == "Suspended"
+    suspended = next(c for c in status.conditions or [] if c.type == "Suspended")
+    assert suspended.message == "runPolicy.suspend is true: its Kueue Workload is deactivated"
+
+
+def test_what_kueue_said_last_stays_when_its_workload_is_gone() -> None:
+    admitted = status_of(ADMITTED, None, T0, "Running")
+    done = derive(
+        Observed(1, False, plan=PLAN, child=queued_child("Created", "Succeeded")), admitted, T1
+    )
+    assert done.phase == "Succeeded"
+    assert {c.type for c in done.conditions or []} >= {"QuotaReserved", "Admitted"}
+
+
+def test_an_odd_reason_from_kueue_still_makes_a_valid_condition() -> None:
+    status = status_of(workload(cond("QuotaReserved", "False", "not camel case!", "m")))
+    (reserved,) = [c for c in status.conditions or [] if c.type == "QuotaReserved"]
+    assert reserved.reason == "QuotaReserved"
