@@ -22,7 +22,11 @@ its registry, names and types) on that IP and the pod's ``metrics`` port, fed by
   (``"5"``) or that long after the rendezvous (a Go duration, ``"40s"``), as a trainer stuck in
   a collective would: the pod keeps running (for its run-duration) and serves the same step,
   with no further checkpoint. On the replica template, every pod the PyTorchJob re-creates
-  hangs the same way.
+  hangs the same way;
+- a resume: as the real trainer resumes from the newest complete checkpoint in its checkpoint
+  storage, a master pod of a job whose earlier master pod saved a checkpoint (same namespace, job
+  and ``checkpoint.dir``, while this loop runs) goes on from that checkpoint's step: its run
+  reports that step (``finetune_train_step``) and the checkpoint, and counts only its own steps.
 
 It stops serving a pod when the pod ends, is deleted or its IP leaves the test bed's pod network
 (a test that points the pod elsewhere serves its own). ``testbed.finetune.dev/trainer-metrics:
@@ -206,6 +210,7 @@ class MasterPod:
     config_map: str | None
     silent: bool
     hang: Hang | None = None
+    job: str = ""  # the PyTorchJob's name
 
     @classmethod
     def of(cls, pod: Obj) -> MasterPod:
@@ -243,6 +248,7 @@ class MasterPod:
             config_map=volumes[0] if volumes else None,
             silent=str(notes.get(OPT_OUT, "")).lower() == "false",
             hang=Hang.parse(str(notes[HANG_AFTER])) if notes.get(HANG_AFTER) else None,
+            job=str(labels.get(JOB_NAME_LABEL, "")),
         )
 
     def serves(self, network: str) -> bool:
@@ -262,15 +268,25 @@ class Run:
     pod: MasterPod
     schedule: Schedule
     trainer: metrics.TrainerMetrics
-    done: int = 0  # steps put into the counters so far
+    done: int = 0  # the run's step so far (from ``start``)
     saved: int = 0  # the checkpoint step reported so far
     evaluated: set[int] = field(default_factory=set)
+    start: int = 0  # the checkpoint step it resumed from (0: a fresh run)
+
+    def __post_init__(self) -> None:
+        self.done = self.saved = self.start
+        self.trainer.step.set(self.start)
+        self.trainer.total_steps.set(self.schedule.total_steps)
+        self.trainer.progress.set(self.start / self.schedule.total_steps)
+        if self.start:
+            self.trainer.checkpoint_last_step.set(self.start)
 
     def advance(self, now: float) -> None:
         """Bring the metrics to what the run has done by ``now``."""
         s, m = self.schedule, self.trainer
         elapsed = now - (self.pod.joined_at or now)
-        step, finished = s.step_at(elapsed), s.finished(elapsed)
+        step = min(s.total_steps, self.start + s.step_at(elapsed))
+        finished = s.finished(elapsed)
         stuck = s.hang_step(self.pod.hang)
         if stuck is not None and stuck < s.total_steps:  # hung: no more steps, so no final save
             step = min(step, stuck)
@@ -288,6 +304,7 @@ class Run:
             m.grad_norm.set(s.grad_norm(step))
             m.mfu.set(0.38 + random.Random(step).uniform(-0.02, 0.02))
             m.progress.set(step / s.total_steps)
+            m.step.set(step)
             for rank in range(s.ranks):
                 m.memory.labels(str(rank)).set(61.5 * 2**30)
         saved = s.checkpoint_step(step, finished)
@@ -321,6 +338,9 @@ class Server:
         self.network = network
         self.default_run_seconds = default_run_seconds
         self.runs: dict[str, Run] = {}
+        #: (namespace, job, checkpoint dir) -> the newest checkpoint step its runs saved.
+        self.checkpoints: dict[tuple[str, str, str], int] = {}
+        self.keys: dict[str, tuple[str, str, str]] = {}  # uid -> its run's checkpoint key
         self.refused: dict[str, str] = {}  # uid -> why it cannot be served (logged once)
 
     def step(self, now: float) -> None:
@@ -333,7 +353,11 @@ class Server:
             if uid not in self.runs and uid not in self.refused:
                 self.start(pod)
             if uid in self.runs:
-                self.runs[uid].advance(now)
+                run = self.runs[uid]
+                run.advance(now)
+                key = self.keys.get(uid)
+                if key is not None and run.saved > self.checkpoints.get(key, 0):
+                    self.checkpoints[key] = run.saved
 
     def start(self, pod: MasterPod) -> None:
         config = trainer_config(self.api, pod)
@@ -347,14 +371,21 @@ class Server:
             self.refused[pod.uid] = str(e)
             log(f"trainer-metrics: {pod.namespace}/{pod.name}: cannot serve {pod.ip}:{port}: {e}")
             return
-        self.runs[pod.uid] = Run(pod, schedule, trainer)
+        start = 0
+        if config is not None and config.checkpoint.dir and config.checkpoint.resume == "auto":
+            key = (pod.namespace, pod.job, config.checkpoint.dir)
+            self.keys[pod.uid] = key
+            start = min(self.checkpoints.get(key, 0), schedule.total_steps)
+        self.runs[pod.uid] = Run(pod, schedule, trainer, start=start)
+        resumed = f", resumed at step {start}" if start else ""
         log(
             f"trainer-metrics: {pod.namespace}/{pod.name} on http://{pod.ip}:{port}/metrics: "
-            f"{schedule.total_steps} steps in {run_seconds:g}s"
+            f"{schedule.total_steps} steps in {run_seconds:g}s{resumed}"
         )
 
     def stop(self, uid: str) -> None:
         run = self.runs.pop(uid)
+        self.keys.pop(uid, None)
         run.trainer.close()
         log(f"trainer-metrics: {run.pod.namespace}/{run.pod.name} stopped at step {run.done}")
 

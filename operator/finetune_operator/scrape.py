@@ -25,11 +25,15 @@ def _samples(text: str) -> dict[str, float]:
 def parse_progress(text: str, now: str) -> Progress | None:
     """Progress from the trainer's /metrics text; None when it reports no step yet."""
     values = _samples(text)
-    step = int(values.get(n.total(n.TRAIN_STEPS), 0))
-    if step <= 0:
+    # The run's step and total (a resumed run goes on from its checkpoint's step); a trainer
+    # without those gauges: the steps it counted, and the total they imply.
+    step = int(values.get(n.TRAIN_STEP, values.get(n.total(n.TRAIN_STEPS), 0)))
+    if step <= 0 or values.get(n.total(n.TRAIN_STEPS), 0) <= 0:
         return None
     ratio = values.get(n.TRAIN_PROGRESS, 0.0)
-    total = round(step / ratio) if ratio > 0 else None
+    total: int | None = int(values.get(n.TRAIN_TOTAL_STEPS, 0)) or None
+    if total is None:
+        total = round(step / ratio) if ratio > 0 else None
     busy = values.get(n.hsum(n.TRAIN_STEP_DURATION), 0.0)
     counted = values.get(n.count(n.TRAIN_STEP_DURATION), 0.0)
     tokens = values.get(n.total(n.TRAIN_TOKENS), 0.0)

@@ -13,6 +13,8 @@ a job Kueue queues through a namespace's ``default`` LocalQueue.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -310,3 +312,93 @@ def test_a_job_queued_by_the_namespaces_default_local_queue_is_left_to_kueue(
     # nobody unsuspended it (and Kueue suspended it again).
     assert after["metadata"]["generation"] == before["metadata"]["generation"]
     assert suspended(testbed, ns, "defaulted") is True
+
+
+@pytest.fixture
+def fake_trainer(queued: Any) -> Any:
+    """The test bed's fake trainer serves the master pods' metrics (added in place), and the
+    namespace has the claim the jobs checkpoint to (the test bed's default StorageClass)."""
+    testbed = queued.testbed
+    if testbed.external:
+        pytest.skip("the fake trainer's metrics are the test bed's")
+    up = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "cluster"), "up", "--trainer-metrics"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert up.returncode == 0, up.stderr
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "finetune-checkpoints"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    assert testbed.apply(claim, "-n", queued.namespace).returncode == 0
+    return queued
+
+
+def status_of(testbed: Any, ns: str, name: str) -> dict[str, Any]:
+    return dict((get(testbed, "ftj", ns, name) or {}).get("status") or {})
+
+
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(fake_trainer: Any) -> None:
+    """low (priority low) runs on all 16 GPUs and checkpoints every 5 steps; high (priority
+    high) preempts it: low says Preempted and Queued, high runs to Succeeded, and low is admitted
+    again, goes on from its last checkpoint's step (never from step 0) and succeeds."""
+    testbed, ns = fake_trainer.testbed, fake_trainer.namespace
+    low = job16(
+        "low",
+        {"testbed.finetune.dev/run-duration": "60s", "testbed.finetune.dev/total-steps": "60"},
+        scheduling={"queueName": "default", "priority": "low"},
+        checkpoint={"storage": "pvc://finetune-checkpoints/low", "everySteps": 5},
+    )
+    assert testbed.apply(low, "-n", ns).returncode == 0
+    saved = testbed.wait_for(
+        lambda: (status_of(testbed, ns, "low").get("checkpoint") or {}).get("step", 0) >= 10,
+        timeout=120,
+        desc="low's checkpoint at step 10",
+    )
+    assert saved
+    high = job16(
+        "high",
+        {"testbed.finetune.dev/run-duration": "15s"},
+        scheduling={"queueName": "default", "priority": "high"},
+    )
+    assert testbed.apply(high, "-n", ns).returncode == 0
+    testbed.wait_for(
+        lambda: ftj_condition(testbed, ns, "low", "Preempted").get("status") == "True",
+        timeout=60,
+        desc="low Preempted",
+    )
+    preempted = ftj_condition(testbed, ns, "low", "Preempted")
+    assert preempted["reason"] == "InClusterQueue", preempted
+    assert "prioritization" in preempted["message"]
+    checkpoint = status_of(testbed, ns, "low")["checkpoint"]["step"]
+    assert checkpoint >= 10
+    testbed.wait_for(lambda: phase(testbed, ns, "low") == "Queued", timeout=30, desc="Queued")
+    testbed.wait_for(
+        lambda: phase(testbed, ns, "high") == "Succeeded", timeout=120, desc="high Succeeded"
+    )
+
+    # Admitted again: it goes on from its checkpoint, and every step it reports is past it.
+    steps: list[int] = []
+
+    def resumed_and_done() -> bool:
+        status = status_of(testbed, ns, "low")
+        if status.get("phase") == "Running" and admitted(testbed, ns, "low"):
+            step = (status.get("progress") or {}).get("step")
+            if step is not None:
+                steps.append(step)
+        return status.get("phase") == "Succeeded"
+
+    testbed.wait_for(resumed_and_done, timeout=150, interval=0.5, desc="low resumed, Succeeded")
+    assert steps, "no progress seen after low was admitted again"
+    assert min(steps) >= checkpoint, (checkpoint, steps)
+    assert status_of(testbed, ns, "low")["progress"]["step"] == 60
+    told = testbed.kubectl(
+        "get", "events", "-n", ns, "--field-selector", "involvedObject.name=low"
+    ).stdout
+    assert "Preempted" in told
+    assert "Queued" in told

@@ -116,6 +116,27 @@ def test_only_running_joined_masters_on_the_pod_network_serve() -> None:
     assert not MasterPod.of(silent).serves(NETWORK)
 
 
+def test_a_resumed_run_goes_on_from_its_checkpoint_as_the_operator_reads_it() -> None:
+    """A run that resumed at step 200 of 300 reports step 200 and its checkpoint at once, then
+    counts only its own steps; the operator reads the run's step and total, not the count."""
+    p = MasterPod.of(pod())
+    s = Schedule(run_seconds=30, total_steps=300, checkpoint_every=100, tokens_per_step=1000)
+    run = Run(p, s, metrics.create(torch_version="t", transformers_version="t"), start=200)
+    assert p.joined_at is not None
+    run.advance(p.joined_at + 1)  # loading: no step of its own yet
+    text = generate_latest(run.trainer.registry).decode()
+    assert parse_progress(text, "now") is None
+    saved = parse_checkpoint(text, None)
+    assert saved is not None
+    assert saved.step == 200
+    run.advance(p.joined_at + 3 + 0.08 * 50)  # 50 steps of its own
+    text = generate_latest(run.trainer.registry).decode()
+    progress = parse_progress(text, "now")
+    assert progress is not None
+    assert (progress.step, progress.total_steps, progress.percent) == (250, 300, 83)
+    assert "finetune_train_steps_total 50.0" in text
+
+
 def test_what_is_served_is_what_the_operator_reads() -> None:
     """The trainer's own registry, advanced to a time, parsed by the operator's scrape.py."""
     p = MasterPod.of(pod())

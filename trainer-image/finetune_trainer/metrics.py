@@ -32,6 +32,8 @@ class TrainerMetrics:
     eval_loss: Gauge
     mfu: Gauge
     progress: Gauge
+    step: Gauge
+    total_steps: Gauge
     memory: Gauge
     build_info: Gauge
     server: Any = None
@@ -87,6 +89,12 @@ def create(torch_version: str, transformers_version: str) -> TrainerMetrics:
         eval_loss=Gauge(n.EVAL_LOSS, "Mean loss on the held-out eval set (nats/token)", registry=r),
         mfu=Gauge(n.TRAIN_MFU, "Model FLOPs utilisation (0-1) of the last step", registry=r),
         progress=Gauge(n.TRAIN_PROGRESS, "Steps done / total steps (0-1)", registry=r),
+        step=Gauge(
+            n.TRAIN_STEP,
+            "The run's optimizer step (a resumed run goes on from its checkpoint's)",
+            registry=r,
+        ),
+        total_steps=Gauge(n.TRAIN_TOTAL_STEPS, "Optimizer steps the run takes in all", registry=r),
         memory=Gauge(
             n.GPU_MEMORY,
             "Peak accelerator memory allocated (peak RSS on CPU)",

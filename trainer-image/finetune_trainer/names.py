@@ -50,6 +50,9 @@ TRAIN_STEPS = "finetune_train_steps"  # counter
 TRAIN_STEP_DURATION = "finetune_train_step_duration_seconds"  # histogram
 TRAIN_MFU = "finetune_train_mfu_ratio"
 TRAIN_PROGRESS = "finetune_train_progress_ratio"
+#: The run's optimizer step (counted from its start, also across a resume) and its total.
+TRAIN_STEP = "finetune_train_step"
+TRAIN_TOTAL_STEPS = "finetune_train_total_steps"
 DATALOADER_WAIT = "finetune_dataloader_wait_seconds"  # histogram
 CHECKPOINT_SAVE_DURATION = "finetune_checkpoint_save_duration_seconds"  # histogram
 CHECKPOINT_LAST_SAVE = "finetune_checkpoint_last_save_timestamp_seconds"

@@ -115,6 +115,8 @@ class Reporter:
 
     def begin(self, step: int) -> None:
         self.metrics.progress.set(step / self.total)
+        self.metrics.step.set(step)
+        self.metrics.total_steps.set(self.total)
         self.progress.start(step)
 
     def step(self, r: StepResult) -> None:
@@ -130,6 +132,7 @@ class Reporter:
         if self.peak_flops:
             m.mfu.set(min(1.0, self.flops_per_token * r.tokens / r.seconds / self.peak_flops))
         m.progress.set(r.step / self.total)
+        m.step.set(r.step)
         self._memory()
         self.progress.step(r.step, r.loss, r.lr, r.tokens / r.seconds)
         self.journal.write(
