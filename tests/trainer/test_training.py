@@ -134,6 +134,8 @@ def test_metrics_endpoint_names_and_types(one_rank: dict[str, Any]) -> None:
         "finetune_checkpoint_save_duration_seconds": "histogram",
         "finetune_train_mfu_ratio": "gauge",
         "finetune_train_progress_ratio": "gauge",
+        "finetune_train_step": "gauge",
+        "finetune_train_total_steps": "gauge",
         "finetune_gpu_memory_max_allocated_bytes": "gauge",
         "finetune_trainer_build_info": "gauge",
         "finetune_eval_loss": "gauge",
@@ -147,6 +149,11 @@ def test_metrics_endpoint_names_and_types(one_rank: dict[str, Any]) -> None:
     assert samples["finetune_train_steps_total"].value >= 2
     assert samples["finetune_train_tokens_total"].value > 0
     assert 0 < samples["finetune_train_progress_ratio"].value <= 1
+    total = samples["finetune_train_total_steps"].value
+    assert (
+        samples["finetune_train_step"].value / total
+        == samples["finetune_train_progress_ratio"].value
+    )
     assert 0 <= samples["finetune_train_mfu_ratio"].value <= 1
     assert 0 < samples["finetune_train_loss"].value < 11
     mem = list(families["finetune_gpu_memory_max_allocated_bytes"].samples)
