@@ -5,6 +5,12 @@ In one run, on the local test bed (hack/cluster) or the cluster in KUBECONFIG:
          all N PyTorchJobs exist, plus the operator's CPU seconds and peak memory;
   floor: create the same N PyTorchJobs directly and time training-operator until all their
          pods exist (what any job has to wait for anyway).
+API requests: the API server's own count (apiserver_request_total) over the "ours" phase, by
+verb and resource, per job; all clients of the test bed are in it (kwok, the scheduler,
+training-operator, the controller-manager), so it bounds the operator's share from above. The
+operator's own writes are counted exactly: every server-side APPLY is the operator's (nobody else
+on the test bed applies), the writes to FineTuneJobs (status replace, kopf's finalizer and
+progress annotations) are only its, and its Events carry its reporting component.
 Writes bench/results/operator.json.   Usage: python bench/operator/run.py [--jobs 200]
 """
 
@@ -30,8 +36,60 @@ from kubernetes import client, config, watch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "operator"))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from common import machine  # noqa: E402
 from finetune_operator import api, manifest  # noqa: E402
 from finetune_operator.plan import plan_job  # noqa: E402
+
+WRITES = {"POST", "PUT", "PATCH", "APPLY", "DELETE"}
+
+
+def _requests(env: dict[str, str]) -> dict[tuple[str, str], float]:
+    """The API server's request counts by (verb, resource[/subresource]), all clients."""
+    text = subprocess.run(
+        ["kubectl", "get", "--raw", "/metrics"], check=True, capture_output=True, text=True,
+        env=env,
+    ).stdout  # fmt: skip
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            labels = sample.labels
+            resource = labels.get("resource", "")
+            if labels.get("subresource"):
+                resource += "/" + labels["subresource"]
+            key = (labels.get("verb", ""), resource)
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def _per_job(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], jobs: int
+) -> dict[str, float]:
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return {
+        f"{verb} {resource}": round(n / jobs, 2)
+        for (verb, resource), n in sorted(delta.items())
+        if n > 0 and verb != "WATCH"
+    }
+
+
+def _operator_writes(per_job: dict[str, float], events_per_job: float) -> float:
+    """The operator's writes per job: every APPLY, its writes to FineTuneJobs (less the bench's
+    own create), and its Events."""
+    total = events_per_job
+    for key, n in per_job.items():
+        verb, resource = key.split(" ", 1)
+        if verb == "APPLY" or (verb in WRITES - {"POST"} and resource.startswith("finetunejobs")):
+            total += n
+    return round(total, 2)
 
 
 def _cluster_env() -> dict[str, str]:
@@ -149,6 +207,7 @@ def main() -> None:
         except OSError:
             time.sleep(0.5)
     cpu_before, _ = _proc_usage(operator.pid)
+    requests_before = _requests(env)
     children = Arrivals(
         lambda **kw: custom.list_namespaced_custom_object(
             "kubeflow.org", "v1", plural="pytorchjobs", **kw
@@ -165,6 +224,13 @@ def main() -> None:
         created[name] = time.monotonic()
     end = children.wait(args.jobs, args.timeout)
     children.stop()
+    requests_after = _requests(env)
+    ours_events = sum(
+        1
+        for e in core.list_namespaced_event(ours_ns).items
+        if (e.reporting_component or (e.source.component if e.source else ""))
+        == "finetune-operator"
+    )
     cpu_after, peak = _proc_usage(operator.pid)
     operator.terminate()
     stop = time.monotonic()
@@ -200,8 +266,13 @@ def main() -> None:
         core.delete_namespace(ns)
     ours_total = end - start
     floor_total = floor_end - floor_start
+    per_job = _per_job(requests_before, requests_after, args.jobs)
     result = {
         "jobs": args.jobs,
+        "machine": machine(torch.device("cpu")),
+        "requests_per_job_all_clients": per_job,
+        "operator_writes_per_job": _operator_writes(per_job, ours_events / args.jobs),
+        "operator_events_per_job": round(ours_events / args.jobs, 2),
         "ours": {
             "all_pytorchjobs_exist_seconds": round(ours_total, 2),
             "children_created": len(latencies),

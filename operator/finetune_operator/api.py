@@ -89,6 +89,8 @@ class FineTuneJob(ApiModel):
 
     @model_validator(mode="after")
     def _cel(self, info: ValidationInfo) -> FineTuneJob:
+        if (info.context or {}).get("stored"):
+            return self  # the API server held it to these rules when it stored it
         old = (info.context or {}).get("old")
         problems = list(cel_problems(self, old))
         if problems:
@@ -138,6 +140,16 @@ def parse(document: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> 
         old = _stored_form(old)
     try:
         return FineTuneJob.model_validate(document, context={"old": old})
+    except ValidationError as exc:
+        raise SpecError(_problems(exc, document)) from None
+
+
+def parse_stored(document: Mapping[str, Any]) -> FineTuneJob:
+    """Parse a FineTuneJob as the API server stored it (the operator's reads and events): typed
+    and checked like :func:`parse`, but its CEL rules, which the API server enforced when it
+    stored the object, are not evaluated again (they cost ~20 ms of CPU a parse in Python)."""
+    try:
+        return FineTuneJob.model_validate(document, context={"stored": True})
     except ValidationError as exc:
         raise SpecError(_problems(exc, document)) from None
 

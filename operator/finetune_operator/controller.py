@@ -8,7 +8,7 @@ Kubernetes calls go through :class:`Cluster`, the little the controller needs fr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -71,9 +71,6 @@ class Cluster(Protocol):
 
     def missing_claims(self, namespace: str, claims: list[str]) -> list[str]:
         """Those of the PersistentVolumeClaims ``claims`` that do not exist in ``namespace``."""
-
-    def metrics(self, pod: Pod, port: int) -> str | None:
-        """The /metrics text ``pod`` serves on ``port``; None if it does not answer."""
 
     def gpu_node_products(self, node_selector: Mapping[str, str]) -> list[str]:
         """The ``nvidia.com/gpu.product`` label of each node that has one and whose labels
@@ -159,7 +156,7 @@ def _write(kube: Cluster, job: api.FineTuneJob, compute: Compute) -> Outcome | N
             fresh = kube.finetunejob(job.metadata.namespace or "", job.name)
             if fresh is None:
                 return None  # deleted meanwhile
-            job = api.parse(fresh)
+            job = api.parse_stored(fresh)
             continue
         version = written.get("metadata", {}).get("resourceVersion")
         meta = job.metadata.model_copy(update={"resource_version": version})
@@ -570,23 +567,29 @@ def _step_clock(progress: Progress | None) -> recovery.StepClock | None:
     return recovery.StepClock(progress.step, since)
 
 
+def master(pods: Sequence[Pod]) -> Pod | None:
+    """The master pod among a PyTorchJob's pods (the one whose metrics tell progress)."""
+    return next((p for p in pods if p.replica_type == "master"), None)
+
+
+def scraping(job: api.FineTuneJob) -> bool:
+    """Whether the job's progress is read from its master's metrics (it is Running)."""
+    return job.status is not None and job.status.phase == "Running"
+
+
 def scrape_progress(
-    kube: Cluster, job: api.FineTuneJob, metrics_port: int = manifest.METRICS_PORT
+    kube: Cluster, job: api.FineTuneJob, pods: Sequence[Pod], text: str | None
 ) -> list[Outcome]:
-    """Read progress from the master pod's metrics into status.progress (while Running), and
-    act on a hang: no new step for runPolicy.hangTimeoutSeconds restarts the pods (their
-    new ones resume from the last complete checkpoint), within runPolicy.maxRestarts; then the
-    job fails Hung. Only a master that answers is judged: a trainer whose metrics cannot be
-    read (a network policy, no metrics port) is never called hung."""
+    """Write the progress the master pod's metrics ``text`` tells into status.progress (while
+    Running; ``pods`` are the job's pods, as the caller's watch has them), and act on a hang: no
+    new step for runPolicy.hangTimeoutSeconds restarts the pods (their new ones resume from the
+    last complete checkpoint), within runPolicy.maxRestarts; then the job fails Hung. Only a
+    master that answers is judged: a trainer whose metrics cannot be read (``text`` None: a
+    network policy, no metrics port, no answer in time) is never called hung."""
     status = job.status
-    if status is None or status.phase != "Running":
+    if status is None or not scraping(job) or text is None:
         return []
     ns = job.metadata.namespace or ""
-    pods = kube.pods(ns, job.name)
-    master = next((p for p in pods if p.replica_type == "master"), None)
-    text = kube.metrics(master, metrics_port) if master else None
-    if text is None:
-        return []
     moment = datetime.now(UTC)
     progress = parse_progress(text, stamp(moment))
     child = kube.pytorchjob(ns, job.name)

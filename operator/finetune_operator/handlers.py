@@ -8,9 +8,12 @@ read once, by :func:`run`, and reach the handlers through kopf's memo.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import kopf
 
@@ -25,12 +28,13 @@ from finetune_operator import (
     story,
     telemetry,
 )
-from finetune_operator.kube import Kube, load_config, server
+from finetune_operator.kube import Kube, Scraper, load_config, server
 from finetune_operator.objects import Pod
 from finetune_operator.settings import Settings, SettingsError
-from finetune_trainer.names import JOB_LABEL
+from finetune_trainer.names import JOB_LABEL, JOB_NAME_LABEL
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+T = TypeVar("T")
 log = logging.getLogger("finetune_operator")
 
 
@@ -50,6 +54,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 8
     load_config()
     memo.kube = Kube()
+    memo.scraper = Scraper()
+    memo.progress_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="progress")
     config: Settings = memo.settings
     namespaces = ",".join(memo.namespaces) or "all"
     log.info(
@@ -69,7 +75,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 def _parse(body: kopf.Body) -> api.FineTuneJob:
     try:
-        return api.parse(dict(body))
+        return api.parse_stored(dict(body))
     except api.SpecError as exc:
         raise kopf.PermanentError(f"invalid FineTuneJob: {exc}") from None
 
@@ -124,7 +130,7 @@ def _refresh(
     if document is None:
         return
     try:
-        job = api.parse(document)
+        job = api.parse_stored(document)
     except api.SpecError:
         return  # the FineTuneJob's own handler reports it
     if workload is not None:
@@ -148,7 +154,7 @@ def staging_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if document is None:
         return
     try:
-        job = api.parse(document)
+        job = api.parse_stored(document)
     except api.SpecError:
         return  # the FineTuneJob's own handler reports it
     if controller.staging_now(job):
@@ -176,9 +182,28 @@ def workload_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         _refresh(memo, view.namespace, view.owner_name, workload=view)
 
 
-def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+@kopf.index("", "v1", "pods", labels={JOB_NAME_LABEL: kopf.PRESENT, JOB_LABEL: kopf.PRESENT})
+def training_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], Pod]:
+    """The trainer pods of each PyTorchJob, by (namespace, job name), from the pods watch the
+    operator has anyway: the progress timer reads them here, not with a list per job per tick."""
+    return {(namespace or "", str(labels[JOB_NAME_LABEL])): Pod.parse(body)}
+
+
+async def _off_the_loop(memo: kopf.Memo, work: Callable[[], T]) -> T:
+    """Run blocking API work of the progress timer on its own threads (kopf's workers stay free
+    for reconciles: a burst of new jobs is never queued behind progress)."""
+    return await asyncio.get_running_loop().run_in_executor(memo.progress_pool, work)
+
+
+async def progress(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """Training progress from the master's metrics, and a level-triggered safety net (a timer
-    every Settings.progress_interval seconds, registered by :func:`run`)."""
+    every Settings.progress_interval seconds, registered by :func:`run`).
+
+    The pods come from the index, the metrics from the asynchronous Scraper (bounded, short
+    timeouts: a master that does not answer costs the others nothing), and the status write
+    from the progress threads."""
     job = _parse(body)
     config: Settings = memo.settings
     # The nodes may tell its GPU type now; its staging pod may have ended (or be stuck); a
@@ -188,13 +213,38 @@ def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         or controller.staging_now(job)
         or controller.needs_child(job)
     ):
-        _reconcile(memo, job, body)
+        await _off_the_loop(memo, lambda: _reconcile(memo, job, body))
         return
-    with telemetry.timed():
-        outcomes = controller.scrape_progress(
-            memo.kube, job, config.trainer_metrics_port
-        ) or controller.refresh(memo.kube, job)
-    _announce(memo.kube, body, outcomes)
+    outcomes: list[controller.Outcome] = []
+    if controller.scraping(job):
+        index: kopf.Index[tuple[str, str], Pod] = kwargs["training_pods"]
+        pods = list(index.get((job.metadata.namespace or "", job.name), ()))
+        master = controller.master(pods)
+        scraper: Scraper = memo.scraper
+        text = await scraper.metrics(master, config.trainer_metrics_port) if master else None
+        if text is not None:
+
+            def scraped() -> list[controller.Outcome]:
+                with telemetry.timed():
+                    return controller.scrape_progress(memo.kube, job, pods, text)
+
+            outcomes = await _off_the_loop(memo, scraped)
+    if not outcomes:
+
+        def refreshed() -> list[controller.Outcome]:
+            with telemetry.timed():
+                return controller.refresh(memo.kube, job)
+
+        outcomes = await _off_the_loop(memo, refreshed)
+    if outcomes:
+        await _off_the_loop(memo, lambda: _announce(memo.kube, body, outcomes))
+
+
+@kopf.on.cleanup()
+async def close_scraper(memo: kopf.Memo, **_: Any) -> None:
+    scraper: Scraper | None = getattr(memo, "scraper", None)
+    if scraper is not None:
+        await scraper.close()
 
 
 def run(

@@ -9,14 +9,15 @@ pod logs; the GPU product labels of nodes; and the master pod's metrics endpoint
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
-import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import (
@@ -46,6 +47,9 @@ FIELD_MANAGER = "finetune-operator"
 SUSPEND_MANAGER = "finetune-operator-kueue"
 #: Seconds a single API request may take before it is abandoned and retried by the handler.
 REQUEST_TIMEOUT = 30
+#: Trainer metrics requests in flight at once, and the seconds one may take (Scraper).
+SCRAPE_CONCURRENCY = 64
+SCRAPE_TIMEOUT = 2.0
 
 
 def load_config() -> None:
@@ -368,18 +372,39 @@ class Kube:
             _request_timeout=REQUEST_TIMEOUT,
         )
 
-    @staticmethod
-    def metrics(pod: Pod, port: int, timeout: float = 3.0) -> str | None:
-        """The trainer's /metrics text from ``pod`` (None while it has no IP or does not answer)."""
+
+class Scraper:
+    """Reads trainers' /metrics (the master pods' ``<podIP>:<port>``) for the progress timer,
+    asynchronously: at most ``concurrency`` requests at once, each given up after ``timeout``
+    seconds, so a pod that does not answer holds one slot for that long and no thread at all.
+    Make it inside the event loop that uses it."""
+
+    def __init__(self, concurrency: int = SCRAPE_CONCURRENCY, timeout: float = SCRAPE_TIMEOUT):
+        self._slots = asyncio.Semaphore(concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def metrics(self, pod: Pod, port: int) -> str | None:
+        """The /metrics text ``pod`` serves on ``port``; None while it has no IP, or when it
+        does not answer in time (or with an error)."""
         if not pod.pod_ip:
             return None
         host = f"[{pod.pod_ip}]" if ":" in pod.pod_ip else pod.pod_ip  # IPv6
-        url = f"http://{host}:{port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                return str(resp.read().decode("utf-8"))
-        except (OSError, ValueError):
-            return None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        async with self._slots:
+            try:
+                async with self._session.get(f"http://{host}:{port}/metrics") as resp:
+                    if resp.status != 200:
+                        return None
+                    return await resp.text()
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                return None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 if TYPE_CHECKING:  # mypy checks that Kube is all the controller needs from Kubernetes

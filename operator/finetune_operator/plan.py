@@ -10,6 +10,9 @@ before any pod exists; only a model nobody could read is left to the trainer to 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from pydantic import ValidationError
 
 from finetune_operator.api import Problem
@@ -28,6 +31,7 @@ from finetune_trainer.planner import (
     known_model,
     plan_parallelism,
 )
+from finetune_trainer.planner.api import Mode
 
 __all__ = [
     "GPU_TYPE_FROM_NODES",
@@ -80,9 +84,38 @@ def plan_job(spec: FineTuneJobSpec, facts: ModelFacts | None = None) -> PlanResu
     except ValidationError as exc:  # e.g. more GPUs per node than that GPU's servers hold
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise PlanInfeasible(f"spec.resources: {reasons}") from None
-    return plan_parallelism(
-        facts, cluster, workload(spec), constraints(spec), mode=spec.parallelism.mode
-    )
+    return _plan_once(facts, cluster, workload(spec), constraints(spec), spec.parallelism.mode)
+
+
+#: The plans made so far, by their inputs (a planner answer, or why none fits): the operator
+#: reconciles a job many times (created, staged, every event) and many jobs share a shape, and
+#: planning one costs ~25-50 ms of CPU. Bounded; thread-safe (kopf runs handlers on threads).
+_PLANS: OrderedDict[str, PlanResult | PlanInfeasible] = OrderedDict()
+_PLANS_MAX = 512
+_PLANS_LOCK = threading.Lock()
+
+
+def _plan_once(
+    facts: ModelFacts, cluster: Cluster, work: Workload, pinned: Constraints, mode: Mode
+) -> PlanResult:
+    """plan_parallelism, each distinct input planned once (the planner is a pure function)."""
+    key = "\x1f".join(m.model_dump_json() for m in (facts, cluster, work, pinned)) + mode
+    with _PLANS_LOCK:
+        known = _PLANS.get(key)
+        if known is not None:
+            _PLANS.move_to_end(key)
+    if known is None:
+        try:
+            known = plan_parallelism(facts, cluster, work, pinned, mode=mode)
+        except PlanInfeasible as exc:
+            known = exc
+        with _PLANS_LOCK:
+            _PLANS[key] = known
+            while len(_PLANS) > _PLANS_MAX:
+                _PLANS.popitem(last=False)
+    if isinstance(known, PlanInfeasible):
+        raise PlanInfeasible(known.message, known.suggestions, known.closest)
+    return known
 
 
 #: What ``finetune plan``/``validate`` say offline about a job that leaves gpuType out.

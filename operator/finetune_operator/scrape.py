@@ -27,7 +27,7 @@ def parse_progress(text: str, now: str) -> Progress | None:
     values = _samples(text)
     # The run's step and total (a resumed run goes on from its checkpoint's step); a trainer
     # without those gauges: the steps it counted, and the total they imply.
-    step = int(values.get(n.TRAIN_STEP, values.get(n.total(n.TRAIN_STEPS), 0)))
+    step = int(values.get(n.TRAIN_STEP) or values.get(n.total(n.TRAIN_STEPS), 0))
     if step <= 0 or values.get(n.total(n.TRAIN_STEPS), 0) <= 0:
         return None
     ratio = values.get(n.TRAIN_PROGRESS, 0.0)

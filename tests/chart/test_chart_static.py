@@ -246,6 +246,20 @@ def test_operator_rbac_never_touches_secrets_or_wildcards(helm, values) -> None:
         assert not rule.get("nonResourceURLs"), rule
 
 
+def test_kueue_workloads_are_readable_only_with_kueue_enabled(helm) -> None:
+    """kueue.enabled: the operator may read, watch and patch (spec.active) Kueue's Workloads,
+    and nothing else of Kueue's; without it, nothing of Kueue's at all."""
+
+    def kueue_rules(**sets: str) -> list[dict[str, Any]]:
+        rules = _operator_rules(documents(helm.template(**sets).stdout))
+        return [r for r in rules if "kueue.x-k8s.io" in r.get("apiGroups", [])]
+
+    assert kueue_rules() == []
+    (rule,) = kueue_rules(**{"kueue.enabled": "true"})
+    assert rule["resources"] == ["workloads"]
+    assert sorted(rule["verbs"]) == ["get", "list", "patch", "watch"]
+
+
 def test_cluster_wide_mode_binds_cluster_wide(helm) -> None:
     docs = documents(helm.template().stdout)
     bindings = {b["roleRef"]["name"] for b in _by_kind(docs, "ClusterRoleBinding")}

@@ -611,3 +611,35 @@ def test_a_job_without_gpu_type_on_nodes_of_two_types_waits_until_it_is_set(
     running = wait_phase(testbed, ns, "which-gpu", "Running")
     assert "failure" not in running["status"]
     assert _node_products(testbed, ns, "which-gpu") == {"NVIDIA-H100-80GB-HBM3"}
+
+
+def test_gang_scheduling_asks_for_every_replica_and_training_operators_webhook_takes_it(
+    operator: Any,
+) -> None:
+    """For a gang scheduler: runPolicy.schedulingPolicy.minAvailable is every replica (2 nodes:
+    the master and a worker), with the pods' PriorityClass; training-operator's own validating
+    webhook admits the PyTorchJob, and the job runs to Succeeded."""
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job(
+        "gang",
+        resources={"numNodes": 2, "gpusPerNode": 8, "gpuType": "H100-80GB"},
+        hyperparameters={"epochs": 1, "globalBatchSize": 32},
+        scheduling={"gangScheduling": True, "priorityClassName": "system-cluster-critical"},
+    )
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    child = testbed.wait_for(
+        lambda: (
+            (p := testbed.kubectl("get", "pytorchjob", "gang", "-n", ns, "-o", "json")).returncode
+            == 0
+            and json.loads(p.stdout)
+        ),
+        timeout=60,
+        desc="the PyTorchJob",
+    )
+    policy = child["spec"]["runPolicy"]["schedulingPolicy"]
+    assert policy == {"minAvailable": 2, "priorityClass": "system-cluster-critical"}
+    testbed.wait_for(
+        lambda: ftj(testbed, ns, "gang").get("status", {}).get("phase") == "Succeeded",
+        timeout=120,
+        desc="gang Succeeded",
+    )

@@ -11,7 +11,9 @@ training-operator leaves alone (as it does for MultiKueue).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -24,7 +26,7 @@ from kubernetes import config
 from kubernetes.dynamic.exceptions import DynamicApiError
 
 from finetune_operator import api, controller, manifest, story
-from finetune_operator.kube import Kube
+from finetune_operator.kube import Kube, Scraper
 from finetune_operator.objects import Pod
 from finetune_operator.plan import plan_job, plan_status
 from finetune_trainer import metrics as trainer_metrics
@@ -448,7 +450,7 @@ def test_scrape_progress_reads_the_master_pod_s_metrics_into_status(
     make_pod(crd, job, f"{job.name}-a-worker-0", "worker", _with_ip("127.0.0.2"))  # listed first
     make_pod(crd, job, f"{job.name}-master-0", "master", _with_ip("127.0.0.1"))
 
-    outcomes = controller.scrape_progress(kube, job, metrics_port=port)
+    outcomes = scrape(kube, job, port)
 
     assert [o.changed for o in outcomes] == [True]
     stored = read(kube, namespace, job.name)
@@ -478,8 +480,62 @@ def test_scrape_progress_writes_nothing_while_the_job_is_not_running(
     port = trainer_endpoints("127.0.0.1", 450, 0)
     make_pod(crd, job, f"{job.name}-master-0", "master", _with_ip("127.0.0.1"))
 
-    assert controller.scrape_progress(kube, job, metrics_port=port) == []
+    assert scrape(kube, job, port) == []
     assert read(kube, namespace, job.name).status == job.status
+
+
+def test_a_master_that_does_not_answer_costs_the_others_nothing(
+    trainer_endpoints: Callable[[str, int, int], int],
+) -> None:
+    """Eight masters that accept the connection but never answer, scraped together with one
+    that answers: the answering one is read first, as if alone; each silent one gives None once
+    its timeout is up (the operator's progress timer awaits them: no thread is held)."""
+    port = trainer_endpoints("127.0.0.1", 450, 0)
+    silent = socket.socket()
+    silent.bind(("127.0.0.3", 0))
+    silent.listen(16)  # accepts, never answers
+    quiet = [Pod(f"q-{i}", pod_ip="127.0.0.3") for i in range(8)]
+    answering = Pod("a", pod_ip="127.0.0.1")
+    done: list[str] = []
+
+    async def scrape_all() -> list[str | None]:
+        scraper = Scraper(concurrency=16, timeout=1.0)
+
+        async def one(pod: Pod, at: int) -> str | None:
+            text = await scraper.metrics(pod, at)
+            done.append(pod.name)
+            return text
+
+        texts = await asyncio.gather(
+            *(one(p, silent.getsockname()[1]) for p in quiet), one(answering, port)
+        )
+        await scraper.close()
+        return list(texts)
+
+    try:
+        texts = asyncio.run(scrape_all())
+    finally:
+        silent.close()
+    assert done[0] == "a", done
+    assert texts[:-1] == [None] * 8
+    assert texts[-1] is not None
+    assert "finetune_train_steps_total 450.0" in texts[-1]
+
+
+def scrape(kube: Kube, job: api.FineTuneJob, port: int) -> list[controller.Outcome]:
+    """What the progress timer does: the job's pods, its master's metrics, the status write."""
+    pods = kube.pods(job.metadata.namespace or "", job.name)
+    master = controller.master(pods)
+    text = asyncio.run(_fetch(master, port)) if master else None
+    return controller.scrape_progress(kube, job, pods, text)
+
+
+async def _fetch(pod: Pod, port: int) -> str | None:
+    scraper = Scraper()
+    try:
+        return await scraper.metrics(pod, port)
+    finally:
+        await scraper.close()
 
 
 # --------------------------------------------------------------------------- recovering

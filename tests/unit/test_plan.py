@@ -105,3 +105,25 @@ def test_pins_that_exclude_every_layout_get_a_message_not_a_crash() -> None:
     )
     with pytest.raises(PlanInfeasible, match="Would fit: removing the fixed parallelism settings"):
         plan_job(parse(job).spec)
+
+
+def test_each_distinct_job_shape_is_planned_once_with_the_same_answer() -> None:
+    """The operator plans a job on every reconcile: the second time is the first's answer (the
+    same object), a changed spec is planned anew, and an infeasible one says the same again."""
+    job = parse(load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"))
+    first, again = plan_job(job.spec), plan_job(job.spec)
+    assert first is not None
+    assert again is first
+    other = parse(apply(load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"),
+                        {"spec.parallelism": {"tensorParallel": 2}}))  # fmt: skip
+    changed = plan_job(other.spec)
+    assert changed is not None
+    assert changed is not first
+    assert changed.plan.tensor_parallel == 2
+    too_big = parse(apply(load_yaml(ROOT / "examples" / "mistral-7b-python-code.yaml"), TOO_BIG))
+    messages = []
+    for _ in range(2):
+        with pytest.raises(PlanInfeasible) as info:
+            plan_job(too_big.spec)
+        messages.append((info.value.message, info.value.suggestions))
+    assert messages[0] == messages[1]
