@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,10 +30,23 @@ SHORTFALL = "insufficient unused quota for nvidia.com/gpu in flavor h100-80gb"
 
 
 @pytest.fixture
-def queued(kueue_testbed: Any, operator: Any) -> Any:
-    """The operator, in a namespace whose LocalQueue ``default`` feeds the ClusterQueue gpus."""
+def queued(kueue_testbed: Any, operator: Any) -> Iterator[Any]:
+    """The operator, in a namespace whose LocalQueue ``default`` feeds the ClusterQueue gpus.
+
+    Afterwards its jobs are deleted while the operator still runs, and the test waits until
+    Kueue has let go of their Workloads: the shared ClusterQueue's quota is free for the next
+    test (a namespace's deletion alone leaves that to Kueue's own time)."""
     kueue_testbed.local_queue(operator.namespace)
-    return operator
+    yield operator
+    ns = operator.namespace
+    kueue_testbed.kubectl("delete", "ftj", "--all", "-n", ns, "--wait=true", "--timeout=120s")
+    kueue_testbed.wait_for(
+        lambda: (
+            not kueue_testbed.kubectl_json("get", "workloads.kueue.x-k8s.io", "-n", ns)["items"]
+        ),
+        timeout=120,
+        desc="the namespace's Workloads gone (their quota free)",
+    )
 
 
 def job16(name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
