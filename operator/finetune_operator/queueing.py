@@ -43,7 +43,6 @@ SUSPENDED_BY_USER = "finetune.dev/suspended-by-user"
 
 #: The Workload conditions mirrored into the FineTuneJob, in this order.
 MIRRORED = ("QuotaReserved", "Admitted", "Evicted", "Preempted")
-MirroredType = Literal["QuotaReserved", "Admitted", "Evicted", "Preempted"]
 Status = Literal["True", "False", "Unknown"]
 
 
