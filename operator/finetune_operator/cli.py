@@ -497,8 +497,11 @@ def logs(
 
     client, job, ns = _fetch(name, namespace)
     phase = job.status.phase if job.status and job.status.phase else "Pending"
-    pod = f"{job.name}-master-0"
-    master = [p for p in client.pods(ns, job.name) if p.name == pod]
+    from finetune_operator import children  # noqa: PLC0415
+
+    kind = children.of(job.status, children.PYTORCHJOB_CHILD)
+    master = [p for p in client.pods(kind, ns, job.name) if p.rank_zero][:1]
+    pod = master[0].name if master else f"{job.name}-master-0"
     if not master:
         when = "" if phase in ("Succeeded", "Failed") else " yet"
         err.print(
@@ -515,7 +518,7 @@ def logs(
         )
         raise typer.Exit(1)
     try:
-        stream = client.logs(ns, pod, follow=follow, tail=tail)
+        stream = client.logs(ns, pod, kind.container, follow=follow, tail=tail)
     except LogsUnavailableError as exc:
         err.print(
             f"[red]error[/]: cannot read the log of pod {pod} (FineTuneJob {escape(name)}, "

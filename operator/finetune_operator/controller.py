@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from finetune_operator import api, manifest, recovery, sources, staging
+from finetune_operator import api, children, manifest, recovery, sources, staging
+from finetune_operator.children import ChildKind
 from finetune_operator.gputype import NotInferred, infer_gpu_type, with_gpu_type
-from finetune_operator.objects import Pod, PyTorchJob, parse_time
+from finetune_operator.objects import Child, Pod, parse_time
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.queueing import QueueView
 from finetune_operator.scrape import parse_checkpoint, parse_progress
@@ -54,11 +55,14 @@ class Cluster(Protocol):
     def finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The FineTuneJob document as stored now; None if it is gone."""
 
-    def pytorchjob(self, namespace: str, name: str) -> PyTorchJob | None:
-        """The PyTorchJob ``name``; None if there is none."""
+    #: The kind of child the operator makes for a job that has none yet (its setting).
+    child_kind: ChildKind
 
-    def pods(self, namespace: str, job_name: str) -> list[Pod]:
-        """The pods of the PyTorchJob ``job_name``."""
+    def child(self, kind: ChildKind, namespace: str, name: str) -> Child | None:
+        """The child of kind ``kind`` named ``name``; None if there is none."""
+
+    def pods(self, kind: ChildKind, namespace: str, job_name: str) -> list[Pod]:
+        """The pods of the child ``job_name`` of kind ``kind``."""
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create or update ``obj`` (server-side apply); the object as stored."""
@@ -85,15 +89,15 @@ class Cluster(Protocol):
     def claim(self, namespace: str, name: str) -> staging.ClaimView | None:
         """The PersistentVolumeClaim ``name``; None if there is none."""
 
-    def delete_pods(self, namespace: str, job_name: str) -> None:
-        """Delete the pods of the PyTorchJob ``job_name`` (the training-operator makes new
-        ones, which resume from the last complete checkpoint)."""
+    def delete_pods(self, kind: ChildKind, namespace: str, job_name: str) -> None:
+        """Delete the pods of the child ``job_name`` (its controller makes new ones, which
+        resume from the last complete checkpoint)."""
 
-    def delete_pytorchjob(self, namespace: str, name: str) -> None:
-        """Delete the PyTorchJob ``name``; its pods go with it."""
+    def delete_child(self, kind: ChildKind, namespace: str, name: str) -> None:
+        """Delete the child ``name``; its pods go with it."""
 
-    def suspend_pytorchjob(self, namespace: str, name: str) -> None:
-        """Suspend the PyTorchJob ``name``: the training-operator deletes its pods."""
+    def suspend_child(self, kind: ChildKind, namespace: str, name: str) -> None:
+        """Suspend the child ``name``: its controller deletes its pods."""
 
     def workload(self, namespace: str, job_uid: str) -> QueueView | None:
         """The Kueue Workload of the child whose uid is ``job_uid``; None while there is none
@@ -103,9 +107,9 @@ class Cluster(Protocol):
         """Set the Workload's spec.active: false stops Kueue admitting it (and evicts it if
         admitted) and marks it queueing.SUSPENDED_BY_USER; true lets it queue again."""
 
-    def release_suspend(self, namespace: str, child: PyTorchJob) -> None:
-        """Make runPolicy.suspend of ``child`` (a PyTorchJob Kueue admits) stay as it is when
-        the operator's later applies leave it out: nothing when the operator does not own it."""
+    def release_suspend(self, kind: ChildKind, namespace: str, child: Child) -> None:
+        """Make the suspend of ``child`` (a child Kueue admits) stay as it is when the
+        operator's later applies leave it out: nothing when the operator does not own it."""
 
 
 def now() -> str:
@@ -181,10 +185,11 @@ def _observe(
     """What the cluster shows now; ``seen`` is a pod from an event (it may be gone already, and
     its last state is often the only record of why a container died)."""
     ns = job.metadata.namespace or ""
-    child = kube.pytorchjob(ns, job.name)
+    kind = kind_of(kube, job)
+    child = kube.child(kind, ns, job.name)
     if child is not None and child.deleting:  # an earlier plan's, on its way out
         child, seen = None, None
-    listed = kube.pods(ns, job.name) if child is not None else []
+    listed = kube.pods(kind, ns, job.name) if child is not None else []
     if seen is not None and seen.name not in {p.name for p in listed}:
         listed.append(seen)
     pods = tuple(listed)
@@ -208,6 +213,11 @@ def _observe(
         previous_failure=job.status.failure if job.status else None,
         missing_claims=tuple(missing),
     )
+
+
+def kind_of(kube: Cluster, job: api.FineTuneJob) -> ChildKind:
+    """The kind of the job's child: the one its status records, else the operator's."""
+    return children.of(job.status, kube.child_kind)
 
 
 def gpu_ask(job: api.FineTuneJob, inferred: InferredGpuType | None = None) -> GpuAsk | None:
@@ -265,7 +275,12 @@ def _before_children(job: api.FineTuneJob) -> bool:
     status = job.status
     if status is None or staging_now(job):
         return True
-    return staging.needed(job.spec) and status.staging is None and status.pytorch_job is None
+    return (
+        staging.needed(job.spec)
+        and status.staging is None
+        and status.pytorch_job is None
+        and status.train_job is None
+    )
 
 
 def _stage(
@@ -324,11 +339,13 @@ def reconcile(
     image: str,
     metrics_port: int = manifest.METRICS_PORT,
     cache: staging.CacheSettings = staging.DEFAULT_CACHE,
+    runtime: str = children.Inputs.runtime,
     on_write: Callable[[Outcome], None] = _unheard,
 ) -> list[Outcome]:
     """Make the cluster match ``job``: stage (the staging Job fills the cache and reads the
     model's config.json; phase Staging until it is done), plan (status first), apply ConfigMap
-    and PyTorchJob, then write the observed status. Returns each status write, in order;
+    and the child (children.py), then write the observed status. Returns each status write, in
+    order;
     ``on_write`` hears of each as soon as it is written (before the children exist, for the
     first), so that what it tells (Events) comes before what the children's own handlers tell."""
     if job.status is not None and job.status.phase in TERMINAL:
@@ -347,7 +364,9 @@ def reconcile(
     just_staged: StagingStatus | None = None
     # Staged once: never again, never a newer commit. A job whose trainer runs already (made by
     # an operator that did not stage) is left as it runs.
-    started = job.status is not None and job.status.pytorch_job is not None
+    started = job.status is not None and (
+        job.status.pytorch_job is not None or job.status.train_job is not None
+    )
     if staging.needed(spec) and staged is None and not started:
         seen = _stage(kube, job, resolved, config, image=image, cache=cache)
         if isinstance(seen, Observed):
@@ -392,38 +411,43 @@ def reconcile(
     if staged is not None:
         config = staging.pinned(config, staged)
     ns = job.metadata.namespace or ""
-    child = kube.pytorchjob(ns, job.name)
+    kind = kind_of(kube, job)
+    unfit = kind.unsupported(resolved)
+    if unfit is not None:
+        verdict = Failure(reason="UnsupportedByChild", message=unfit)
+        last = _write(kube, job, lambda j: failed(j.status or FineTuneJobStatus(), verdict, now()))
+        if last is not None:
+            on_write(last)
+        return _written(*outcomes, last)
+    child = kube.child(kind, ns, job.name)
     if child is not None and child.deleting:  # an earlier plan's: made anew once it is gone
         return _written(*outcomes)
-    exists = child is not None
     kube.apply(manifest.config_map(resolved, config))
-    summary = plan.summary if plan else None
-    applied = kube.apply(
-        manifest.pytorch_job(
-            resolved,
-            image=image,
-            plan_summary=summary,
-            exists=exists,
-            kueue=child is not None and bool(child.queue_name),
-            metrics_port=metrics_port,
-            cache=staged.cache if staged is not None else None,
-        )
+    inputs = children.Inputs(
+        image=image,
+        plan_summary=plan.summary if plan else None,
+        exists=child is not None,
+        kueue=child is not None and bool(child.queue_name),
+        metrics_port=metrics_port,
+        cache=staged.cache if staged is not None else None,
+        runtime=runtime,
     )
-    _leave_to_kueue(kube, job, PyTorchJob.parse(applied))
+    applied = kube.apply(kind.build(resolved, inputs))
+    _leave_to_kueue(kube, job, kind, kind.parse(applied))
     last = _write(kube, job, lambda j: derive(_observe(kube, j, plan, inferred), j.status, now()))
     if last is not None:
         on_write(last)
     return _written(*outcomes, last)
 
 
-def _leave_to_kueue(kube: Cluster, job: api.FineTuneJob, child: PyTorchJob) -> None:
+def _leave_to_kueue(kube: Cluster, job: api.FineTuneJob, kind: ChildKind, child: Child) -> None:
     """A child Kueue admits (labelled with a queue, by the operator or by Kueue's defaulting):
-    its runPolicy.suspend is Kueue's from now on, and the user's spec.runPolicy.suspend reaches
+    its suspend is Kueue's from now on, and the user's spec.runPolicy.suspend reaches
     Kueue as its Workload's spec.active (once Kueue has made the Workload)."""
     if not child.queue_name:
         return
     ns = job.metadata.namespace or ""
-    kube.release_suspend(ns, child)
+    kube.release_suspend(kind, ns, child)
     view = kube.workload(ns, child.uid)
     if view is not None:
         sync_workload(kube, job, view)
@@ -447,7 +471,7 @@ def _written(*outcomes: Outcome | None) -> list[Outcome]:
 
 
 def needs_child(job: api.FineTuneJob) -> bool:
-    """Whether the job was re-planned and waits for :func:`reconcile` to make its PyTorchJob
+    """Whether the job was re-planned and waits for :func:`reconcile` to make its child
     again (once the earlier plan's is gone)."""
     status = job.status
     return (
@@ -455,21 +479,23 @@ def needs_child(job: api.FineTuneJob) -> bool:
         and status.phase == "Planned"
         and bool(status.attempts)
         and status.pytorch_job is None
+        and status.train_job is None
     )
 
 
 def stop_child(kube: Cluster, job: api.FineTuneJob) -> None:
-    """Stop the pods of a job that failed while its PyTorchJob had not (the operator's own
+    """Stop the pods of a job that failed while its child had not (the operator's own
     verdict: a startup deadline, a hang, out of memory with no re-plan left): suspend the
-    PyTorchJob, so the training-operator deletes them. Idempotent; nothing for a PyTorchJob
-    that ended, is suspended or is going."""
+    child, so its controller deletes them. Idempotent; nothing for a child that ended, is
+    suspended or is going."""
     ns = job.metadata.namespace or ""
-    child = kube.pytorchjob(ns, job.name)
+    kind = kind_of(kube, job)
+    child = kube.child(kind, ns, job.name)
     if child is None or child.deleting or child.suspended:
         return
     if {"Succeeded", "Failed"} & set(child.true_conditions()):
         return
-    kube.suspend_pytorchjob(ns, job.name)
+    kube.suspend_child(kind, ns, job.name)
 
 
 def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> list[Outcome]:
@@ -509,10 +535,11 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
 def _out_of_memory(kube: Cluster, job: api.FineTuneJob, seen: Pod | None) -> Failure | None:
     """An out-of-memory end of a pod of the current attempt (None: none)."""
     ns = job.metadata.namespace or ""
-    child = kube.pytorchjob(ns, job.name)
+    kind = kind_of(kube, job)
+    child = kube.child(kind, ns, job.name)
     if child is None or child.deleting:
         return None
-    pods = kube.pods(ns, job.name)
+    pods = kube.pods(kind, ns, job.name)
     if seen is not None and seen.name not in {p.name for p in pods}:
         pods.append(seen)
     attempts = job.status.attempts if job.status else None
@@ -521,12 +548,12 @@ def _out_of_memory(kube: Cluster, job: api.FineTuneJob, seen: Pod | None) -> Fai
 
 
 def _replan(kube: Cluster, job: api.FineTuneJob, cause: Failure) -> list[Outcome] | None:
-    """Re-plan a job that ran out of memory: record the attempt and delete the PyTorchJob
+    """Re-plan a job that ran out of memory: record the attempt and delete the child
     (:func:`reconcile` makes it again with the new plan; its pods resume from the last complete
     checkpoint). A job re-planned before that has no re-plan left fails at once, with the
     reason, and its pods are stopped. None (nothing done) for a first out-of-memory no re-plan
     can help (a manual plan, a model the trainer plans, re-planning off, no plan with more
-    headroom): the PyTorchJob's backoffLimit decides, as for any other crash."""
+    headroom): the child's backoffLimit decides, as for any other crash."""
     status = job.status
     assert status is not None
     assert status.plan is not None
@@ -556,7 +583,7 @@ def _replan(kube: Cluster, job: api.FineTuneJob, cause: Failure) -> list[Outcome
         lambda j: replanned(j.status or status, chosen.plan, cause.reason, chosen.message, now()),
     )
     if written is not None:
-        kube.delete_pytorchjob(ns, job.name)
+        kube.delete_child(kind_of(kube, job), ns, job.name)
     return _written(written)
 
 
@@ -568,8 +595,8 @@ def _step_clock(progress: Progress | None) -> recovery.StepClock | None:
 
 
 def master(pods: Sequence[Pod]) -> Pod | None:
-    """The master pod among a PyTorchJob's pods (the one whose metrics tell progress)."""
-    return next((p for p in pods if p.replica_type == "master"), None)
+    """The pod of node rank 0 among a child's pods (the one whose metrics tell progress)."""
+    return next((p for p in pods if p.rank_zero), None)
 
 
 def scraping(job: api.FineTuneJob) -> bool:
@@ -592,7 +619,7 @@ def scrape_progress(
     ns = job.metadata.namespace or ""
     moment = datetime.now(UTC)
     progress = parse_progress(text, stamp(moment))
-    child = kube.pytorchjob(ns, job.name)
+    child = kube.child(kind_of(kube, job), ns, job.name)
     running = recovery.running_since(child, pods, parse_time(status.last_restart_time))
     clock = _step_clock(status.progress)
     if progress is not None:
@@ -628,7 +655,7 @@ def scrape_progress(
     outcomes = _written(_write(kube, job, scraped))
     if outcomes and outcomes[-1].changed:
         if isinstance(decision, recovery.Restart):
-            kube.delete_pods(ns, job.name)
+            kube.delete_pods(kind_of(kube, job), ns, job.name)
         elif isinstance(decision, Failure):
             stop_child(kube, job)
     return outcomes

@@ -20,8 +20,8 @@ import kopf
 from finetune_operator import (
     __version__,
     api,
+    children,
     controller,
-    manifest,
     oplog,
     queueing,
     staging,
@@ -31,7 +31,7 @@ from finetune_operator import (
 from finetune_operator.kube import Kube, Scraper, load_config, server
 from finetune_operator.objects import Pod
 from finetune_operator.settings import Settings, SettingsError
-from finetune_trainer.names import JOB_LABEL, JOB_NAME_LABEL
+from finetune_trainer.names import JOB_LABEL, JOB_NAME_LABEL, JOBSET_NAME_LABEL
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 T = TypeVar("T")
@@ -53,7 +53,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's: errors
     settings.execution.max_workers = 8
     load_config()
-    memo.kube = Kube()
+    memo.kube = Kube(child_kind=memo.settings.child)
     memo.scraper = Scraper()
     memo.progress_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="progress")
     config: Settings = memo.settings
@@ -65,6 +65,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         namespaces,
         config.trainer_image,
         extra={
+            "child": config.child.kind,
             "version": __version__,
             "cluster": server(),
             "namespaces": list(memo.namespaces),
@@ -101,6 +102,7 @@ def _reconcile(memo: kopf.Memo, job: api.FineTuneJob, body: Any) -> None:
             image=config.trainer_image,
             metrics_port=config.trainer_metrics_port,
             cache=config.cache,
+            runtime=config.trainjob_runtime,
             on_write=lambda outcome: _announce_one(memo.kube, body, outcome),
         )
 
@@ -134,11 +136,11 @@ def _refresh(
     except api.SpecError:
         return  # the FineTuneJob's own handler reports it
     if workload is not None:
-        child = job.status.pytorch_job if job.status else None
-        if child is None or child.uid != workload.owner_uid:
+        refs = (job.status.pytorch_job, job.status.train_job) if job.status else ()
+        if not any(ref is not None and ref.uid == workload.owner_uid for ref in refs):
             return  # not the Workload of this job's child
         controller.sync_workload(kube, job, workload)
-    if controller.needs_child(job):  # re-planned: its PyTorchJob is made again
+    if controller.needs_child(job):  # re-planned: its child is made again
         _reconcile(memo, job, document)
         return
     with telemetry.timed():
@@ -161,8 +163,8 @@ def staging_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         _reconcile(memo, job, document)
 
 
-@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
 def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The child moved on (registered by :func:`run` for each kind the cluster serves)."""
     meta = body["metadata"]
     _refresh(memo, meta["namespace"], meta["labels"][JOB_LABEL])
 
@@ -178,17 +180,23 @@ def workload_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     FineTuneJob's status, and keep a suspended job's Workload deactivated (registered by
     :func:`run` when Workloads are served and the operator may watch them)."""
     view = queueing.parse_workload(body)
-    if view.owner_kind == manifest.PYTORCHJOB_KIND and view.owner_name:
+    if view.owner_kind in children.BY_KIND and view.owner_name:
         _refresh(memo, view.namespace, view.owner_name, workload=view)
 
 
-@kopf.index("", "v1", "pods", labels={JOB_NAME_LABEL: kopf.PRESENT, JOB_LABEL: kopf.PRESENT})
+def _child_pod(labels: kopf.Labels, **_: Any) -> bool:
+    return JOB_NAME_LABEL in labels or JOBSET_NAME_LABEL in labels
+
+
+@kopf.index("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT}, when=_child_pod)
 def training_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], Pod]:
-    """The trainer pods of each PyTorchJob, by (namespace, job name), from the pods watch the
-    operator has anyway: the progress timer reads them here, not with a list per job per tick."""
-    return {(namespace or "", str(labels[JOB_NAME_LABEL])): Pod.parse(body)}
+    """The trainer pods of each child (a PyTorchJob's or a TrainJob's), by (namespace, child
+    name), from the pods watch the operator has anyway: the progress timer reads them here, not
+    with a list per job per tick."""
+    name = labels.get(JOB_NAME_LABEL) or labels.get(JOBSET_NAME_LABEL)
+    return {(namespace or "", str(name)): Pod.parse(body)}
 
 
 async def _off_the_loop(memo: kopf.Memo, work: Callable[[], T]) -> T:
@@ -207,7 +215,7 @@ async def progress(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     job = _parse(body)
     config: Settings = memo.settings
     # The nodes may tell its GPU type now; its staging pod may have ended (or be stuck); a
-    # re-planned job waits for its PyTorchJob to be made again.
+    # re-planned job waits for its child to be made again.
     if (
         controller.waits_for_gpu_type(job)
         or controller.staging_now(job)
@@ -268,7 +276,22 @@ def run(
     every = config.progress_interval
     kopf.timer(*RESOURCE, interval=every, initial_delay=every)(progress)
     load_config()
-    if Kube().can_watch_workloads(namespaces):
+    kube = Kube(child_kind=config.child)
+    for kind in children.KINDS.values():
+        if kind is config.child or kube.serves(kind):  # the chosen kind's watch, served or not
+            group, version = kind.api_version.split("/")
+            kopf.on.event(group, version, kind.plural, labels={JOB_LABEL: kopf.PRESENT})(
+                child_changed
+            )
+    if not kube.serves(config.child):
+        log.warning(
+            "%s is not served by this cluster: new FineTuneJobs wait for its CRD (install %s, "
+            "or run the operator with child %s)",
+            config.child.kind,
+            "Kubeflow Trainer v2" if config.child.name == "trainjob" else "the training-operator",
+            "pytorchjob" if config.child.name == "trainjob" else "trainjob",
+        )
+    if kube.can_watch_workloads(namespaces):
         group, version = queueing.WORKLOAD_API_VERSION.split("/")
         kopf.on.event(group, version, "workloads")(workload_changed)
         log.info("watching Kueue's Workloads: queued jobs tell Kueue's story in their status")

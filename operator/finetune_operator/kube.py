@@ -2,7 +2,8 @@
 
 Server-side apply under one field manager for children; status written by replacing it through
 the status subresource, guarded by the resourceVersion it was computed from; reads of
-FineTuneJobs, of the PyTorchJob and its pods, of the staging Job, its pods and its cache claim
+FineTuneJobs, of the child (PyTorchJob or TrainJob) and its pods, of the staging Job, its pods
+and its cache claim
 (parsed here into :mod:`finetune_operator.objects` and :mod:`finetune_operator.staging`); Events;
 pod logs; the GPU product labels of nodes; and the master pod's metrics endpoint.
 """
@@ -28,10 +29,10 @@ from kubernetes.dynamic.exceptions import (
 )
 
 from finetune_operator import api, staging
+from finetune_operator.children import PYTORCHJOB_CHILD, ChildKind
 from finetune_operator.controller import Cluster, WriteConflictError
 from finetune_operator.gputype import PRODUCT_LABEL
-from finetune_operator.manifest import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND
-from finetune_operator.objects import Event, Pod, PyTorchJob
+from finetune_operator.objects import Child, Event, Pod
 from finetune_operator.queueing import (
     JOB_UID_LABEL,
     SUSPENDED_BY_USER,
@@ -40,7 +41,6 @@ from finetune_operator.queueing import (
     QueueView,
     workload_of,
 )
-from finetune_trainer.names import CONTAINER, JOB_NAME_LABEL
 
 FIELD_MANAGER = "finetune-operator"
 #: Holds runPolicy.suspend of a queued child as Kueue has it (:meth:`Kube.release_suspend`).
@@ -99,7 +99,11 @@ class Kube:
     """A thin, synchronous client for what the operator and the CLI need (it is the controller's
     :class:`~finetune_operator.controller.Cluster`)."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(
+        self, api_client: client.ApiClient | None = None, child_kind: ChildKind = PYTORCHJOB_CHILD
+    ) -> None:
+        #: The kind of child the operator makes for new jobs (Settings.child).
+        self.child_kind = child_kind
         self._client = api_client or client.ApiClient()
         self._dynamic = DynamicClient(self._client)
         self._core = client.CoreV1Api(self._client)
@@ -149,7 +153,9 @@ class Kube:
         events = [Event.parse(e) for e in found.to_dict().get("items", [])]
         return sorted(events, key=Event.order)
 
-    def logs(self, namespace: str, pod: str, *, follow: bool, tail: int | None) -> Any:
+    def logs(
+        self, namespace: str, pod: str, container: str, *, follow: bool, tail: int | None
+    ) -> Any:
         """The trainer container's log lines (an iterator of bytes when following).
 
         Raises LogsUnavailableError with the API server's reason when there is no log to read.
@@ -158,7 +164,7 @@ class Kube:
             resp: Any = self._core.read_namespaced_pod_log(
                 pod,
                 namespace,
-                container=CONTAINER,
+                container=container,
                 follow=follow,
                 tail_lines=tail,
                 _preload_content=False,
@@ -171,13 +177,21 @@ class Kube:
             )
         return resp
 
-    def pytorchjob(self, namespace: str, name: str) -> PyTorchJob | None:
-        found = self.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, namespace, name)
-        return None if found is None else PyTorchJob.parse(found)
+    def child(self, kind: ChildKind, namespace: str, name: str) -> Child | None:
+        found = self.get(kind.api_version, kind.kind, namespace, name)
+        return None if found is None else kind.parse(found)
 
-    def delete_pods(self, namespace: str, job_name: str) -> None:
-        """Delete the PyTorchJob's pods (a gang restart: the training-operator makes new ones)."""
-        for pod in self.pods(namespace, job_name):
+    def serves(self, kind: ChildKind) -> bool:
+        """Whether the API server serves ``kind`` (its CRD is installed)."""
+        try:
+            self._resource(kind.api_version, kind.kind)
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    def delete_pods(self, kind: ChildKind, namespace: str, job_name: str) -> None:
+        """Delete the child's pods (a gang restart: its controller makes new ones)."""
+        for pod in self.pods(kind, namespace, job_name):
             try:
                 self._core.delete_namespaced_pod(
                     pod.name, namespace, _request_timeout=REQUEST_TIMEOUT
@@ -186,39 +200,39 @@ class Kube:
                 if exc.status != 404:
                     raise
 
-    def delete_pytorchjob(self, namespace: str, name: str) -> None:
-        """Delete the PyTorchJob (its pods go with it: background propagation)."""
+    def delete_child(self, kind: ChildKind, namespace: str, name: str) -> None:
+        """Delete the child (its pods go with it: background propagation)."""
         with contextlib.suppress(NotFoundError):
-            self._resource(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND).delete(
+            self._resource(kind.api_version, kind.kind).delete(
                 name=name,
                 namespace=namespace,
                 body={"propagationPolicy": "Background"},
                 _request_timeout=REQUEST_TIMEOUT,
             )
 
-    def suspend_pytorchjob(self, namespace: str, name: str) -> None:
-        """Suspend the PyTorchJob (the training-operator deletes its pods)."""
+    def suspend_child(self, kind: ChildKind, namespace: str, name: str) -> None:
+        """Suspend the child (its controller deletes its pods)."""
         with contextlib.suppress(NotFoundError):
-            self._resource(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND).patch(
+            self._resource(kind.api_version, kind.kind).patch(
                 name=name,
                 namespace=namespace,
-                body={"spec": {"runPolicy": {"suspend": True}}},
+                body=kind.suspend_body(True),
                 content_type="application/merge-patch+json",
                 _request_timeout=REQUEST_TIMEOUT,
             )
 
-    def release_suspend(self, namespace: str, child: PyTorchJob) -> None:
-        """Share runPolicy.suspend of a child Kueue admits with a second field manager, holding
+    def release_suspend(self, kind: ChildKind, namespace: str, child: Child) -> None:
+        """Share the suspend of a child Kueue admits with a second field manager, holding
         its current value: the operator's later applies, which leave it out, then leave it as
         Kueue has it (a field only the operator owned would go back to its default, false)."""
         if FIELD_MANAGER not in child.suspend_owners:
             return
-        self._resource(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND).server_side_apply(
+        self._resource(kind.api_version, kind.kind).server_side_apply(
             body={
-                "apiVersion": PYTORCHJOB_API_VERSION,
-                "kind": PYTORCHJOB_KIND,
+                "apiVersion": kind.api_version,
+                "kind": kind.kind,
                 "metadata": {"name": child.name, "namespace": namespace},
-                "spec": {"runPolicy": {"suspend": child.suspended}},
+                **kind.suspend_body(child.suspended),
             },
             namespace=namespace,
             field_manager=SUSPEND_MANAGER,
@@ -273,11 +287,11 @@ class Kube:
                     return False
         return True
 
-    def pods(self, namespace: str, job_name: str) -> list[Pod]:
-        """The PyTorchJob's pods (those with the training-operator's job-name label)."""
+    def pods(self, kind: ChildKind, namespace: str, job_name: str) -> list[Pod]:
+        """The child's pods (those with its controller's label naming it)."""
         pods = self._resource("v1", "Pod").get(
             namespace=namespace,
-            label_selector=f"{JOB_NAME_LABEL}={job_name}",
+            label_selector=f"{kind.pod_label}={job_name}",
             _request_timeout=REQUEST_TIMEOUT,
         )
         return [Pod.parse(p) for p in pods.to_dict().get("items", [])]

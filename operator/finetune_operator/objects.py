@@ -1,4 +1,5 @@
-"""Typed views of the Kubernetes objects the operator reads: pods, PyTorchJobs and Events.
+"""Typed views of the Kubernetes objects the operator reads: pods, children (a PyTorchJob or a
+TrainJob, in one shape) and Events.
 
 Parsed once at the edge (:mod:`finetune_operator.kube`, and the kopf handlers for event bodies)
 from the API's JSON (camelCase keys); everything past the edge takes these types. Each holds only
@@ -14,7 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from finetune_operator.queueing import QUEUE_LABEL
-from finetune_trainer.names import REPLICA_TYPE_LABEL
+from finetune_trainer.names import (
+    COMPLETION_INDEX_LABEL,
+    JOB_INDEX_LABEL,
+    REPLICA_TYPE_LABEL,
+    REPLICATED_JOB_LABEL,
+    TRAINJOB_CONTAINER,
+)
 
 Raw = Mapping[str, Any]
 
@@ -56,7 +63,7 @@ def parse_time(text: object) -> datetime | None:
 
 @dataclass(frozen=True)
 class Condition:
-    """A condition of a pod or a PyTorchJob."""
+    """A condition of a pod or a child."""
 
     type: str
     status: str
@@ -164,6 +171,18 @@ class Pod:
         return self.labels.get(REPLICA_TYPE_LABEL)
 
     @property
+    def rank_zero(self) -> bool:
+        """Whether it runs node rank 0, whose metrics tell progress: a PyTorchJob's master, or
+        index 0 of the first Job of a TrainJob's ``node`` replicated job."""
+        if self.replica_type is not None:
+            return self.replica_type == "master"
+        return (
+            self.labels.get(REPLICATED_JOB_LABEL) == TRAINJOB_CONTAINER
+            and self.labels.get(JOB_INDEX_LABEL, "0") == "0"
+            and self.labels.get(COMPLETION_INDEX_LABEL) == "0"
+        )
+
+    @property
     def restarts(self) -> int:
         """Restarts in place of all its containers."""
         return sum(cs.restart_count for cs in self.container_statuses)
@@ -194,28 +213,39 @@ class Pod:
         )
 
 
+#: The kinds of child a FineTuneJob runs as (children.py has one implementation for each).
+PYTORCHJOB = "PyTorchJob"
+TRAINJOB = "TrainJob"
+#: TrainJob conditions, as the PyTorchJob's (and so status.derive) name them.
+_TRAINJOB_CONDITIONS = {"Complete": "Succeeded", "Failed": "Failed", "Suspended": "Suspended"}
+
+
 @dataclass(frozen=True)
-class PyTorchJob:
-    """The Kubeflow PyTorchJob a FineTuneJob runs as: its identity and conditions."""
+class Child:
+    """The child a FineTuneJob runs as, a Kubeflow PyTorchJob or a Kubeflow Trainer v2 TrainJob,
+    in one shape: its identity, suspension and conditions named as a PyTorchJob's (Created,
+    Running, Succeeded, Failed, Suspended)."""
 
     name: str
     uid: str = ""
     conditions: tuple[Condition, ...] = ()
-    #: When the PyTorchJob object was created (metadata.creationTimestamp).
+    #: When the child object was created (metadata.creationTimestamp).
     created: datetime | None = None
-    #: When the training-operator first saw it (status.startTime).
+    #: When its controller first saw it (a PyTorchJob's status.startTime).
     started: datetime | None = None
     #: Set once it is being deleted (metadata.deletionTimestamp).
     deleting: bool = False
     #: Its metadata.annotations (the plan summary it was built for...).
     annotations: Mapping[str, str] = field(default_factory=dict)
-    #: Whether runPolicy.suspend is set on it (Kueue or the operator holds its pods back).
+    #: Whether its suspend is set (Kueue or the operator holds its pods back).
     suspended: bool = False
     #: Its kueue.x-k8s.io/queue-name label: the LocalQueue Kueue admits it through ("" when
     #: not queued). Set by the operator, or by Kueue for a namespace's ``default`` LocalQueue.
     queue_name: str = ""
-    #: The field managers that own runPolicy.suspend (from metadata.managedFields).
+    #: The field managers that own its suspend field (from metadata.managedFields).
     suspend_owners: tuple[str, ...] = ()
+    #: PYTORCHJOB or TRAINJOB.
+    kind: str = PYTORCHJOB
 
     def true_conditions(self) -> dict[str, Condition]:
         """The conditions whose status is True, by type (Created, Running, Succeeded...)."""
@@ -229,7 +259,14 @@ class PyTorchJob:
         return None
 
     @classmethod
-    def parse(cls, raw: Raw) -> PyTorchJob:
+    def parse(cls, raw: Raw) -> Child:
+        """A PyTorchJob or a TrainJob (by its kind; a PyTorchJob when it names none)."""
+        if _str(raw, "kind") == TRAINJOB:
+            return cls.parse_trainjob(raw)
+        return cls.parse_pytorchjob(raw)
+
+    @classmethod
+    def parse_pytorchjob(cls, raw: Raw) -> Child:
         meta, spec, status = _map(raw, "metadata"), _map(raw, "spec"), _map(raw, "status")
         return cls(
             name=_str(meta, "name"),
@@ -241,12 +278,52 @@ class PyTorchJob:
             annotations={str(k): str(v) for k, v in _map(meta, "annotations").items()},
             suspended=bool(_map(spec, "runPolicy").get("suspend")),
             queue_name=_str(_map(meta, "labels"), QUEUE_LABEL),
-            suspend_owners=tuple(
-                _str(m, "manager")
-                for m in _list(meta, "managedFields")
-                if "f:suspend" in _map(_map(_map(m, "fieldsV1"), "f:spec"), "f:runPolicy")
-            ),
+            suspend_owners=_suspend_owners(meta, ("f:spec", "f:runPolicy")),
+            kind=PYTORCHJOB,
         )
+
+    @classmethod
+    def parse_trainjob(cls, raw: Raw) -> Child:
+        """A TrainJob: Complete reads as Succeeded; Running is True while every replicated job
+        has all its pods ready (status.jobsStatus), since the TrainJob has no such condition of
+        its own."""
+        meta, spec, status = _map(raw, "metadata"), _map(raw, "spec"), _map(raw, "status")
+        conditions = [
+            Condition.parse({**c, "type": _TRAINJOB_CONDITIONS[_str(c, "type")]})
+            for c in _list(status, "conditions")
+            if _str(c, "type") in _TRAINJOB_CONDITIONS
+        ]
+        jobs = _list(status, "jobsStatus")
+        terminal = any(c.status == "True" and c.type in {"Succeeded", "Failed"} for c in conditions)
+        ready = bool(jobs) and all(_int(j, "ready") + _int(j, "succeeded") > 0 for j in jobs)
+        created = parse_time(meta.get("creationTimestamp"))
+        if ready and not terminal and not spec.get("suspend"):
+            # No time of its own: the pods' start times tell when the gang came up.
+            conditions.append(Condition("Running", "True", "JobsReady", last_transition=created))
+        return cls(
+            name=_str(meta, "name"),
+            uid=_str(meta, "uid"),
+            conditions=tuple(conditions),
+            created=created,
+            deleting=bool(meta.get("deletionTimestamp")),
+            annotations={str(k): str(v) for k, v in _map(meta, "annotations").items()},
+            suspended=bool(spec.get("suspend")),
+            queue_name=_str(_map(meta, "labels"), QUEUE_LABEL),
+            suspend_owners=_suspend_owners(meta, ("f:spec",)),
+            kind=TRAINJOB,
+        )
+
+
+def _suspend_owners(meta: Raw, path: tuple[str, ...]) -> tuple[str, ...]:
+    """The field managers whose managed fields hold ``path`` + ``f:suspend``."""
+    owners = []
+    for entry in _list(meta, "managedFields"):
+        fields = _map(entry, "fieldsV1")
+        for key in path:
+            fields = _map(fields, key)
+        if "f:suspend" in fields:
+            owners.append(_str(entry, "manager"))
+    return tuple(owners)
 
 
 @dataclass(frozen=True)

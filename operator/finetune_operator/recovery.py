@@ -25,7 +25,7 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from finetune_operator.objects import Pod, PyTorchJob
+from finetune_operator.objects import Child, Pod
 from finetune_operator.plan import constraints, model_facts, plan_config, plan_status, workload
 from finetune_operator.spec import FineTuneJobSpec, RunPolicy
 from finetune_operator.status import Failure, PlanStatus, pod_problem
@@ -156,9 +156,9 @@ def hang_timeout(
 
 
 def running_since(
-    child: PyTorchJob | None, pods: Sequence[Pod], restarted: datetime | None = None
+    child: Child | None, pods: Sequence[Pod], restarted: datetime | None = None
 ) -> datetime | None:
-    """When the current gang began running: the latest of the PyTorchJob's Running condition,
+    """When the current gang began running: the latest of the child's Running condition,
     its pods' start times and the operator's last restart of it (``restarted``). None while it
     is not running: no Running condition, or one of its pods is not Running (being re-created,
     pending): a gang that is not all up cannot step, and is the startup deadline's business."""

@@ -9,9 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from finetune_operator import __version__
+from finetune_operator.children import CHILD_NAMES, KINDS, ChildKind
 from finetune_operator.oplog import LOG_FORMATS, LogFormat
 from finetune_operator.spec import QUANTITY_PATTERN
 from finetune_operator.staging import CacheSettings
+from finetune_operator.trainjob import DEFAULT_RUNTIME
 from finetune_trainer import names
 
 #: The trainer image of this release, used when FINETUNE_TRAINER_IMAGE is not set.
@@ -43,6 +45,10 @@ class Settings:
     log_format: LogFormat = "plain"
     #: The cache claims the operator makes for jobs that name none (spec.cache).
     cache: CacheSettings = DEFAULT_CACHE
+    #: The kind of child new jobs run as: a PyTorchJob, or a Kubeflow Trainer v2 TrainJob.
+    child: ChildKind = KINDS["pytorchjob"]
+    #: The ClusterTrainingRuntime a TrainJob references (the chart installs it).
+    trainjob_runtime: str = DEFAULT_RUNTIME
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -76,7 +82,21 @@ class Settings:
         if not re.fullmatch(QUANTITY_PATTERN, size):
             raise SettingsError(f"{ENV_CACHE_SIZE}={size!r}: expected a quantity such as 200Gi")
         cache = CacheSettings(storage_class=env.get(ENV_CACHE_STORAGE_CLASS) or None, size=size)
+        child_text = env.get(names.ENV_CHILD) or "pytorchjob"
+        child = next((KINDS[c] for c in CHILD_NAMES if c == child_text), None)
+        if child is None:
+            raise SettingsError(
+                f"{names.ENV_CHILD}={child_text!r}: expected one of {', '.join(CHILD_NAMES)}"
+            )
+        runtime = env.get(names.ENV_TRAINJOB_RUNTIME) or DEFAULT_RUNTIME
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", runtime):
+            raise SettingsError(
+                f"{names.ENV_TRAINJOB_RUNTIME}={runtime!r}: expected the name of a "
+                "ClusterTrainingRuntime (lower-case letters, digits, '-' and '.')"
+            )
         return cls(
+            child=child,
+            trainjob_runtime=runtime,
             cache=cache,
             trainer_image=image,
             trainer_metrics_port=port,

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from finetune_operator import termination
+from finetune_operator.objects import TRAINJOB, Child, Pod, Waiting
 from finetune_operator.objects import Condition as JobCondition
-from finetune_operator.objects import Pod, PyTorchJob, Waiting
 from finetune_operator.queueing import MIRRORED, QueueCondition, QueueView
 from finetune_operator.spec import GpuType
 
@@ -198,11 +198,11 @@ class StagingStatus(StatusModel):
     ] = None
 
 
-class PyTorchJobRef(StatusModel):
-    """The Kubeflow PyTorchJob that runs this job."""
+class ChildRef(StatusModel):
+    """The child that runs this job (a Kubeflow PyTorchJob or TrainJob)."""
 
-    name: Annotated[str, Field(description="PyTorchJob name (same namespace).")]
-    uid: Annotated[str, Field(description="PyTorchJob UID.")]
+    name: Annotated[str, Field(description="Its name (same namespace).")]
+    uid: Annotated[str, Field(description="Its UID.")]
 
 
 class Progress(StatusModel):
@@ -333,7 +333,15 @@ class FineTuneJobStatus(StatusModel):
         InferredGpuType | None,
         Field(description="The GPU type inferred from the nodes (spec.resources.gpuType unset)."),
     ] = None
-    pytorch_job: Annotated[PyTorchJobRef | None, Field(description="The child PyTorchJob.")] = None
+    pytorch_job: Annotated[
+        ChildRef | None, Field(description="The child PyTorchJob (the operator's default child).")
+    ] = None
+    train_job: Annotated[
+        ChildRef | None,
+        Field(
+            description="The child TrainJob (Kubeflow Trainer v2), where the operator makes one."
+        ),
+    ] = None
     progress: Annotated[Progress | None, Field(description="Training progress.")] = None
     checkpoint: Annotated[CheckpointStatus | None, Field(description="The latest checkpoint.")] = (
         None
@@ -563,7 +571,7 @@ def _job_failure(child_failed: JobCondition, pods_problem: Failure | None) -> Fa
             reason="BackoffLimitExceeded",
             message=f"{message} (runPolicy.backoffLimit); see the pods' logs",
         )
-    return pods_problem or Failure(reason="Error", message=message or "the PyTorchJob failed")
+    return pods_problem or Failure(reason="Error", message=message or "the child job failed")
 
 
 @dataclass(frozen=True)
@@ -574,7 +582,7 @@ class Observed:
     suspend_requested: bool
     plan: PlanStatus | None = None
     plan_error: str | None = None
-    child: PyTorchJob | None = None
+    child: Child | None = None
     pods: tuple[Pod, ...] = ()
     previous_failure: Failure | None = None
     #: The PersistentVolumeClaims the job names that do not exist (checked up front: the
@@ -751,7 +759,7 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
             conds.append(_cond("Running", False, "Queued", held, g, now))
         elif "Suspended" in child_conds:
             phase = "Suspended"
-            why = "the PyTorchJob is suspended"
+            why = f"the {obs.child.kind if obs.child else 'child'} is suspended"
             conds.append(_cond("Suspended", True, "Suspended", why, g, now))
             conds.append(_cond("Running", False, "Suspended", "the pods are stopped", g, now))
         elif "Running" in child_conds and (problem is None or problem.reason not in BLOCKING):
@@ -771,9 +779,13 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
                 failure, reason, msg = problem, problem.reason, problem.message
             conds.append(_cond("Running", False, reason, msg, g, now))
 
-    child_ref = prev.pytorch_job
+    pytorch_ref, train_ref = prev.pytorch_job, prev.train_job
     if obs.child is not None:
-        child_ref = PyTorchJobRef(name=obs.child.name, uid=obs.child.uid)
+        ref = ChildRef(name=obs.child.name, uid=obs.child.uid)
+        if obs.child.kind == TRAINJOB:
+            train_ref = ref
+        else:
+            pytorch_ref = ref
     conds += [c for c in prev.conditions or [] if c.type == "Restarted"]  # the operator's own
     if obs.queue is not None:
         conds += [_mirror(c, g, now) for c in obs.queue.mirrored()]
@@ -786,7 +798,8 @@ def derive(obs: Observed, previous: FineTuneJobStatus | None, now: str) -> FineT
         staging=staging,
         plan=obs.plan or prev.plan,
         inferred_gpu_type=obs.inferred_gpu_type,
-        pytorch_job=child_ref,
+        pytorch_job=pytorch_ref,
+        train_job=train_ref,
         progress=prev.progress,
         checkpoint=prev.checkpoint,
         failure=failure,
@@ -835,7 +848,7 @@ def replanned(
 ) -> FineTuneJobStatus:
     """``status`` once the operator re-plans the job after it ran out of memory: the new plan
     is the last attempt (the first attempt, the plan it ran with, is recorded with it), the
-    PyTorchJob is made again, so the job is Planned, its progress and failure gone."""
+    child is made again, so the job is Planned, its progress and failure gone."""
     g = status.observed_generation
     attempts = list(status.attempts or [])
     if not attempts and status.plan is not None:
@@ -852,6 +865,7 @@ def replanned(
             "failure": None,
             "progress": None,
             "pytorch_job": None,
+            "train_job": None,
             "conditions": _keep_transition_times(status.conditions or [], conds),
         }
     )

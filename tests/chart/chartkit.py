@@ -32,6 +32,8 @@ K8S_GROUPS = (
     "apis__apiextensions.k8s.io__v1",
 )
 MONITORING_CRDS = ("servicemonitors", "podmonitors", "prometheusrules")
+#: Kubeflow Trainer v2, whose ClusterTrainingRuntime the chart installs with child: trainjob.
+TRAINER_V2 = "github.com/kubeflow/trainer/v2@v2.2.0"
 
 
 def kubernetes_version() -> str:
@@ -129,6 +131,9 @@ def write_all_schemas(dest: Path) -> None:
     for plural in MONITORING_CRDS:
         path = crd_dir / f"monitoring.coreos.com_{plural}.yaml"
         write_crd_schemas(dest, yaml.safe_load(path.read_text(encoding="utf-8")))
+    runtimes = go_module_dir(TRAINER_V2) / "manifests" / "base" / "crds"
+    path = runtimes / "trainer.kubeflow.org_clustertrainingruntimes.yaml"
+    write_crd_schemas(dest, yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 def tool_paths() -> dict[str, str]:

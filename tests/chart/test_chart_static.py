@@ -104,6 +104,8 @@ def test_kubeconform_strict_catches_a_typo(helm, tools, schemas) -> None:
         ("trainer.metricsPort", "99999", "trainer.metricsPort"),
         ("image.digest", "latest", "image.digest"),
         ("operator.watchNamespaces[0]", "Bad_Name", "operator.watchNamespaces.0"),
+        ("child", "TrainJob", "child"),
+        ("trainJob.runtimeName", "Not_A_Name", "trainJob.runtimeName"),
     ],
 )
 def test_values_schema_rejects(helm, key: str, value: str, message: str) -> None:
@@ -241,8 +243,8 @@ def test_operator_rbac_never_touches_secrets_or_wildcards(helm, values) -> None:
         assert not {"secrets", "*"} & set(resources), rule
         assert "*" not in verbs + rule.get("apiGroups", []), rule
         assert "deletecollection" not in verbs, rule
-        if "delete" in verbs:  # recovery only: a hung gang's pods, a re-planned PyTorchJob
-            assert set(resources) <= {"pods", "pytorchjobs"}, rule
+        if "delete" in verbs:  # recovery only: a hung gang's pods, a re-planned child
+            assert set(resources) <= {"pods", "pytorchjobs", "trainjobs"}, rule
         assert not rule.get("nonResourceURLs"), rule
 
 
@@ -258,6 +260,39 @@ def test_kueue_workloads_are_readable_only_with_kueue_enabled(helm) -> None:
     (rule,) = kueue_rules(**{"kueue.enabled": "true"})
     assert rule["resources"] == ["workloads"]
     assert sorted(rule["verbs"]) == ["get", "list", "patch", "watch"]
+
+
+def test_trainjob_child_gets_the_operator_s_own_runtime(helm) -> None:
+    """child: trainjob installs the ClusterTrainingRuntime the operator's TrainJobs reference,
+    the object trainjob.runtime builds (what the golden file and the e2e tests use), and tells
+    the operator which child and runtime; the default installs no runtime."""
+    from finetune_operator import trainjob
+
+    docs = documents(helm.template(VALUES_DIR / "trainjob.yaml").stdout)
+    chart_runtime = _one(docs, "ClusterTrainingRuntime", "finetune-torch")
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    built = trainjob.runtime(
+        name="finetune-torch",
+        image=f"ghcr.io/finetune-dev/finetune-trainer:{chart['appVersion']}",
+        metrics_port=9400,
+        backoff_limit=5,
+    )
+    assert chart_runtime["spec"] == built["spec"]
+    framework = "trainer.kubeflow.org/framework"  # what Trainer v2 reads of its labels
+    assert chart_runtime["metadata"]["labels"][framework] == built["metadata"]["labels"][framework]
+    env = {
+        e["name"]: e.get("value")
+        for e in _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["FINETUNE_CHILD"] == "trainjob"
+    assert env["FINETUNE_TRAINJOB_RUNTIME"] == "finetune-torch"
+    assert "trainjobs" in {r for rule in _operator_rules(docs) for r in rule["resources"]}
+    default = documents(helm.template().stdout)
+    assert not _by_kind(default, "ClusterTrainingRuntime")
+    own = documents(
+        helm.template(VALUES_DIR / "trainjob.yaml", **{"trainJob.createRuntime": "false"}).stdout
+    )
+    assert not _by_kind(own, "ClusterTrainingRuntime")
 
 
 def test_cluster_wide_mode_binds_cluster_wide(helm) -> None:

@@ -26,6 +26,7 @@ from kubernetes import config
 from kubernetes.dynamic.exceptions import DynamicApiError
 
 from finetune_operator import api, controller, manifest, story
+from finetune_operator.children import PYTORCHJOB_CHILD
 from finetune_operator.kube import Kube, Scraper
 from finetune_operator.objects import Pod
 from finetune_operator.plan import plan_job, plan_status
@@ -215,7 +216,7 @@ def test_status_and_plan_are_written_before_any_child(
     assert stored.status.plan == plan_status(result)
     assert stored.status.phase == "Planned"
     assert stored.status.pytorch_job is None
-    assert kube.pytorchjob(namespace, job.name) is None
+    assert kube.child(PYTORCHJOB_CHILD, namespace, job.name) is None
 
 
 # --------------------------------------------------------------------------- terminal phases
@@ -227,7 +228,7 @@ def test_children_are_never_recreated_after_a_terminal_phase(
 ) -> None:
     job = create_job(crd, kube, namespace, f"done-{phase.lower()}")
     controller.reconcile(kube, job, image=IMAGE)
-    assert kube.pytorchjob(namespace, job.name) is not None
+    assert kube.child(PYTORCHJOB_CHILD, namespace, job.name) is not None
     config_map = manifest.config_map_name(job.name)
     assert kube.get("v1", "ConfigMap", namespace, config_map) is not None
     write_status(crd, "ftj", namespace, job.name, {"phase": phase})  # as a refresh would
@@ -239,7 +240,7 @@ def test_children_are_never_recreated_after_a_terminal_phase(
 
     assert controller.reconcile(kube, finished, image=IMAGE) == []
 
-    assert kube.pytorchjob(namespace, job.name) is None
+    assert kube.child(PYTORCHJOB_CHILD, namespace, job.name) is None
     assert kube.get("v1", "ConfigMap", namespace, config_map) is None
     assert read(kube, namespace, job.name).status == finished.status
 
@@ -323,7 +324,7 @@ def test_a_status_write_that_keeps_losing_gives_up_after_attempts(
     assert stored.status.plan is None  # nothing of the controller's was written ...
     assert stored.status.progress is not None
     assert stored.status.progress.step == 100 + racing.reads  # ... nor lost of the other's
-    assert kube.pytorchjob(namespace, job.name) is None  # and no child before a status
+    assert kube.child(PYTORCHJOB_CHILD, namespace, job.name) is None  # and no child before a status
 
 
 # --------------------------------------------------------------------------- refresh
@@ -353,7 +354,7 @@ def test_refresh_derives_status_from_the_child_and_its_pods(
     assert stored.status is not None
     assert stored.status.phase == "Running"
     assert stored.status.start_time is not None
-    child = kube.pytorchjob(namespace, job.name)
+    child = kube.child(PYTORCHJOB_CHILD, namespace, job.name)
     assert child is not None
     assert stored.status.pytorch_job is not None
     assert (stored.status.pytorch_job.name, stored.status.pytorch_job.uid) == (job.name, child.uid)
@@ -524,7 +525,7 @@ def test_a_master_that_does_not_answer_costs_the_others_nothing(
 
 def scrape(kube: Kube, job: api.FineTuneJob, port: int) -> list[controller.Outcome]:
     """What the progress timer does: the job's pods, its master's metrics, the status write."""
-    pods = kube.pods(job.metadata.namespace or "", job.name)
+    pods = kube.pods(PYTORCHJOB_CHILD, job.metadata.namespace or "", job.name)
     master = controller.master(pods)
     text = asyncio.run(_fetch(master, port)) if master else None
     return controller.scrape_progress(kube, job, pods, text)
@@ -820,7 +821,7 @@ def test_a_job_whose_gpu_type_the_nodes_do_not_tell_waits_until_it_is_set(
     assert waiting.status.failure.reason == "GpuTypeNotInferred"
     assert says in waiting.status.failure.message, waiting.status.failure.message
     assert "set spec.resources.gpuType" in waiting.status.failure.message
-    assert kube.pytorchjob(namespace, job.name) is None
+    assert kube.child(PYTORCHJOB_CHILD, namespace, job.name) is None
     assert controller.refresh(kube, waiting) == []  # the timer's refresh leaves it as it is
 
     patched = crd.kubectl(

@@ -6,7 +6,7 @@ from typing import Any
 
 import kopf
 
-from finetune_operator.objects import Event, Pod, PyTorchJob, Terminated, Waiting
+from finetune_operator.objects import Child, Event, Pod, Terminated, Waiting
 from finetune_operator.status import pod_problem
 
 #: A master pod as the API server returns it (trimmed), after an OOM kill and a restart.
@@ -82,7 +82,7 @@ def test_a_pod_with_no_status_yet_takes_the_defaults() -> None:
 
 
 def test_a_pytorchjob_keeps_its_identity_and_true_conditions() -> None:
-    job = PyTorchJob.parse(
+    job = Child.parse(
         {
             "metadata": {"name": "j", "uid": "u-1"},
             "status": {
@@ -98,11 +98,11 @@ def test_a_pytorchjob_keeps_its_identity_and_true_conditions() -> None:
     assert (job.name, job.uid) == ("j", "u-1")
     assert sorted(job.true_conditions()) == ["Created", "Failed"]
     assert job.true_conditions()["Failed"].message == "backoff limit"
-    assert PyTorchJob.parse({"metadata": {"name": "j"}}).true_conditions() == {}
+    assert Child.parse({"metadata": {"name": "j"}}).true_conditions() == {}
 
 
 def test_a_queued_pytorchjob_tells_its_queue_and_who_owns_its_suspend() -> None:
-    job = PyTorchJob.parse(
+    job = Child.parse(
         {
             "metadata": {
                 "name": "j",
@@ -127,7 +127,7 @@ def test_a_queued_pytorchjob_tells_its_queue_and_who_owns_its_suspend() -> None:
     assert job.queue_name == "default"
     assert job.suspended
     assert job.suspend_owners == ("kueue",)
-    plain = PyTorchJob.parse({"metadata": {"name": "j"}})
+    plain = Child.parse({"metadata": {"name": "j"}})
     assert (plain.queue_name, plain.suspend_owners, plain.suspended) == ("", (), False)
 
 

@@ -25,15 +25,15 @@ from hypothesis import strategies as st
 from crdcheck import status_validator
 from finetune_operator import api, manifest
 from finetune_operator.gputype import infer_gpu_type, with_gpu_type
-from finetune_operator.objects import Pod, PyTorchJob
+from finetune_operator.objects import Child, Pod
 from finetune_operator.plan import PlanInfeasible, plan_config, plan_job, plan_status
 from finetune_operator.spec import GPU_TYPES
 from finetune_operator.status import (
+    ChildRef,
     FineTuneJobStatus,
     InferredGpuType,
     Observed,
     PlanStatus,
-    PyTorchJobRef,
     derive,
 )
 from finetune_operator.translate import to_trainer_config
@@ -188,9 +188,9 @@ TERMINAL = frozenset({"Succeeded", "Failed"})
 HOLDS_BACK = frozenset({"ImagePullBackOff", "Unschedulable"})
 
 
-def _child(conditions: tuple[str, ...]) -> PyTorchJob:
+def _child(conditions: tuple[str, ...]) -> Child:
     """The child PyTorchJob with these conditions True."""
-    return PyTorchJob.parse(
+    return Child.parse(
         {
             "metadata": {"name": CHILD_NAME, "uid": CHILD_UID},
             "status": {"conditions": [{"type": c, "status": "True"} for c in conditions]},
@@ -266,7 +266,7 @@ def check_invariants(
     assert (status.start_time is not None) == (status.phase == "Running")
     if status.failure is not None:
         assert status.failure.message.strip()
-    child_ref = None if obs.child is None else PyTorchJobRef(name=CHILD_NAME, uid=CHILD_UID)
+    child_ref = None if obs.child is None else ChildRef(name=CHILD_NAME, uid=CHILD_UID)
     assert status.pytorch_job == child_ref
     # what the operator writes is what the CRD's status schema accepts
     wire = status.model_dump(mode="json", by_alias=True, exclude_none=True)

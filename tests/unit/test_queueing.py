@@ -13,7 +13,7 @@ import pytest
 
 from finetune_operator import api, queueing
 from finetune_operator.controller import Outcome
-from finetune_operator.objects import Condition, PyTorchJob
+from finetune_operator.objects import Child, Condition
 from finetune_operator.plan import plan_job, plan_status
 from finetune_operator.status import FineTuneJobStatus, Observed, derive
 from finetune_operator.story import notes
@@ -140,8 +140,8 @@ assert _PLANNED is not None
 PLAN = plan_status(_PLANNED)
 
 
-def queued_child(*conditions: str, suspended: bool = False) -> PyTorchJob:
-    return PyTorchJob(
+def queued_child(*conditions: str, suspended: bool = False) -> Child:
+    return Child(
         "big-1",
         PYTORCHJOB_UID,
         tuple(Condition(c, "True") for c in conditions),

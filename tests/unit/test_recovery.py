@@ -10,11 +10,11 @@ import pytest
 
 from finetune_operator import api
 from finetune_operator.objects import (
+    Child,
     Condition,
     ContainerState,
     ContainerStatus,
     Pod,
-    PyTorchJob,
     Terminated,
     Waiting,
 )
@@ -90,7 +90,7 @@ def test_a_pod_keeps_its_times_restarts_and_init_containers() -> None:
 
 
 def test_a_pytorchjob_keeps_its_times_annotations_and_when_it_began_running() -> None:
-    job = PyTorchJob.parse(
+    job = Child.parse(
         {
             "metadata": {
                 "name": "j",
@@ -266,7 +266,7 @@ def test_a_restarted_gang_has_the_whole_timeout_from_when_it_runs_again() -> Non
 
 
 def test_a_gang_runs_since_the_latest_of_its_running_condition_pod_starts_and_restart() -> None:
-    child = PyTorchJob("j", conditions=(Condition("Running", "True", last_transition=ago(900)),))
+    child = Child("j", conditions=(Condition("Running", "True", last_transition=ago(900)),))
     master = Pod("j-master-0", phase="Running", started=ago(600))
     worker = Pod("j-worker-0", phase="Running", started=ago(800))
     assert running_since(child, [master, worker]) == ago(600)
@@ -275,7 +275,7 @@ def test_a_gang_runs_since_the_latest_of_its_running_condition_pod_starts_and_re
     assert running_since(child, [master, gone]) == ago(600), "a pod on its way out is not waited"
     assert running_since(child, [master, Pod("j-worker-0", phase="Pending")]) is None
     assert running_since(child, []) is None
-    assert running_since(PyTorchJob("j"), [master]) is None
+    assert running_since(Child("j"), [master]) is None
     assert running_since(None, [master]) is None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from finetune_operator import api
 from finetune_operator.controller import Outcome
-from finetune_operator.objects import Condition, PyTorchJob
+from finetune_operator.objects import Child, Condition
 from finetune_operator.plan import plan_job, plan_status
 from finetune_operator.status import (
     Failure,
@@ -26,7 +26,7 @@ JOB = api.parse(
 RESULT = plan_job(JOB.spec)
 assert RESULT is not None
 PLAN = plan_status(RESULT)
-RUNNING = PyTorchJob("j", "u", (Condition("Running", "True"),))
+RUNNING = Child("j", "u", (Condition("Running", "True"),))
 
 
 def running_status() -> FineTuneJobStatus:
@@ -40,7 +40,7 @@ def outcome(previous: FineTuneJobStatus, status: FineTuneJobStatus) -> Outcome:
 def test_a_startup_deadline_fails_a_starting_job_with_the_pods_message() -> None:
     late = Failure(reason="StartupDeadlineExceeded", message="pod j-master-0 has not started")
     status = derive(
-        Observed(1, False, plan=PLAN, child=PyTorchJob("j", "u"), startup_failure=late), None, T0
+        Observed(1, False, plan=PLAN, child=Child("j", "u"), startup_failure=late), None, T0
     )
     assert (status.phase, status.failure, status.completion_time) == ("Failed", late, T0)
     cond = {c.type: c for c in status.conditions or []}

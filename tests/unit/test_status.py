@@ -7,11 +7,11 @@ import pytest
 from finetune_operator import api
 from finetune_operator.controller import Outcome
 from finetune_operator.objects import (
+    Child,
     Condition,
     ContainerState,
     ContainerStatus,
     Pod,
-    PyTorchJob,
     Terminated,
     Waiting,
 )
@@ -31,8 +31,8 @@ from helpers import ROOT, load_yaml
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
 
-def child(*conditions: str, message: str = "") -> PyTorchJob:
-    return PyTorchJob("j", "u", tuple(Condition(c, "True", message=message) for c in conditions))
+def child(*conditions: str, message: str = "") -> Child:
+    return Child("j", "u", tuple(Condition(c, "True", message=message) for c in conditions))
 
 
 def pod(

@@ -16,12 +16,22 @@ JOB_LABEL = "finetune.dev/job"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 #: Set by the training-operator on a PyTorchJob's pods: ``master`` or ``worker``.
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+#: Set by JobSet on a TrainJob's pods (Kubeflow Trainer v2): the JobSet's name, the TrainJob's.
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+#: Set by JobSet and the Job controller on a TrainJob's pods: which replicated job, which Job of
+#: it, and which index of that Job (node rank 0 is index 0 of Job 0 of the trainer's ``node``).
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 #: The label the chart's PodMonitor gives trainer series (from JOB_LABEL): the dashboard's filter.
 METRIC_JOB_LABEL = "finetunejob"
 
 # --------------------------------------------------------------------------- the trainer pod
-#: The container name the training-operator requires in a PyTorchJob, and ours in every pod.
+#: The container name the training-operator requires in a PyTorchJob, and ours in its pods.
 CONTAINER = "pytorch"
+#: The container name Kubeflow Trainer v2 requires for the trainer of a TrainJob (its torch
+#: plugin sets the PET_* variables torchrun reads on the container of this name only).
+TRAINJOB_CONTAINER = "node"
 #: The trainer's module, run as ``torchrun -m ENTRY_POINT --config PATH``.
 ENTRY_POINT = "finetune_trainer.train"
 #: The port the trainer serves /metrics on (named ``metrics`` in the pod) unless configured.
@@ -38,6 +48,10 @@ ENV_HF_TOKEN = "HF_TOKEN"
 ENV_TRAINER_IMAGE = "FINETUNE_TRAINER_IMAGE"
 ENV_TRAINER_METRICS_PORT = "FINETUNE_TRAINER_METRICS_PORT"
 ENV_PROGRESS_INTERVAL = "FINETUNE_PROGRESS_INTERVAL"
+#: The operator's child kind for new jobs (``pytorchjob`` or ``trainjob``), and the
+#: ClusterTrainingRuntime a TrainJob references.
+ENV_CHILD = "FINETUNE_CHILD"
+ENV_TRAINJOB_RUNTIME = "FINETUNE_TRAINJOB_RUNTIME"
 
 # --------------------------------------------------------------------------- trainer metrics
 # Metric family names as registered. prometheus_client exposes a counter ``c`` as ``c_total``

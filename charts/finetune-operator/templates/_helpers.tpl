@@ -59,6 +59,10 @@ app.kubernetes.io/part-of: finetune-operator
   resources: ["pytorchjobs"]
   # delete: a re-plan after out-of-memory makes the PyTorchJob anew with the new plan
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  # The TrainJob child (child: trainjob), and jobs that started as TrainJobs before a switch
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
