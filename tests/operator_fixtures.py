@@ -74,6 +74,8 @@ class Operator:
     trainer_metrics_port: int = 9090
     #: More arguments to ``finetune operator`` (e.g. ``--log-format json``).
     args: tuple[str, ...] = ()
+    #: More environment for it (its Settings, e.g. FINETUNE_CHILD).
+    extra_env: tuple[tuple[str, str], ...] = ()
 
     def start(self) -> None:
         self.metrics_port, self.health_port = free_port(), free_port()
@@ -81,6 +83,7 @@ class Operator:
             FINETUNE_PROGRESS_INTERVAL="2",
             FINETUNE_TRAINER_METRICS_PORT=str(self.trainer_metrics_port),
             PYTHONUNBUFFERED="1",
+            **dict(self.extra_env),
         )
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -129,6 +132,35 @@ class Operator:
 @pytest.fixture
 def operator(crd: Any, namespace: str, tmp_path: Path) -> Iterator[Operator]:
     op = Operator(crd, namespace, tmp_path / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+    if os.environ.get("FINETUNE_KEEP_LOGS"):
+        print(op.log.read_text())
+
+
+#: The ClusterTrainingRuntime of the e2e tests' TrainJobs: the operator's own (trainjob.runtime),
+#: with no restarts in place (a pod told to be OOMKilled fails its TrainJob at once, as
+#: backoffLimit 0 does a PyTorchJob's).
+TRAINJOB_RUNTIME = "finetune-trainer-e2e"
+
+
+@pytest.fixture(scope="session")
+def trainjob_runtime(trainer_testbed: Any, crd: Any) -> Any:
+    """The test bed with Kubeflow Trainer v2 and the e2e tests' ClusterTrainingRuntime."""
+    from finetune_operator import trainjob
+
+    body = trainjob.runtime(name=TRAINJOB_RUNTIME, image="finetune-trainer:unused", backoff_limit=0)
+    applied = trainer_testbed.apply(body)
+    assert applied.returncode == 0, applied.stderr
+    return trainer_testbed
+
+
+@pytest.fixture
+def trainjob_operator(trainjob_runtime: Any, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    """The operator with the TrainJob child (FINETUNE_CHILD=trainjob)."""
+    env = (("FINETUNE_CHILD", "trainjob"), ("FINETUNE_TRAINJOB_RUNTIME", TRAINJOB_RUNTIME))
+    op = Operator(trainjob_runtime, namespace, tmp_path / "operator.log", extra_env=env)
     op.start()
     yield op
     op.stop()

@@ -8,6 +8,10 @@ First what Kueue does with the operator's children (quota, waitForPodsReady, del
 the operator's side: phase Queued with Kueue's conditions mirrored into the FineTuneJob, Events,
 a user's suspend while queued (the Workload deactivated, no fight over the child's suspend), and
 a job Kueue queues through a namespace's ``default`` LocalQueue.
+
+The tests of what Kueue and the operator do with a queued child run for both children: the
+PyTorchJob (Kueue's ``kubeflow.org/pytorchjob`` integration) and the TrainJob (Kubeflow Trainer
+v2, ``trainer.kubeflow.org/trainjob``; ``hack/cluster up --trainer``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -29,13 +34,35 @@ HOUR = {"testbed.finetune.dev/run-duration": "1h"}
 SHORTFALL = "insufficient unused quota for nvidia.com/gpu in flavor h100-80gb"
 
 
+@dataclass(frozen=True)
+class ChildKind:
+    """How a test finds the child of a FineTuneJob, its pods and its suspension."""
+
+    resource: str  # for kubectl get
+    kind: str  # its Workload's owner
+    pod_label: str  # names the child on its pods
+    suspend_path: tuple[str, ...]  # under spec
+
+
+PYTORCHJOB = ChildKind("pytorchjob", "PyTorchJob", "training.kubeflow.org/job-name", ("runPolicy",))
+TRAINJOB = ChildKind("trainjob", "TrainJob", "jobset.sigs.k8s.io/jobset-name", ())
+#: The child of the test running now (set by ``queued``).
+CHILD = [PYTORCHJOB]
+#: Tests that run for both children (``queued`` parametrized), by the marker below.
+both_children = pytest.mark.parametrize("queued", ["pytorchjob", "trainjob"], indirect=True)
+
+
 @pytest.fixture
-def queued(kueue_testbed: Any, operator: Any) -> Iterator[Any]:
-    """The operator, in a namespace whose LocalQueue ``default`` feeds the ClusterQueue gpus.
+def queued(request: pytest.FixtureRequest, kueue_testbed: Any) -> Iterator[Any]:
+    """The operator, in a namespace whose LocalQueue ``default`` feeds the ClusterQueue gpus;
+    with the TrainJob child when the test is parametrized so (``both_children``).
 
     Afterwards its jobs are deleted while the operator still runs, and the test waits until
     Kueue has let go of their Workloads: the shared ClusterQueue's quota is free for the next
     test (a namespace's deletion alone leaves that to Kueue's own time)."""
+    child = getattr(request, "param", "pytorchjob")
+    CHILD[0] = TRAINJOB if child == "trainjob" else PYTORCHJOB
+    operator = request.getfixturevalue("trainjob_operator" if child == "trainjob" else "operator")
     kueue_testbed.local_queue(operator.namespace)
     yield operator
     ns = operator.namespace
@@ -72,11 +99,11 @@ def get(testbed: Any, kind: str, ns: str, name: str) -> dict[str, Any] | None:
 
 
 def workload(testbed: Any, ns: str, name: str) -> dict[str, Any] | None:
-    """The Workload Kueue made for the PyTorchJob ``name`` (found by its owner)."""
+    """The Workload Kueue made for the child ``name`` (found by its owner)."""
     items = testbed.kubectl_json("get", "workloads.kueue.x-k8s.io", "-n", ns)["items"]
     for wl in items:
         owners = wl["metadata"].get("ownerReferences") or []
-        if any(o["kind"] == "PyTorchJob" and o["name"] == name for o in owners):
+        if any(o["kind"] == CHILD[0].kind and o["name"] == name for o in owners):
             return dict(wl)
     return None
 
@@ -87,10 +114,13 @@ def wl_condition(wl: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 def suspended(testbed: Any, ns: str, name: str) -> bool | None:
-    child = get(testbed, "pytorchjob", ns, name)
+    child = get(testbed, CHILD[0].resource, ns, name)
     if child is None:
         return None
-    return bool(child["spec"].get("runPolicy", {}).get("suspend"))
+    spec = child["spec"]
+    for key in CHILD[0].suspend_path:
+        spec = spec.get(key, {})
+    return bool(spec.get("suspend"))
 
 
 def phase(testbed: Any, ns: str, name: str) -> str:
@@ -105,7 +135,7 @@ def ftj_condition(testbed: Any, ns: str, name: str, type_: str) -> dict[str, Any
 
 
 def pods(testbed: Any, ns: str, name: str) -> list[dict[str, Any]]:
-    selector = f"training.kubeflow.org/job-name={name}"
+    selector = f"{CHILD[0].pod_label}={name}"
     return list(testbed.kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"])
 
 
@@ -147,6 +177,7 @@ def wait_short_of_quota(testbed: Any, ns: str, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- today
 
 
+@both_children
 def test_a_job_beyond_the_quota_waits_suspended_and_runs_when_the_first_is_done(
     queued: Any,
 ) -> None:
@@ -200,6 +231,7 @@ def test_pods_that_never_become_ready_are_evicted_and_requeued(queued: Any) -> N
     assert phase(testbed, ns, "stuck") != "Failed"
 
 
+@both_children
 def test_deleting_queued_and_running_jobs_takes_their_children_and_frees_quota(
     queued: Any,
 ) -> None:
@@ -212,7 +244,7 @@ def test_deleting_queued_and_running_jobs_takes_their_children_and_frees_quota(
     testbed.kubectl("delete", "ftj", "waiting", "-n", ns, "--wait=true", check=True)
     testbed.wait_for(
         lambda: (
-            get(testbed, "pytorchjob", ns, "waiting") is None
+            get(testbed, CHILD[0].resource, ns, "waiting") is None
             and workload(testbed, ns, "waiting") is None
         ),
         timeout=120,
@@ -239,6 +271,7 @@ def test_deleting_queued_and_running_jobs_takes_their_children_and_frees_quota(
 # --------------------------------------------------------------------------- the operator's side
 
 
+@both_children
 def test_a_job_short_of_quota_is_queued_with_kueues_reason(queued: Any) -> None:
     testbed, ns = queued.testbed, queued.namespace
     start_holder(testbed, ns)
@@ -276,6 +309,7 @@ def test_a_pods_ready_eviction_is_reported_in_status(queued: Any) -> None:
     assert "Evicted" in events
 
 
+@both_children
 def test_a_user_suspending_a_queued_job_neither_fights_kueue_nor_gets_admitted(
     queued: Any,
 ) -> None:
@@ -283,12 +317,12 @@ def test_a_user_suspending_a_queued_job_neither_fights_kueue_nor_gets_admitted(
     start_holder(testbed, ns)
     assert testbed.apply(job16("paused", HOUR), "-n", ns).returncode == 0
     wait_short_of_quota(testbed, ns, "paused")
-    before = get(testbed, "pytorchjob", ns, "paused")
+    before = get(testbed, CHILD[0].resource, ns, "paused")
     assert before is not None
     patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
     testbed.kubectl("patch", "ftj", "paused", "-n", ns, "--type=merge", "-p", patch, check=True)
     time.sleep(8)  # the operator reconciles the change; Kueue sees the job
-    after = get(testbed, "pytorchjob", ns, "paused")
+    after = get(testbed, CHILD[0].resource, ns, "paused")
     assert after is not None
     # (1) Nobody rewrote the child: it was never unsuspended (and suspended again by Kueue).
     assert after["metadata"]["generation"] == before["metadata"]["generation"]
@@ -304,6 +338,7 @@ def test_a_user_suspending_a_queued_job_neither_fights_kueue_nor_gets_admitted(
     assert phase(testbed, ns, "paused") == "Suspended"
 
 
+@both_children
 def test_a_job_queued_by_the_namespaces_default_local_queue_is_left_to_kueue(
     queued: Any,
 ) -> None:
@@ -314,13 +349,13 @@ def test_a_job_queued_by_the_namespaces_default_local_queue_is_left_to_kueue(
     assert testbed.apply(job, "-n", ns).returncode == 0
     waiting = wait_short_of_quota(testbed, ns, "defaulted")
     assert waiting["spec"]["queueName"] == "default"  # Kueue's LocalQueue defaulting
-    before = get(testbed, "pytorchjob", ns, "defaulted")
+    before = get(testbed, CHILD[0].resource, ns, "defaulted")
     assert before is not None
     assert before["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
     patch = json.dumps({"spec": {"hyperparameters": {"maxSteps": 61}}})
     testbed.kubectl("patch", "ftj", "defaulted", "-n", ns, "--type=merge", "-p", patch, check=True)
     time.sleep(8)  # the operator applies the change
-    after = get(testbed, "pytorchjob", ns, "defaulted")
+    after = get(testbed, CHILD[0].resource, ns, "defaulted")
     assert after is not None
     # maxSteps lives in the trainer's ConfigMap: the child's spec has nothing to change, and
     # nobody unsuspended it (and Kueue suspended it again).
