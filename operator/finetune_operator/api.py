@@ -76,7 +76,8 @@ class ObjectMeta(BaseModel):
 class FineTuneJob(ApiModel):
     """FineTuneJob fine-tunes a language model on Kubernetes: one object names the model, the
     data, the method and the GPUs; the operator plans the parallelism and runs it as a Kubeflow
-    PyTorchJob, and reports plan, progress and failures in status."""
+    PyTorchJob (or a Kubeflow Trainer v2 TrainJob), and reports plan, progress and failures in
+    status."""
 
     model_config = ConfigDict(strict=False)
     api_version: Annotated[Literal["finetune.dev/v1alpha1"], Field(alias="apiVersion")] = (

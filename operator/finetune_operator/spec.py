@@ -736,7 +736,8 @@ class Scheduling(ApiModel):
 
 class RunPolicy(ApiModel):
     """Lifecycle limits and recovery: suspend, activeDeadlineSeconds, backoffLimit and
-    ttlSecondsAfterFinished go to the PyTorchJob's runPolicy; the operator itself enforces the
+    ttlSecondsAfterFinished go to the PyTorchJob's runPolicy (a TrainJob takes suspend and
+    activeDeadlineSeconds, its runtime the restart budget); the operator itself enforces the
     startup deadline, restarts a hung job and re-plans after out-of-memory, within these budgets."""
 
     suspend: Annotated[
@@ -750,7 +751,13 @@ class RunPolicy(ApiModel):
     ] = 3
     ttl_seconds_after_finished: Annotated[
         int | None,
-        Field(description="Delete the PyTorchJob and its pods this long after the end.", ge=0),
+        Field(
+            description=(
+                "Delete the PyTorchJob and its pods this long after the end (PyTorchJob child "
+                "only)."
+            ),
+            ge=0,
+        ),
     ] = None
     startup_deadline_seconds: Annotated[
         int,

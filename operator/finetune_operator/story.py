@@ -94,7 +94,9 @@ def notes(outcome: Outcome) -> list[Note]:
     if after == "Failed" and status.failure is not None:
         told.append(Note("Warning", status.failure.reason, status.failure.message))
         return told
-    if after == "Pending" and status.failure is not None and status.pytorch_job is None:
+    child = "TrainJob" if status.train_job is not None else "PyTorchJob"
+    made = status.pytorch_job is not None or status.train_job is not None
+    if after == "Pending" and status.failure is not None and not made:
         # waiting before any child exists (e.g. for its GPU type): the reason, not "created"
         told.append(Note("Warning", status.failure.reason, status.failure.message))
         return told
@@ -102,7 +104,7 @@ def notes(outcome: Outcome) -> list[Note]:
     running = next((c for c in status.conditions or [] if c.type == "Running"), None)
     messages = {
         "Planned": status.plan.reason if status.plan else "the trainer will plan at start",
-        "Pending": f"PyTorchJob created; waiting for the pods{waiting}",
+        "Pending": f"{child} created; waiting for the pods{waiting}",
         "Running": "training started",
         "Suspended": "suspended: the pods are stopped",
         "Queued": running.message if running else "queued in Kueue",
