@@ -55,6 +55,10 @@ class ChildKind:
     container: str
     #: Where its suspend is, under spec (a merge patch sets it there).
     suspend_path: tuple[str, ...]
+    #: Whether its controller may run a failed child again (Kubeflow Trainer v2 clears a
+    #: TrainJob's Failed condition and re-creates its JobSet when that is deleted): the
+    #: operator then suspends a failed child, so nothing of a finished job ever runs again.
+    reruns_failed: bool
     build: Callable[[api.FineTuneJob, Inputs], dict[str, Any]]
     #: Why it cannot carry a job's spec (None: it can).
     unsupported: Callable[[api.FineTuneJob], str | None]
@@ -103,6 +107,7 @@ PYTORCHJOB_CHILD = ChildKind(
     pod_label=names.JOB_NAME_LABEL,
     container=names.CONTAINER,
     suspend_path=("runPolicy",),
+    reruns_failed=False,
     build=_pytorch_job,
     unsupported=lambda job: None,
 )
@@ -114,6 +119,7 @@ TRAINJOB_CHILD = ChildKind(
     pod_label=names.JOBSET_NAME_LABEL,
     container=names.TRAINJOB_CONTAINER,
     suspend_path=(),
+    reruns_failed=True,
     build=_train_job,
     unsupported=trainjob.unsupported,
 )

@@ -486,14 +486,16 @@ def needs_child(job: api.FineTuneJob) -> bool:
 def stop_child(kube: Cluster, job: api.FineTuneJob) -> None:
     """Stop the pods of a job that failed while its child had not (the operator's own
     verdict: a startup deadline, a hang, out of memory with no re-plan left): suspend the
-    child, so its controller deletes them. Idempotent; nothing for a child that ended, is
-    suspended or is going."""
+    child, so its controller deletes them. A failed child whose controller may run it again
+    (ChildKind.reruns_failed: a TrainJob) is suspended too. Idempotent; nothing for a child
+    that succeeded, is suspended or is going."""
     ns = job.metadata.namespace or ""
     kind = kind_of(kube, job)
     child = kube.child(kind, ns, job.name)
     if child is None or child.deleting or child.suspended:
         return
-    if {"Succeeded", "Failed"} & set(child.true_conditions()):
+    ended = set(child.true_conditions())
+    if "Succeeded" in ended or ("Failed" in ended and not kind.reruns_failed):
         return
     kube.suspend_child(kind, ns, job.name)
 
@@ -506,7 +508,8 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
         return []
     if job.status.phase in TERMINAL:  # only a late pod can still tell why it failed
         failure = job.status.failure
-        if failure is not None and failure.reason in recovery.VERDICTS:
+        verdict = failure is not None and failure.reason in recovery.VERDICTS
+        if job.status.phase == "Failed" and (verdict or kind_of(kube, job).reruns_failed):
             stop_child(kube, job)  # again, should the operator have stopped before it did
         if seen is None:
             return []

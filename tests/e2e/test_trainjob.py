@@ -7,6 +7,7 @@ finished job's child, an operator restart during a burst."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -98,6 +99,25 @@ def test_oom_killed_pod_fails_the_job_with_that_reason(trainjob_operator: Operat
     watched = finetune(testbed, "watch", "oom", "-n", ns)
     assert watched.returncode == 1
     assert "OOMKilled" in watched.stderr
+    # Trainer v2 runs a failed TrainJob again when its JobSet is deleted (it clears the Failed
+    # condition and makes the JobSet anew): the operator has suspended the failed child, so the
+    # new JobSet starts no pods, and the job stays Failed.
+    testbed.wait_for(
+        lambda: testbed.kubectl_json("get", "trainjob", "oom", "-n", ns)["spec"].get("suspend"),
+        timeout=60,
+        desc="the failed TrainJob suspended",
+    )
+    testbed.kubectl("delete", "jobset", "oom", "-n", ns, "--wait=true", check=True)
+    testbed.wait_for(
+        lambda: testbed.kubectl("get", "jobset", "oom", "-n", ns).returncode == 0,
+        timeout=60,
+        desc="Trainer v2 to make the JobSet anew",
+    )
+    time.sleep(5)
+    assert not [
+        p for p in trainer_pods(testbed, ns, "oom") if not p["metadata"].get("deletionTimestamp")
+    ]
+    assert ftj(testbed, ns, "oom")["status"]["phase"] == "Failed"
 
 
 def test_suspend_stops_the_pods_and_resume_brings_them_back(trainjob_operator: Operator) -> None:
