@@ -101,6 +101,24 @@ class PlanStatus(StatusModel):
     cpu_offload: Annotated[
         bool, Field(description="Whether state is offloaded to host memory.")
     ] = False
+    zero_stage: Annotated[
+        Literal[2, 3],
+        Field(
+            description=(
+                "3: FSDP reshards parameters after each layer's forward (ZeRO-3); 2: keeps them "
+                "gathered until its backward (ZeRO-2)."
+            )
+        ),
+    ] = 3
+    gradient_sync: Annotated[
+        Literal["every", "last"],
+        Field(
+            description=(
+                "Gradient reduction under accumulation: every micro-batch, or the last only "
+                "(unsharded gradients kept meanwhile)."
+            )
+        ),
+    ] = "every"
     method: Annotated[
         Literal["full", "lora"], Field(description="Training method planned for.")
     ] = "full"

@@ -420,3 +420,16 @@ def test_how_a_new_plan_resumes_is_said(
 ) -> None:
     failed = first_plan(mistral())
     assert expected in resume_note(failed, failed.model_copy(update=change), checkpoints)
+
+
+@pytest.mark.parametrize(("zero", "sync"), [(2, "every"), (3, "last"), (2, "last")])
+def test_a_recorded_plan_keeps_its_zero_stage_and_gradient_sync(zero: int, sync: str) -> None:
+    """A re-planned job runs its recorded status.plan: the ZeRO stage and gradient sync the
+    planner chose are in it, and reach the trainer (not the defaults, ZeRO-3 and every)."""
+    result = plan_job(mistral().spec)
+    assert result is not None
+    chosen = result.plan.model_copy(update={"zero_stage": zero, "gradient_sync": sync})
+    recorded = plan_status(result.model_copy(update={"plan": chosen}))
+    assert (recorded.zero_stage, recorded.gradient_sync) == (zero, sync)
+    config = plan_config_of(PlanStatus.model_validate(recorded.model_dump(by_alias=True)))
+    assert (config.zero_stage, config.gradient_sync) == (zero, sync)

@@ -214,6 +214,8 @@ class PlanResult(BaseModel):
             "gradientAccumulation": p.gradient_accumulation,
             "activationCheckpointing": p.activation_checkpointing,
             "cpuOffload": p.cpu_offload,
+            "zeroStage": p.zero_stage,
+            "gradientSync": p.gradient_sync,
             "sequenceParallel": p.sequence_parallel,
             "method": p.workload.method,
             "estPeakMemoryBytesPerGPU": e.peak_memory_bytes,
