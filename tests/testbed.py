@@ -29,6 +29,14 @@ Register it with ``pytest_plugins = ["testbed"]`` (tests/ is on sys.path). Fixtu
     of the session (it only touches jobs labelled with a queue). On a user's cluster
     (``KUBECONFIG``) the test is skipped unless Kueue's CRDs are there. Tests make their own
     LocalQueues (``Testbed.local_queue``).
+
+``trainer_testbed`` (session)
+    ``gpu_testbed`` with Kubeflow Trainer v2 (v2.2.0, TrainJob) and JobSet (v0.11.1): on our own
+    test bed ``hack/cluster up --trainer`` adds them in place (webhooks served; no
+    ClusterTrainingRuntime installed: tests make their own); a TrainJob's trainer pods run on
+    the kwok GPU nodes through the same Stages and annotations as PyTorchJob pods. With Kueue
+    running too, Kueue is restarted so that its TrainJob integration starts. On a user's cluster
+    the test is skipped unless the TrainJob CRD is there.
 """
 
 from __future__ import annotations
@@ -240,6 +248,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             "kueue_testbed" in getattr(i, "fixturenames", ()) for i in session.items
         ):
             args.append("--kueue")
+        if not API_ONLY and any(
+            "trainer_testbed" in getattr(i, "fixturenames", ()) for i in session.items
+        ):
+            args.append("--trainer")
     capman = session.config.pluginmanager.getplugin("capturemanager")
     t0 = time.monotonic()
     with capman.global_and_fixture_disabled() if capman else _NullContext():
@@ -343,4 +355,27 @@ def kueue_testbed(gpu_testbed: Testbed):
         )
     if "starting them" in p.stderr:
         print(f"\n[testbed] Kueue added in {time.monotonic() - t0:.1f}s")
+    return gpu_testbed
+
+
+TRAINJOB_CRD = "trainjobs.trainer.kubeflow.org"
+
+
+@pytest.fixture(scope="session")
+def trainer_testbed(gpu_testbed: Testbed):
+    if gpu_testbed.external:
+        if not gpu_testbed.has_crd(TRAINJOB_CRD):
+            pytest.skip(
+                "cluster has no Kubeflow Trainer v2 (no trainjobs.trainer.kubeflow.org CRD)"
+            )
+        return gpu_testbed
+    t0 = time.monotonic()
+    p = _cluster("up", "--trainer")  # adds JobSet and Trainer in place; at once if they run
+    if p.returncode != 0:
+        pytest.fail(
+            f"hack/cluster up --trainer failed (rc={p.returncode}):\n{p.stderr[-8000:]}",
+            pytrace=False,
+        )
+    if "starting them" in p.stderr:
+        print(f"\n[testbed] Trainer and JobSet added in {time.monotonic() - t0:.1f}s")
     return gpu_testbed

@@ -42,6 +42,7 @@ Environment:
   TESTBED_POD_RUN_SECONDS    how long a training pod runs before it completes (default 5)
   TESTBED_TRAINER_METRICS    1: as `up --trainer-metrics` (default 0)
   TESTBED_KUEUE              1: as `up --kueue` / `build --kueue` (default 0)
+  TESTBED_TRAINER            1: as `up --trainer` / `build --trainer` (default 0)
   TESTBED_BUILD_JOBS         go build -p (default: number of CPUs, at most 4)
   TESTBED_UP_TIMEOUT         seconds to wait for health (default 180)
 """

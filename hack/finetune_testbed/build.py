@@ -2,7 +2,9 @@
 
 Kubernetes (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl) is built from the
 Go module in hack/k8s; kwok, the training-operator, Kueue (``up --kueue``), helm and kubeconform
-with ``go install pkg@version``; etcd and openssl come from Debian packages.
+with ``go install pkg@version`` (JobSet, whose module the Go proxy does not list, with ``go build``
+in a throwaway module that requires it: ``go install`` would ask the proxy for its list to look
+for a deprecation); etcd and openssl come from Debian packages.
 ``KUBEBUILDER_ASSETS`` can supply kube-apiserver, etcd, kubectl (and the controller-manager and
 scheduler).
 """
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kueue
+from . import kueue, trainer_v2
 from .log import TestbedError, log
 from .settings import HACK, Settings
 
@@ -59,6 +61,9 @@ class GoTool:
     exe: str
     ldflags: str = ""
     build_key: str | None = None  # cache key when the ldflags change what the binary does
+    #: The module to build ``pkg`` in with ``go build`` (a throwaway module that requires it at
+    #: ``version``), instead of ``go install pkg@version``.
+    module: str | None = None
 
 
 # As helm's own Makefile does: the Kubernetes version of its client-go modules (v0.31 for v3.16)
@@ -105,6 +110,20 @@ KUEUE = GoTool(
     f"-X {kueue.MODULE}/pkg/version.GitVersion={kueue.VERSION}",
 )
 
+TRAINER = GoTool(
+    "trainer",
+    f"{trainer_v2.TRAINER_MODULE}/cmd/trainer-controller-manager",
+    trainer_v2.TRAINER_VERSION,
+    "trainer-controller-manager",
+)
+JOBSET = GoTool(
+    "jobset",
+    trainer_v2.JOBSET_MODULE,  # its controller is the module's root package
+    trainer_v2.JOBSET_VERSION,
+    "jobset",
+    module=trainer_v2.JOBSET_MODULE,
+)
+
 
 def binaries(settings: Settings, need: Need) -> dict[str, Path]:
     """Build (or find in the cache) the binaries ``need`` names, by component name (with
@@ -120,6 +139,9 @@ def binaries(settings: Settings, need: Need) -> dict[str, Path]:
         out["training-operator"] = go_install(settings, TRAINING_OPERATOR)
         if settings.kueue:
             out["kueue"] = go_install(settings, KUEUE)
+        if settings.trainer:
+            out["jobset"] = go_install(settings, JOBSET)
+            out["trainer"] = go_install(settings, TRAINER)
     return out
 
 
@@ -193,13 +215,39 @@ def go_install(settings: Settings, tool: GoTool) -> Path:
         return exe
     _need_go(tool.name)
     d.mkdir(parents=True, exist_ok=True)
-    env = go_env(module_mode=False)
-    env["GOBIN"] = str(d)
     t0 = time.time()
     log(f"building {tool.name} {tool.version}")
-    args = ["install", "-p", str(settings.build_jobs), "-trimpath"]
     ldflags = f"-s -w {tool.ldflags}".strip()
-    _go_with_linkname_retry(tool.name, args, ldflags, [f"{tool.pkg}@{tool.version}"], d, env)
+    jobs = str(settings.build_jobs)
+    if tool.module:
+        # go build in a module of its own (kept beside the binary) that requires the tool's
+        # module: no query of the module's version list. With the tool's own `go` version, the
+        # module graph is pruned as for `go install pkg@version`: the same build list.
+        go_line = next(
+            (
+                line
+                for line in (module_source(settings, tool.module, tool.version) / "go.mod")
+                .read_text()
+                .splitlines()
+                if line.startswith("go ")
+            ),
+            "go 1.22",
+        )
+        mod = d / "module"
+        shutil.rmtree(mod, ignore_errors=True)
+        mod.mkdir()
+        (mod / "go.mod").write_text(
+            f"module finetune.dev/hack/build/{tool.name}\n\n{go_line}\n\n"
+            f"require {tool.module} {tool.version}\n"
+        )
+        args = ["build", "-p", jobs, "-trimpath"]
+        targets = ["-o", str(exe), tool.pkg]
+        _go_with_linkname_retry(tool.name, args, ldflags, targets, mod, go_env())
+    else:
+        env = go_env(module_mode=False)
+        env["GOBIN"] = str(d)
+        args = ["install", "-p", jobs, "-trimpath"]
+        _go_with_linkname_retry(tool.name, args, ldflags, [f"{tool.pkg}@{tool.version}"], d, env)
     (d / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     log(f"built {tool.name} in {time.time() - t0:.0f}s")
     return exe
@@ -213,6 +261,16 @@ def training_operator_source(settings: Settings) -> Path:
 def kueue_source(settings: Settings) -> Path:
     """The Kueue module in Go's module cache (its CRDs, RBAC and webhook manifests)."""
     return module_source(settings, kueue.MODULE, kueue.VERSION)
+
+
+def trainer_source(settings: Settings) -> Path:
+    """Kubeflow Trainer's module in Go's module cache (its CRDs, RBAC and webhook manifests)."""
+    return module_source(settings, trainer_v2.TRAINER_MODULE, trainer_v2.TRAINER_VERSION)
+
+
+def jobset_source(settings: Settings) -> Path:
+    """JobSet's module in Go's module cache (its CRD, RBAC and webhook manifests)."""
+    return module_source(settings, trainer_v2.JOBSET_MODULE, trainer_v2.JOBSET_VERSION)
 
 
 def module_source(settings: Settings, path: str, version: str) -> Path:

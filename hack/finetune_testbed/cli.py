@@ -19,8 +19,10 @@ from .build import (
     Need,
     binaries,
     ensure_openssl,
+    jobset_source,
     kubectl_in_cache,
     kueue_source,
+    trainer_source,
     training_operator_source,
 )
 from .log import TestbedError, log
@@ -43,8 +45,12 @@ def main(argv: list[str]) -> int:
                 settings = dataclasses.replace(settings, trainer_metrics=True)
             if args.kueue:
                 settings = dataclasses.replace(settings, kueue=True)
-            if args.api_only and settings.kueue:
-                raise TestbedError("--kueue needs the whole test bed: leave out --api-only")
+            if args.trainer:
+                settings = dataclasses.replace(settings, trainer=True)
+            if args.api_only and (settings.kueue or settings.trainer):
+                raise TestbedError(
+                    "--kueue and --trainer need the whole test bed: leave out --api-only"
+                )
             return up.up(settings, api_only=args.api_only)
         if args.command == "down":
             return down(settings)
@@ -63,6 +69,8 @@ def main(argv: list[str]) -> int:
             return env(settings, as_json=args.json)
         if args.kueue:
             settings = dataclasses.replace(settings, kueue=True)
+        if args.trainer:
+            settings = dataclasses.replace(settings, trainer=True)
         return build(settings, tools=args.tools, api_only=args.api_only)
     except TestbedError as e:
         log(f"error: {e}")
@@ -94,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also run Kueue (v0.17, PyTorchJob integration, waitForPodsReady) with a GPU "
         "ClusterQueue (added in place to a running test bed)",
     )
+    cmd.add_argument(
+        "--trainer",
+        action="store_true",
+        help="also run Kubeflow Trainer v2 (v2.2, TrainJob) and JobSet (v0.11), webhooks served; "
+        "no ClusterTrainingRuntime installed (added in place to a running test bed)",
+    )
     sub.add_parser("down", help="stop the test bed of this state dir")
     # The fake trainer's rendezvous loop (a component that `up` starts; not for users).
     cmd = sub.add_parser("rendezvous")
@@ -112,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--tools", action="store_true", help="only kubectl, helm, kubeconform")
     what.add_argument("--api-only", action="store_true", help="only what `up --api-only` needs")
     cmd.add_argument("--kueue", action="store_true", help="also Kueue (what `up --kueue` adds)")
+    cmd.add_argument(
+        "--trainer", action="store_true", help="also JobSet and Trainer (what `up --trainer` adds)"
+    )
     return p
 
 
@@ -212,6 +229,9 @@ def build(settings: Settings, tools: bool, api_only: bool) -> int:
         training_operator_source(settings)
         if settings.kueue and not api_only:
             kueue_source(settings)
+        if settings.trainer and not api_only:
+            jobset_source(settings)
+            trainer_source(settings)
     for k, v in sorted(bins.items()):
         print(f"{k:25s} {v}")
     return 0

@@ -44,6 +44,8 @@ def probe(st: State, component: str) -> Callable[[], bool]:
         "kwok": lambda: http_ok(f"https://127.0.0.1:{p['kwok']}/healthz", cafile=ca),
         "training-operator": lambda: http_ok(f"http://127.0.0.1:{p['to-probe']}/readyz"),
         "kueue": lambda: http_ok(f"http://127.0.0.1:{p['kueue-probe']}/readyz"),
+        "jobset": lambda: http_ok(f"http://127.0.0.1:{p['jobset-probe']}/readyz"),
+        "trainer": lambda: http_ok(f"http://127.0.0.1:{p['trainer-probe']}/readyz"),
         "rendezvous": lambda: rendezvous.alive(st.state_dir),
         "provisioner": lambda: provisioner.alive(st.state_dir),
         # not imported: that module needs the trainer's Python packages, `status` must not

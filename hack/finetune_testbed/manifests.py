@@ -244,7 +244,7 @@ def cpu_node(name: str) -> Obj:
 def kwok_config(pod_run_seconds: float, trainer_log: Path, images: tuple[str, ...]) -> str:
     """kwok's ``--config``: our pod Stages (hack/kwok/stages.yaml, the default run time and the
     registry's repositories ``images`` filled in) and a ClusterLogs that serves ``trainer_log``
-    as every ``pytorch`` container's log."""
+    as every ``pytorch`` (PyTorchJob) and ``node`` (TrainJob) container's log."""
     run_ms = int(pod_run_seconds * 1000)
     text = (HACK / "kwok" / "stages.yaml").read_text()
     text = text.replace("__DEFAULT_RUN_MS__", str(run_ms)).replace("__DEFAULT_RUN__", f"{run_ms}ms")
@@ -256,7 +256,7 @@ def kwok_config(pod_run_seconds: float, trainer_log: Path, images: tuple[str, ..
         "metadata": {"name": "trainer-logs"},
         "spec": {
             "selector": {},
-            "logs": [{"containers": ["pytorch"], "logsFile": str(trainer_log)}],
+            "logs": [{"containers": ["pytorch", "node"], "logsFile": str(trainer_log)}],
         },
     }
     return text + "\n---\n" + json.dumps(logs) + "\n"

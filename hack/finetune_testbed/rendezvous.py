@@ -8,7 +8,18 @@ annotates those Running pods ``testbed.finetune.dev/rendezvous: <time>``. The St
 training pod (succeed, fail, OOM, restart) require that annotation; their delay (the pod's
 run-duration) starts when it is set.
 
-A pod labelled as a training pod whose PyTorchJob cannot be found (made by hand) joins alone.
+Two kinds of training pods, each with its gang:
+
+- a PyTorchJob's (label ``training.kubeflow.org/job-name``): one pod per (replica type, index)
+  of the PyTorchJob's ``pytorchReplicaSpecs``;
+- a TrainJob's (Kubeflow Trainer v2, ``up --trainer``): the pods of the replicated job ``node``
+  of its JobSet (labels ``jobset.sigs.k8s.io/jobset-name``, ``…/replicatedjob-name: node``), one
+  per (job index, completion index): the replicated job's ``replicas`` × its Job template's
+  ``completions`` (else ``parallelism``, else 1). Other replicated jobs (Trainer's initializers)
+  are ordinary Job pods.
+
+A pod labelled as a training pod whose PyTorchJob or JobSet cannot be found (made by hand) joins
+alone.
 """
 
 from __future__ import annotations
@@ -28,11 +39,18 @@ ANNOTATION = "testbed.finetune.dev/rendezvous"
 JOB_LABEL = "training.kubeflow.org/job-name"
 TYPE_LABEL = "training.kubeflow.org/replica-type"
 INDEX_LABEL = "training.kubeflow.org/replica-index"
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+#: The replicated job of a TrainJob's JobSet that runs the trainer (Trainer's ``constants.Node``).
+TRAINER_REPLICATED_JOB = "node"
 HEARTBEAT = "rendezvous.heartbeat"
 INTERVAL_SECONDS = 0.5
 
 Obj = Mapping[str, Any]
-Replica = tuple[str, str]  # (replica type lower-cased, index)
+Replica = tuple[str, str]  # (replica type lower-cased, index) or (job index, completion index)
+Gang = tuple[str, str, str]  # (kind: "pytorchjob" | "jobset", namespace, name)
 
 
 @dataclass(frozen=True)
@@ -45,20 +63,35 @@ class PodView:
     replica: Replica
     running: bool
     joined: bool  # annotated already
+    kind: str = "pytorchjob"  # or "jobset" (a TrainJob's pod; ``job`` is the JobSet's name)
 
     @classmethod
     def of(cls, pod: Obj) -> PodView:
         meta = pod.get("metadata", {})
         labels = meta.get("labels") or {}
+        if JOB_LABEL not in labels and JOBSET_LABEL in labels:
+            kind, job = "jobset", str(labels[JOBSET_LABEL])
+            replica = (
+                str(labels.get(JOB_INDEX_LABEL, "")),
+                str(labels.get(COMPLETION_INDEX_LABEL, "")),
+            )
+        else:
+            kind, job = "pytorchjob", str(labels.get(JOB_LABEL, ""))
+            replica = (str(labels.get(TYPE_LABEL, "")).lower(), str(labels.get(INDEX_LABEL, "")))
         return cls(
             namespace=str(meta.get("namespace", "")),
             name=str(meta.get("name", "")),
-            job=str(labels.get(JOB_LABEL, "")),
-            replica=(str(labels.get(TYPE_LABEL, "")).lower(), str(labels.get(INDEX_LABEL, ""))),
+            job=job,
+            replica=replica,
             running=pod.get("status", {}).get("phase") == "Running"
             and not meta.get("deletionTimestamp"),
             joined=ANNOTATION in (meta.get("annotations") or {}),
+            kind=kind,
         )
+
+    @property
+    def gang(self) -> Gang:
+        return (self.kind, self.namespace, self.job)
 
 
 def replicas(pytorchjob: Obj) -> set[Replica]:
@@ -69,6 +102,18 @@ def replicas(pytorchjob: Obj) -> set[Replica]:
         for rtype, spec in specs.items()
         for i in range(int((spec or {}).get("replicas", 1)))
     }
+
+
+def jobset_replicas(jobset: Obj) -> set[Replica]:
+    """Every (job index, completion index) of the JobSet's trainer replicated job (``node``)."""
+    out: set[Replica] = set()
+    for rjob in jobset.get("spec", {}).get("replicatedJobs") or []:
+        if rjob.get("name") != TRAINER_REPLICATED_JOB:
+            continue
+        job = rjob.get("template", {}).get("spec", {})
+        pods = job.get("completions") or job.get("parallelism") or 1
+        out |= {(str(j), str(i)) for j in range(int(rjob.get("replicas", 1))) for i in range(pods)}
+    return out
 
 
 def to_join(expected: set[Replica] | None, pods: Iterable[PodView]) -> list[PodView]:
@@ -86,14 +131,26 @@ def step(api: Api) -> int:
     """One pass over the cluster's training pods; how many pods joined."""
     selector = urllib.parse.quote(JOB_LABEL)
     pods = (api.get(f"/api/v1/pods?labelSelector={selector}") or {}).get("items", [])
-    if not pods:
+    selector = urllib.parse.quote(f"{REPLICATED_JOB_LABEL}={TRAINER_REPLICATED_JOB},{JOBSET_LABEL}")
+    trainjob_pods = (api.get(f"/api/v1/pods?labelSelector={selector}") or {}).get("items", [])
+    if not pods and not trainjob_pods:
         return 0
-    jobs = (api.get("/apis/kubeflow.org/v1/pytorchjobs") or {}).get("items", [])
-    expected = {(j["metadata"]["namespace"], j["metadata"]["name"]): replicas(j) for j in jobs}
-    groups: dict[tuple[str, str], list[PodView]] = {}
-    for pod in pods:
+    expected: dict[Gang, set[Replica]] = {}
+    if pods:
+        jobs = (api.get("/apis/kubeflow.org/v1/pytorchjobs") or {}).get("items", [])
+        for j in jobs:
+            expected[("pytorchjob", j["metadata"]["namespace"], j["metadata"]["name"])] = replicas(
+                j
+            )
+    if trainjob_pods:
+        jobsets = (api.get("/apis/jobset.x-k8s.io/v1alpha2/jobsets") or {}).get("items", [])
+        for j in jobsets:
+            gang = ("jobset", j["metadata"]["namespace"], j["metadata"]["name"])
+            expected[gang] = jobset_replicas(j)
+    groups: dict[Gang, list[PodView]] = {}
+    for pod in [*pods, *trainjob_pods]:
         view = PodView.of(pod)
-        groups.setdefault((view.namespace, view.job), []).append(view)
+        groups.setdefault(view.gang, []).append(view)
     joined = 0
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for key, views in groups.items():
@@ -103,7 +160,7 @@ def step(api: Api) -> int:
             status, _ = api.call("PATCH", path, body.encode(), "application/merge-patch+json")
             if status == 200:
                 joined += 1
-                log(f"rendezvous: {view.namespace}/{view.name} joined ({key[1]})")
+                log(f"rendezvous: {view.namespace}/{view.name} joined ({key[0]} {key[2]})")
     return joined
 
 

@@ -31,6 +31,7 @@ class Settings:
     up_timeout: float  # TESTBED_UP_TIMEOUT
     trainer_metrics: bool = False  # TESTBED_TRAINER_METRICS=1 or `up --trainer-metrics`
     kueue: bool = False  # TESTBED_KUEUE=1 or `up --kueue` / `build --kueue`
+    trainer: bool = False  # TESTBED_TRAINER=1 or `up --trainer` / `build --trainer`
 
     @property
     def external_kubeconfig(self) -> str | None:
@@ -70,6 +71,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         up_timeout=_number(env, "TESTBED_UP_TIMEOUT", float, 180.0, minimum=1),
         trainer_metrics=_flag(env, "TESTBED_TRAINER_METRICS"),
         kueue=_flag(env, "TESTBED_KUEUE"),
+        trainer=_flag(env, "TESTBED_TRAINER"),
     )
 
 

@@ -23,8 +23,16 @@ COMPONENTS = (
     "provisioner",
     "training-operator",
 )
-#: Started only when asked for (``up --trainer-metrics``, ``up --kueue``), after the others.
-OPTIONAL = ("trainer-metrics", "kueue")
+#: Started only when asked for (``up --trainer-metrics``, ``up --trainer``: JobSet and Kubeflow
+#: Trainer, ``up --kueue``), after the others; Kueue last (it sets its TrainJob integration up
+#: once the TrainJob CRD is served).
+OPTIONAL = ("trainer-metrics", "jobset", "trainer", "kueue")
+#: The components of each optional feature.
+FEATURES = {
+    "trainer-metrics": ("trainer-metrics",),
+    "trainer": ("jobset", "trainer"),
+    "kueue": ("kueue",),
+}
 API_ONLY = ("etcd", "kube-apiserver")  # `up --api-only`
 CLUSTER_TIER = tuple(c for c in COMPONENTS if c not in API_ONLY)  # the rest of `up`
 
@@ -76,6 +84,7 @@ class State:
             "pod_network": self.pod_network,
             "trainer_metrics": "trainer-metrics" in self.components,
             "kueue": "kueue" in self.components,
+            "trainer": "trainer" in self.components,
         }
 
     def write_env(self) -> None:

@@ -5,8 +5,10 @@ the master pod's ``<podIP>:<metrics port>/metrics`` for ``status.progress``, wou
 at all. This loop (the optional component ``trainer-metrics``: ``hack/cluster up
 --trainer-metrics``) serves it: the test bed's kwok nodes have pod CIDRs in 127.0.0.0/8, so a fake
 pod's IP is an address of this machine, and for every master pod of a PyTorchJob that runs and
-has passed the rendezvous it serves the trainer's **own** metrics (``finetune_trainer.metrics``:
-its registry, names and types) on that IP and the pod's ``metrics`` port, fed by a simulated run:
+has passed the rendezvous (and every TrainJob's rank 0: the pod of completion index 0 of job
+index 0 of its JobSet's replicated job ``node``, container ``node``) it serves the trainer's
+**own** metrics (``finetune_trainer.metrics``: its registry, names and types) on that IP and the
+pod's ``metrics`` port, fed by a simulated run:
 
 - the run lasts the pod's run-duration (``testbed.finetune.dev/run-duration``, else the test
   bed's default) from the rendezvous, as the kwok Stage that ends the pod counts it: the first
@@ -52,7 +54,17 @@ from typing import Any
 
 from finetune_trainer import metrics
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.names import CONTAINER, JOB_NAME_LABEL, METRICS_PORT, REPLICA_TYPE_LABEL
+from finetune_trainer.names import (
+    COMPLETION_INDEX_LABEL,
+    CONTAINER,
+    JOB_INDEX_LABEL,
+    JOB_NAME_LABEL,
+    JOBSET_NAME_LABEL,
+    METRICS_PORT,
+    REPLICA_TYPE_LABEL,
+    REPLICATED_JOB_LABEL,
+    TRAINJOB_CONTAINER,
+)
 
 from .kubeapi import Api
 from .log import log
@@ -64,6 +76,9 @@ TOTAL_STEPS = "testbed.finetune.dev/total-steps"
 HANG_AFTER = "testbed.finetune.dev/hang-after"
 OPT_OUT = "testbed.finetune.dev/trainer-metrics"
 CONFIG_FILE = "config.json"
+CONFIG_VOLUME = "trainer-config"  # the operator's volume of the job's ConfigMap
+#: A TrainJob's rank 0: the first pod of the first Job of its JobSet's replicated job ``node``.
+TRAINJOB_RANK0 = {REPLICATED_JOB_LABEL: "node", JOB_INDEX_LABEL: "0", COMPLETION_INDEX_LABEL: "0"}
 HEARTBEAT = "trainer-metrics.heartbeat"
 INTERVAL_SECONDS = 1.0
 STEPS_PER_EPOCH = 100
@@ -210,15 +225,17 @@ class MasterPod:
     config_map: str | None
     silent: bool
     hang: Hang | None = None
-    job: str = ""  # the PyTorchJob's name
+    job: str = ""  # the PyTorchJob's name (a TrainJob's: its JobSet's, the TrainJob's own)
 
     @classmethod
     def of(cls, pod: Obj) -> MasterPod:
         meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
         notes = meta.get("annotations") or {}
         labels = meta.get("labels") or {}
+        trainjob = JOB_NAME_LABEL not in labels and JOBSET_NAME_LABEL in labels
+        name = TRAINJOB_CONTAINER if trainjob else CONTAINER
         container: Obj = next(
-            (c for c in spec.get("containers") or [] if c.get("name") == CONTAINER), {}
+            (c for c in spec.get("containers") or [] if c.get("name") == name), {}
         )
         port = next(
             (
@@ -231,12 +248,18 @@ class MasterPod:
         joined = notes.get(RENDEZVOUS)
         run = notes.get(RUN_DURATION)
         total = notes.get(TOTAL_STEPS)
-        volumes = [v["configMap"]["name"] for v in spec.get("volumes") or [] if v.get("configMap")]
+        maps = [v for v in spec.get("volumes") or [] if v.get("configMap")]
+        maps.sort(key=lambda v: v.get("name") != CONFIG_VOLUME)  # the trainer's config first
+        volumes = [v["configMap"]["name"] for v in maps]
+        if trainjob:
+            master = all(str(labels.get(k)) == v for k, v in TRAINJOB_RANK0.items())
+        else:
+            master = str(labels.get(REPLICA_TYPE_LABEL, "")).lower() == "master"
         return cls(
             uid=str(meta.get("uid", "")),
             namespace=str(meta.get("namespace", "")),
             name=str(meta.get("name", "")),
-            master=str(labels.get(REPLICA_TYPE_LABEL, "")).lower() == "master",
+            master=master,
             running=status.get("phase") == "Running" and not meta.get("deletionTimestamp"),
             ip=str(status.get("podIP") or ""),
             port=int(port) if port else None,
@@ -248,7 +271,7 @@ class MasterPod:
             config_map=volumes[0] if volumes else None,
             silent=str(notes.get(OPT_OUT, "")).lower() == "false",
             hang=Hang.parse(str(notes[HANG_AFTER])) if notes.get(HANG_AFTER) else None,
-            job=str(labels.get(JOB_NAME_LABEL, "")),
+            job=str(labels.get(JOBSET_NAME_LABEL if trainjob else JOB_NAME_LABEL, "")),
         )
 
     def serves(self, network: str) -> bool:
@@ -344,8 +367,14 @@ class Server:
         self.refused: dict[str, str] = {}  # uid -> why it cannot be served (logged once)
 
     def step(self, now: float) -> None:
-        selector = urllib.parse.quote(f"{JOB_NAME_LABEL},{REPLICA_TYPE_LABEL}=master")
-        items = (self.api.get(f"/api/v1/pods?labelSelector={selector}") or {}).get("items", [])
+        items = []
+        for query in (
+            f"{JOB_NAME_LABEL},{REPLICA_TYPE_LABEL}=master",
+            ",".join([JOBSET_NAME_LABEL, *(f"{k}={v}" for k, v in TRAINJOB_RANK0.items())]),
+        ):
+            selector = urllib.parse.quote(query)
+            got = self.api.get(f"/api/v1/pods?labelSelector={selector}") or {}
+            items += got.get("items", [])
         live = {p.uid: p for p in map(MasterPod.of, items) if p.serves(self.network)}
         for uid in [u for u, r in self.runs.items() if u not in live or live[u].ip != r.pod.ip]:
             self.stop(uid)

@@ -3,7 +3,8 @@
 The API tier (all that ``up --api-only`` starts): etcd, the cluster PKI and users, kube-apiserver,
 the PyTorchJob CRD. The cluster tier on top of it: controller-manager, scheduler, the webhook and
 kubelet PKI, the bootstrap objects (training-operator RBAC and webhook, kwok nodes), kwok, the
-training-operator, and the waits until each is healthy; with ``--kueue``, Kueue and its queues.
+training-operator, and the waits until each is healthy; with ``--trainer``, JobSet and Kubeflow
+Trainer v2; with ``--kueue``, Kueue and its queues.
 ``up`` on a running ``--api-only`` test bed adds the cluster tier in place (same API server, same
 objects), and on a running full one the optional components asked for. Components are started
 without waiting where they do not depend on each other, and waited for at the end.
@@ -22,21 +23,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import health, kubeconfig, kueue, manifests, pki
+from . import health, kubeconfig, kueue, manifests, pki, trainer_v2
 from .build import (
+    JOBSET,
     KUEUE,
+    TRAINER,
     Need,
     binaries,
     ensure_openssl,
     go_install,
+    jobset_source,
     kueue_source,
+    trainer_source,
     training_operator_source,
 )
 from .kubeapi import Api, resource_path
 from .log import TestbedError, log
-from .procs import Supervisor, stop
+from .procs import Supervisor, pid_alive, stop
 from .settings import HACK, REPO, Settings
-from .state import API_ONLY, CLUSTER_TIER, COMPONENTS, OPTIONAL, State, load
+from .state import API_ONLY, CLUSTER_TIER, COMPONENTS, FEATURES, OPTIONAL, State, load
 
 # The ports each component listens on, by name in state.json.
 PORTS = {
@@ -50,6 +55,8 @@ PORTS = {
     "training-operator": ("to-metrics", "to-probe", "to-webhook"),
     "trainer-metrics": (),
     "kueue": ("kueue-webhook", "kueue-probe"),
+    "jobset": ("jobset-webhook", "jobset-probe"),
+    "trainer": ("trainer-webhook", "trainer-probe"),
 }
 # cert-controller (used by the training-operator) only checks that this file exists.
 ROTATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
@@ -134,8 +141,13 @@ def up(settings: Settings, api_only: bool) -> int:
 
 def _full(settings: Settings) -> tuple[str, ...]:
     """What a full test bed runs with these settings."""
-    asked = {"trainer-metrics": settings.trainer_metrics, "kueue": settings.kueue}
-    return COMPONENTS + tuple(c for c in OPTIONAL if asked[c])
+    asked = {
+        "trainer-metrics": settings.trainer_metrics,
+        "trainer": settings.trainer,
+        "kueue": settings.kueue,
+    }
+    wanted = {c for feature, on in asked.items() if on for c in FEATURES[feature]}
+    return COMPONENTS + tuple(c for c in OPTIONAL if c in wanted)
 
 
 def check_trainer_python() -> None:
@@ -171,13 +183,19 @@ def _complete(settings: Settings, st: State, t_start: float, wanted: tuple[str, 
 
 def _add_missing(settings: Settings, st: State, missing: list[str]) -> int:
     """Start the components a running full test bed lacks: those an older ``up`` did not start
-    (the rendezvous, the provisioner), or trainer-metrics or Kueue when asked for now."""
+    (the rendezvous, the provisioner), or trainer-metrics, JobSet and Trainer, or Kueue when
+    asked for now. Kueue already running when Trainer is added is restarted once the TrainJob
+    CRD is served (it looks for a missing integration's API with a backoff of up to 2 min)."""
     starters = {
         "rendezvous": start_rendezvous,
         "provisioner": start_provisioner,
         "trainer-metrics": add_trainer_metrics,
+        "jobset": start_jobset,
+        "trainer": start_trainer,
         "kueue": start_kueue,
     }
+    order = list(COMPONENTS + OPTIONAL)
+    missing = sorted(missing, key=lambda c: order.index(c) if c in order else len(order))
     unknown = [c for c in missing if c not in starters]
     if unknown:
         raise TestbedError(f"the test bed lacks {unknown}: `hack/cluster down` and `up` again")
@@ -190,6 +208,11 @@ def _add_missing(settings: Settings, st: State, missing: list[str]) -> int:
         bed.wait(component)
         if component == "kueue":
             finish_kueue(bed)
+        if component == "trainer":
+            finish_trainer(bed)
+            kueue_pid = st.pids.get("kueue")
+            if "kueue" not in missing and kueue_pid and pid_alive(kueue_pid):
+                restart_kueue(bed)
     bed.save()
     bed.state.write_env()
     return 0
@@ -380,6 +403,10 @@ def start_cluster_tier(bed: Bed) -> None:
     start_training_operator(bed)
     if "trainer-metrics" in bed.state.components:
         start_trainer_metrics(bed)
+    if "jobset" in bed.state.components:
+        start_jobset(bed)
+    if "trainer" in bed.state.components:
+        start_trainer(bed)  # before Kueue: its TrainJob CRD is served when Kueue starts
     if "kueue" in bed.state.components:
         start_kueue(bed)
     for component in bed.state.components:
@@ -388,6 +415,8 @@ def start_cluster_tier(bed: Bed) -> None:
     wait_for_nodes(bed)
     wait_for_default_service_account(bed)
     wait_for_webhook(bed)
+    if "trainer" in bed.state.components:
+        finish_trainer(bed)
     if "kueue" in bed.state.components:
         finish_kueue(bed)
 
@@ -656,9 +685,10 @@ def write_kueue_kubeconfig(bed: Bed) -> None:
     )
 
 
-def finish_kueue(bed: Bed) -> None:
-    """Kueue's webhooks answer (it denies an invalid ClusterQueue), then the test bed's queues:
-    ResourceFlavor, ClusterQueue, WorkloadPriorityClasses (through those webhooks)."""
+def finish_kueue(bed: Bed, queues: bool = True) -> None:
+    """Kueue's webhooks answer (it denies an invalid ClusterQueue), then (``queues``) the test
+    bed's queues: ResourceFlavor, ClusterQueue, WorkloadPriorityClasses (through those
+    webhooks)."""
     path = "/apis/kueue.x-k8s.io/v1beta2/clusterqueues"
 
     def rejects() -> bool:
@@ -666,4 +696,177 @@ def finish_kueue(bed: Bed) -> None:
         return status >= 400 and "denied the request" in message
 
     bed.procs.wait_for("Kueue's webhooks", rejects, bed.settings.up_timeout)
-    bed.api.apply_objects(kueue.queue_objects())
+    if queues:
+        bed.api.apply_objects(kueue.queue_objects())
+
+
+def restart_kueue(bed: Bed) -> None:
+    """Stop Kueue and start it again (same ports, certs and configuration)."""
+    log("restarting Kueue: it sets its TrainJob integration up now that the CRD is served")
+    left = stop({"kueue": bed.state.pids["kueue"]}, ["kueue"])
+    if left:
+        raise TestbedError("Kueue did not stop")
+    start_kueue(bed)
+    bed.wait("kueue")
+    finish_kueue(bed, queues=False)  # the queues are there (applying them again would
+    # rewrite their quotas as the test bed gives them, integers, over the stored quantities)
+
+
+# --------------------------------------------------------------------------- Trainer (--trainer)
+
+
+def _ensure_ports(bed: Bed, component: str) -> dict[str, int]:
+    ports = bed.state.ports
+    if any(name not in ports for name in PORTS[component]):
+        ports.update(allocate_ports((component,), set(ports.values())))
+    return ports
+
+
+def _service_account_kubeconfig(bed: Bed, key: str, namespace: str, name: str) -> Path:
+    """A kubeconfig for the ServiceAccount ``namespace/name``, with a token from the TokenRequest
+    API (the static tokens are read once, when the API server starts)."""
+    path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+    body = json.dumps(kueue.token_request()).encode()
+    status, out = bed.api.call("POST", path, body, "application/json")
+    if status != 201:
+        raise TestbedError(f"a token for the ServiceAccount {namespace}/{name} was refused: {out}")
+    kc = bed.kubeconfig(key)
+    kubeconfig.write_kubeconfig(kc, bed.state.server, bed.state.ca, out["status"]["token"], name)
+    return kc
+
+
+def _install_crds(bed: Bed, files: list[Path], what: str) -> None:
+    """Apply CRDs from a module's files and wait until they are Established."""
+    crd_kind = ("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+    names = [trainer_v2.crd_name(f) for f in files]
+    if not names:
+        raise TestbedError(f"no CRDs found for {what}")
+    for f, name in zip(files, names, strict=True):
+        path = resource_path(*crd_kind, name)
+        try:
+            bed.api.apply(path, f.read_bytes())
+        except TestbedError as e:
+            older = trainer_v2.without_uncompilable_rule(f.read_text())
+            if older is None or "compilation failed" not in str(e):
+                raise
+            log(f"{name}: this API server cannot compile one of its CEL rules: dropped it")
+            bed.api.apply(path, older.encode())
+
+    def established() -> bool:
+        for name in names:
+            crd = bed.api.get(resource_path(*crd_kind, name)) or {}
+            conditions = crd.get("status", {}).get("conditions") or []
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return False
+        return True
+
+    bed.procs.wait_for(f"{what}'s CRDs", established, bed.settings.up_timeout)
+
+
+def _webhooks(bed: Bed, src_file: Path, names: dict[str, str], port: int) -> None:
+    """The module's webhook configurations, renamed (by kind) and pointed at loopback."""
+    ca = (bed.pki / "webhook-ca.crt").read_bytes()
+    configs = [bed.api.parse_yaml(doc) for doc in kueue.yaml_documents(src_file.read_text())]
+    bed.api.apply_objects(
+        [trainer_v2.webhook_configuration(c, names[c["kind"]], port, ca) for c in configs]
+    )
+
+
+def start_jobset(bed: Bed) -> None:
+    """JobSet (trainer_v2.py): its CRD, ClusterRole and webhooks from its module, the
+    namespaces and ServiceAccounts of JobSet and Trainer, its certs and configuration; then the
+    process (as its ServiceAccount)."""
+    exe = go_install(bed.settings, JOBSET)
+    src = jobset_source(bed.settings)
+    bed.state.binaries["jobset"] = str(exe)
+    ports = _ensure_ports(bed, "jobset")
+    _install_crds(bed, trainer_v2.jobset_crd_files(src), "JobSet")
+    role = bed.api.parse_yaml(trainer_v2.jobset_role_file(src).read_text())
+    bed.api.apply_objects([trainer_v2.jobset_role(role), *trainer_v2.access_objects()])
+    _webhooks(
+        bed,
+        trainer_v2.jobset_webhook_file(src),
+        {
+            "ValidatingWebhookConfiguration": trainer_v2.JOBSET_VALIDATING,
+            "MutatingWebhookConfiguration": trainer_v2.JOBSET_MUTATING,
+        },
+        ports["jobset-webhook"],
+    )
+    kc = _service_account_kubeconfig(
+        bed, "jobset", trainer_v2.JOBSET_NAMESPACE, trainer_v2.JOBSET_SA
+    )
+    certs = bed.dir / "jobset-certs"
+    _serving_certs(bed, certs)
+    config = bed.dir / "jobset-config.yaml"
+    config.write_text(
+        trainer_v2.jobset_configuration(ports["jobset-webhook"], ports["jobset-probe"], certs)
+    )
+    bed.procs.start("jobset", [
+        exe, f"--config={config}", f"--kubeconfig={kc}", "--zap-log-level=info",
+    ], env={"NAMESPACE": trainer_v2.JOBSET_NAMESPACE})  # fmt: skip
+    bed.save()
+
+
+def _serving_certs(bed: Bed, certs: Path) -> None:
+    """The test bed's webhook serving cert (for 127.0.0.1) as tls.crt/tls.key in ``certs``."""
+    certs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bed.pki / "webhook.crt", certs / "tls.crt")
+    shutil.copy(bed.pki / "webhook.key", certs / "tls.key")
+    shutil.copy(bed.pki / "webhook-ca.crt", certs / "ca.crt")
+
+
+def start_trainer(bed: Bed) -> None:
+    """Kubeflow Trainer (trainer_v2.py): its CRDs, ClusterRole and webhooks from its module, its
+    certs (in ``$TMPDIR/k8s-webhook-server/serving-certs``) and configuration; then the process
+    (as its ServiceAccount). No ClusterTrainingRuntime is installed."""
+    exe = go_install(bed.settings, TRAINER)
+    src = trainer_source(bed.settings)
+    bed.state.binaries["trainer"] = str(exe)
+    ports = _ensure_ports(bed, "trainer")
+    _install_crds(bed, trainer_v2.trainer_crd_files(src), "Trainer")
+    role = trainer_v2.trainer_role_file(src).read_text()
+    bed.api.apply_objects([bed.api.parse_yaml(role), *trainer_v2.access_objects()])
+    _webhooks(
+        bed,
+        trainer_v2.trainer_webhook_file(src),
+        {
+            "ValidatingWebhookConfiguration": trainer_v2.TRAINER_VALIDATING,
+            "MutatingWebhookConfiguration": trainer_v2.TRAINER_MUTATING,
+        },
+        ports["trainer-webhook"],
+    )
+    kc = _service_account_kubeconfig(
+        bed, "trainer", trainer_v2.TRAINER_NAMESPACE, trainer_v2.TRAINER_SA
+    )
+    tmp = bed.dir / "trainer-tmp"
+    _serving_certs(bed, tmp / "k8s-webhook-server" / "serving-certs")
+    config = bed.dir / "trainer-config.yaml"
+    config.write_text(
+        trainer_v2.trainer_configuration(ports["trainer-webhook"], ports["trainer-probe"])
+    )
+    bed.procs.start("trainer", [
+        exe, f"--config={config}", f"--kubeconfig={kc}", "--zap-log-level=info",
+    ], env={"TMPDIR": str(tmp)})  # fmt: skip
+    bed.save()
+
+
+def finish_trainer(bed: Bed) -> None:
+    """JobSet's and Trainer's webhooks answer: each denies an invalid object (server-side dry
+    runs)."""
+
+    def denies(path: str, obj: manifests.Obj) -> bool:
+        status, message = bed.api.dry_run_create(path, obj)
+        return status >= 400 and "denied the request" in message
+
+    jobsets = "/apis/jobset.x-k8s.io/v1alpha2/namespaces/default/jobsets"
+    trainjobs = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/default/trainjobs"
+    bed.procs.wait_for(
+        "JobSet's webhooks",
+        lambda: denies(jobsets, trainer_v2.INVALID_JOBSET),
+        bed.settings.up_timeout,
+    )
+    bed.procs.wait_for(
+        "Trainer's webhooks",
+        lambda: denies(trainjobs, trainer_v2.probe_trainjob()),
+        bed.settings.up_timeout,
+    )

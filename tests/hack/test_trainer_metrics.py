@@ -248,3 +248,33 @@ def test_released_volumes_of_ours_are_deleted() -> None:
         {"metadata": {"name": "c"}, "status": {"phase": "Released"}},
     ]
     assert provisioner.released(volumes) == ["a"]
+
+
+def trainjob_pod(completion: str = "0", job_index: str = "0") -> dict[str, object]:
+    p = pod(
+        spec={
+            "containers": [{"name": "node", "ports": [{"name": "metrics", "containerPort": 9400}]}],
+            "volumes": [
+                {"name": "runtime-cm", "configMap": {"name": "other"}},
+                {"name": "trainer-config", "configMap": {"name": "tj-trainer"}},
+            ],
+        }
+    )
+    meta = dict(p["metadata"])  # type: ignore[call-overload]
+    meta["labels"] = {
+        "finetune.dev/job": "tj",
+        "jobset.sigs.k8s.io/jobset-name": "tj",
+        "jobset.sigs.k8s.io/replicatedjob-name": "node",
+        "jobset.sigs.k8s.io/job-index": job_index,
+        "batch.kubernetes.io/job-completion-index": completion,
+    }
+    p["metadata"] = meta
+    return p
+
+
+def test_rank_0_of_a_trainjob_serves_like_a_master() -> None:
+    p = MasterPod.of(trainjob_pod())
+    assert (p.master, p.port, p.config_map, p.job) == (True, 9400, "tj-trainer", "tj")
+    assert p.serves(NETWORK)
+    assert not MasterPod.of(trainjob_pod(completion="1")).master
+    assert not MasterPod.of(trainjob_pod(job_index="1")).master
