@@ -37,6 +37,12 @@ Register it with ``pytest_plugins = ["testbed"]`` (tests/ is on sys.path). Fixtu
     the kwok GPU nodes through the same Stages and annotations as PyTorchJob pods. With Kueue
     running too, Kueue is restarted so that its TrainJob integration starts. On a user's cluster
     the test is skipped unless the TrainJob CRD is there.
+
+``oldest_testbed`` (session)
+    A second, API-only test bed of the oldest supported Kubernetes (``OLDEST_K8S``, 1.31: etcd
+    3.4 + kube-apiserver v1.31, ``hack/cluster up --api-only --kubernetes 1.31``) in its own state
+    dir (``<state dir>-k8s-1.31``, its own ports), beside the main test bed (v1.35 by default);
+    stopped at session end unless it was already up. Skipped with ``KUBECONFIG``.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,8 +202,8 @@ def _cluster(
     )
 
 
-def _load_testbed() -> Testbed:
-    p = _cluster("env", "--json")
+def _load_testbed(env: dict | None = None) -> Testbed:
+    p = _cluster("env", "--json", env=env)
     if p.returncode != 0:
         raise RuntimeError(f"hack/cluster env failed: {p.stderr}")
     info = json.loads(p.stdout)
@@ -236,31 +242,37 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     A cold build takes 15-20 minutes on 2 cores; doing it here keeps it out of per-test
     timeouts (pytest-timeout counts fixture setup) and shows its progress on the terminal.
     """
-    if session.config.option.collectonly or not any(
-        "testbed" in getattr(i, "fixturenames", ()) for i in session.items
-    ):
+
+    def used(fixture: str) -> bool:
+        return any(fixture in getattr(i, "fixturenames", ()) for i in session.items)
+
+    if session.config.option.collectonly or not (used("testbed") or used("oldest_testbed")):
         return
-    if os.environ.get("KUBECONFIG"):
+    if not used("testbed"):
+        args = []
+    elif os.environ.get("KUBECONFIG"):
         args = ["build", "--tools"]
     else:
         args = ["build", "--api-only"] if API_ONLY else ["build"]
-        if not API_ONLY and any(
-            "kueue_testbed" in getattr(i, "fixturenames", ()) for i in session.items
-        ):
+        if not API_ONLY and used("kueue_testbed"):
             args.append("--kueue")
-        if not API_ONLY and any(
-            "trainer_testbed" in getattr(i, "fixturenames", ()) for i in session.items
-        ):
+        if not API_ONLY and used("trainer_testbed"):
             args.append("--trainer")
+    builds = [args] if args else []
+    if not os.environ.get("KUBECONFIG") and used("oldest_testbed"):
+        builds.append(["build", "--api-only", "--kubernetes", OLDEST_K8S])
     capman = session.config.pluginmanager.getplugin("capturemanager")
     t0 = time.monotonic()
     with capman.global_and_fixture_disabled() if capman else _NullContext():
-        print(f"\n[testbed] hack/cluster {' '.join(args)} (reuses cached binaries)", flush=True)
-        p = subprocess.run([str(CLUSTER), *args], check=False, stdout=subprocess.DEVNULL)
-        print(
-            f"[testbed] binaries ready in {time.monotonic() - t0:.0f}s (rc={p.returncode})",
-            flush=True,
-        )
+        for build in builds:
+            print(
+                f"\n[testbed] hack/cluster {' '.join(build)} (reuses cached binaries)", flush=True
+            )
+            p = subprocess.run([str(CLUSTER), *build], check=False, stdout=subprocess.DEVNULL)
+            print(
+                f"[testbed] binaries ready in {time.monotonic() - t0:.0f}s (rc={p.returncode})",
+                flush=True,
+            )
     # On failure the `testbed` fixture runs `up`, which retries the build and reports the error.
 
 
@@ -379,3 +391,36 @@ def trainer_testbed(gpu_testbed: Testbed):
     if "starting them" in p.stderr:
         print(f"\n[testbed] Trainer and JobSet added in {time.monotonic() - t0:.1f}s")
     return gpu_testbed
+
+
+#: The oldest Kubernetes minor the product supports: an API-only test bed of it runs the API tests.
+OLDEST_K8S = "1.31"
+
+
+@pytest.fixture(scope="session")
+def oldest_testbed() -> Iterator[Testbed]:
+    if os.environ.get("KUBECONFIG"):
+        pytest.skip("KUBECONFIG selects the cluster: no second test bed of Kubernetes 1.31 here")
+    main_state = os.environ.get("FINETUNE_TESTBED_STATE") or str(REPO / "hack" / ".state")
+    env = dict(os.environ)
+    env["FINETUNE_TESTBED_STATE"] = f"{main_state.rstrip('/')}-k8s-{OLDEST_K8S}"
+    env["FINETUNE_K8S_VERSION"] = OLDEST_K8S
+    already = _cluster("status", env=env).returncode == 0
+    t0 = time.monotonic()
+    p = _cluster("up", "--api-only", env=env)
+    if p.returncode != 0:
+        pytest.fail(
+            f"hack/cluster up --api-only --kubernetes {OLDEST_K8S} failed:\n{p.stderr[-8000:]}",
+            pytrace=False,
+        )
+    if not already:
+        print(
+            f"\n[testbed] Kubernetes {OLDEST_K8S} API-only test bed up in "
+            f"{time.monotonic() - t0:.1f}s"
+        )
+    tb = _load_testbed(env)
+    try:
+        yield tb
+    finally:
+        if not already:
+            _cluster("down", env=env, timeout=300)

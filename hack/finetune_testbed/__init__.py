@@ -20,10 +20,17 @@ also needs the project's Python environment).
     hack/cluster build   only build/fetch the binaries (`build --tools`: kubectl, helm,
                          kubeconform; `build --api-only`: what `up --api-only` needs;
                          `build --kueue`: also Kueue)
+    hack/cluster up --trainer
+                         also Kubeflow Trainer v2.2 (TrainJob) and JobSet v0.11, webhooks served
+                         for real; no ClusterTrainingRuntime installed; added in place
+    hack/cluster up --kubernetes 1.31
+                         the Kubernetes version (1.35 by default, or 1.31; FINETUNE_K8S_VERSION);
+                         binaries are cached per version
 
-What `up` starts, all on 127.0.0.1 with free ports: etcd (Debian's etcd-server),
-kube-apiserver (RBAC, service-account keys, static-token users), kube-controller-manager,
-kube-scheduler (all v1.31 built from Go modules by hack/k8s), kwok with fake GPU nodes and
+What `up` starts, all on 127.0.0.1 with free ports: etcd (v3.6 built from hack/etcd-3.6; for
+Kubernetes 1.31 Debian's etcd-server, 3.4), kube-apiserver (RBAC, service-account keys,
+static-token users), kube-controller-manager, kube-scheduler (v1.35 built from Go modules by
+hack/k8s-1.35, or v1.31 by hack/k8s), kwok with fake GPU nodes and
 our pod Stages (hack/kwok), the fake trainer's rendezvous, a storage provisioner (default
 StorageClass `standard`), and the Kubeflow training-operator with its PyTorchJob CRD and a real
 validating webhook. See hack/README.md; hack/walkthrough runs README's walk-through on it.
@@ -43,6 +50,8 @@ Environment:
   TESTBED_TRAINER_METRICS    1: as `up --trainer-metrics` (default 0)
   TESTBED_KUEUE              1: as `up --kueue` / `build --kueue` (default 0)
   TESTBED_TRAINER            1: as `up --trainer` / `build --trainer` (default 0)
+  FINETUNE_K8S_VERSION       Kubernetes minor, 1.35 (default; etcd 3.6) or 1.31 (etcd 3.4 of
+                             Debian); as `--kubernetes` of `up` / `build`
   TESTBED_BUILD_JOBS         go build -p (default: number of CPUs, at most 4)
   TESTBED_UP_TIMEOUT         seconds to wait for health (default 180)
 """

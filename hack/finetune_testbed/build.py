@@ -1,10 +1,12 @@
 """The test bed's binaries: built from pinned Go modules into a cache keyed by version.
 
 Kubernetes (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl) is built from the
-Go module in hack/k8s; kwok, the training-operator, Kueue (``up --kueue``), helm and kubeconform
-with ``go install pkg@version`` (JobSet, whose module the Go proxy does not list, with ``go build``
-in a throwaway module that requires it: ``go install`` would ask the proxy for its list to look
-for a deprecation); etcd and openssl come from Debian packages.
+Go module of its version: hack/k8s-1.35 (v1.35, the default) or hack/k8s (v1.31; chosen with
+FINETUNE_K8S_VERSION or ``--kubernetes``). kwok, the training-operator, Kueue (``up --kueue``),
+Trainer (``up --trainer``), helm and kubeconform with ``go install pkg@version``; JobSet, whose
+module the Go proxy does not list, with ``go build`` in a throwaway module that requires it
+(``go install`` asks the proxy for the list, to look for a deprecation). etcd: v3.6 built from
+hack/etcd-3.6 for Kubernetes v1.35, Debian's (3.4) for v1.31; openssl from Debian.
 ``KUBEBUILDER_ASSETS`` can supply kube-apiserver, etcd, kubectl (and the controller-manager and
 scheduler).
 """
@@ -25,9 +27,11 @@ from pathlib import Path
 
 from . import kueue, trainer_v2
 from .log import TestbedError, log
-from .settings import HACK, Settings
+from .settings import HACK, K8S_MODULES, Settings
 
-K8S_MODULE = HACK / "k8s"
+ETCD_MODULE = HACK / "etcd-3.6"  # etcd v3.6, for Kubernetes >= 1.35
+#: The etcd of each Kubernetes minor: built from ETCD_MODULE, or Debian's (None).
+ETCD_BUILT = {"1.31": None, "1.35": ETCD_MODULE}
 KWOK_VERSION = "v0.7.0"
 TRAINING_OPERATOR_VERSION = "v1.9.3"
 TRAINING_OPERATOR_MODULE = "github.com/kubeflow/training-operator"
@@ -145,17 +149,27 @@ def binaries(settings: Settings, need: Need) -> dict[str, Path]:
     return out
 
 
-def k8s_version() -> str:
-    """The k8s.io/kubernetes version that hack/k8s/go.mod requires."""
-    for line in (K8S_MODULE / "go.mod").read_text().splitlines():
+def k8s_module(settings: Settings) -> Path:
+    """The Go module in hack/ that builds the test bed's Kubernetes version."""
+    return HACK / K8S_MODULES[settings.kubernetes]
+
+
+def k8s_version(settings: Settings) -> str:
+    """The k8s.io/kubernetes version that the module of ``settings.kubernetes`` requires."""
+    return required_version(k8s_module(settings), "k8s.io/kubernetes")
+
+
+def required_version(module: Path, path: str) -> str:
+    """The version of ``path`` that ``module``'s go.mod requires."""
+    for line in (module / "go.mod").read_text().splitlines():
         parts = line.replace("require", "").split()
-        if len(parts) == 2 and parts[0] == "k8s.io/kubernetes":
+        if len(parts) >= 2 and parts[0] == path:
             return parts[1]
-    raise TestbedError("cannot find the k8s.io/kubernetes requirement in hack/k8s/go.mod")
+    raise TestbedError(f"cannot find the {path} requirement in {module / 'go.mod'}")
 
 
 def kubectl_in_cache(settings: Settings) -> Path:
-    return settings.bin_dir("kubernetes", k8s_version()) / "kubectl"
+    return settings.bin_dir("kubernetes", k8s_version(settings)) / "kubectl"
 
 
 def k8s_binaries(settings: Settings, names: Sequence[str]) -> dict[str, Path]:
@@ -170,8 +184,10 @@ def k8s_binaries(settings: Settings, names: Sequence[str]) -> dict[str, Path]:
 
 
 def build_k8s(settings: Settings, names: Sequence[str]) -> Path:
-    """Build the missing ones of ``names`` from hack/k8s, with Kubernetes' version ldflags."""
-    version = k8s_version()
+    """Build the missing ones of ``names`` from the version's module (hack/k8s, hack/k8s-1.35),
+    with Kubernetes' version ldflags."""
+    module = k8s_module(settings)
+    version = k8s_version(settings)
     d = settings.bin_dir("kubernetes", version)
     missing = [n for n in names if not (d / n).exists()]
     if not missing:
@@ -198,7 +214,7 @@ def build_k8s(settings: Settings, names: Sequence[str]) -> Path:
     args = ["build", "-p", jobs, "-trimpath", "-tags", "providerless"]
     targets = ["-o", f"{tmp}/", *(f"k8s.io/kubernetes/cmd/{n}" for n in missing)]
     _go_with_linkname_retry(
-        f"Kubernetes {' '.join(missing)}", args, " ".join(ldflags), targets, K8S_MODULE, go_env()
+        f"Kubernetes {' '.join(missing)}", args, " ".join(ldflags), targets, module, go_env()
     )
     for n in missing:
         os.replace(tmp / n, d / n)
@@ -328,15 +344,41 @@ def _need_go(what: str) -> None:
 
 
 def ensure_etcd(settings: Settings) -> Path:
-    """etcd from KUBEBUILDER_ASSETS, else PATH, else Debian's etcd-server (installed)."""
+    """etcd from KUBEBUILDER_ASSETS; else, for Kubernetes v1.35, etcd v3.6 built from
+    hack/etcd-3.6 (once, cached); for v1.31 the one on PATH, else Debian's etcd-server
+    (installed)."""
     if settings.assets and (settings.assets / "etcd").exists():
         return settings.assets / "etcd"
+    module = ETCD_BUILT[settings.kubernetes]
+    if module is not None:
+        return build_etcd(settings, module)
     if not shutil.which("etcd"):
         apt_install(["etcd-server"])
     found = shutil.which("etcd")
     if not found:
         raise TestbedError("etcd not found after installing etcd-server")
     return Path(found)
+
+
+def build_etcd(settings: Settings, module: Path) -> Path:
+    """``go build go.etcd.io/etcd/server/v3`` (etcd's main package) in ``module``, once."""
+    version = required_version(module, "go.etcd.io/etcd/server/v3")
+    d = settings.bin_dir("etcd", version)
+    exe = d / "etcd"
+    if exe.exists():
+        return exe
+    _need_go(f"etcd {version}")
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log(f"building etcd {version}")
+    tmp = d / "etcd.tmp"
+    args = ["build", "-p", str(settings.build_jobs), "-trimpath"]
+    ldflags = f"-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA={version}"
+    targets = ["-o", str(tmp), "go.etcd.io/etcd/server/v3"]
+    _go_with_linkname_retry(f"etcd {version}", args, ldflags, targets, module, go_env())
+    os.replace(tmp, exe)
+    log(f"built etcd in {time.time() - t0:.0f}s")
+    return exe
 
 
 def ensure_openssl() -> None:

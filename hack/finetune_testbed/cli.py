@@ -27,7 +27,7 @@ from .build import (
 )
 from .log import TestbedError, log
 from .procs import pid_alive, rss_kib, stop
-from .settings import Settings, from_env
+from .settings import DEFAULT_K8S, K8S_MODULES, Settings, from_env, k8s_minor
 from .state import COMPONENTS, OPTIONAL, load, load_env
 
 
@@ -40,6 +40,10 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         settings = from_env(os.environ)
+        if getattr(args, "kubernetes", None):
+            settings = dataclasses.replace(
+                settings, k8s_asked=k8s_minor(args.kubernetes, "--kubernetes")
+            )
         if args.command == "up":
             if args.trainer_metrics:
                 settings = dataclasses.replace(settings, trainer_metrics=True)
@@ -108,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also run Kubeflow Trainer v2 (v2.2, TrainJob) and JobSet (v0.11), webhooks served; "
         "no ClusterTrainingRuntime installed (added in place to a running test bed)",
     )
+    _kubernetes_flag(cmd)
     sub.add_parser("down", help="stop the test bed of this state dir")
     # The fake trainer's rendezvous loop (a component that `up` starts; not for users).
     cmd = sub.add_parser("rendezvous")
@@ -129,7 +134,17 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--trainer", action="store_true", help="also JobSet and Trainer (what `up --trainer` adds)"
     )
+    _kubernetes_flag(cmd)
     return p
+
+
+def _kubernetes_flag(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--kubernetes",
+        metavar="MINOR",
+        help=f"Kubernetes version: {' or '.join(sorted(K8S_MODULES))} (default: "
+        f"FINETUNE_K8S_VERSION, else {DEFAULT_K8S}); binaries are cached per version",
+    )
 
 
 def down(settings: Settings) -> int:

@@ -14,6 +14,11 @@ from .log import TestbedError
 HACK = Path(__file__).resolve().parent.parent
 REPO = HACK.parent
 
+#: The Kubernetes minors the test bed builds (the Go module of each in hack/), and the default:
+#: the current one; the oldest supported one (1.31) is proven by an API-only test bed of it.
+K8S_MODULES = {"1.31": "k8s", "1.35": "k8s-1.35"}
+DEFAULT_K8S = "1.35"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -32,6 +37,13 @@ class Settings:
     trainer_metrics: bool = False  # TESTBED_TRAINER_METRICS=1 or `up --trainer-metrics`
     kueue: bool = False  # TESTBED_KUEUE=1 or `up --kueue` / `build --kueue`
     trainer: bool = False  # TESTBED_TRAINER=1 or `up --trainer` / `build --trainer`
+    #: FINETUNE_K8S_VERSION or `--kubernetes` (1.31 | 1.35); None: not asked for (DEFAULT_K8S).
+    k8s_asked: str | None = None
+
+    @property
+    def kubernetes(self) -> str:
+        """The Kubernetes minor of this test bed (``1.35``)."""
+        return self.k8s_asked or DEFAULT_K8S
 
     @property
     def external_kubeconfig(self) -> str | None:
@@ -72,7 +84,18 @@ def from_env(env: Mapping[str, str]) -> Settings:
         trainer_metrics=_flag(env, "TESTBED_TRAINER_METRICS"),
         kueue=_flag(env, "TESTBED_KUEUE"),
         trainer=_flag(env, "TESTBED_TRAINER"),
+        k8s_asked=k8s_minor(env.get("FINETUNE_K8S_VERSION") or None, "FINETUNE_K8S_VERSION"),
     )
+
+
+def k8s_minor(raw: str | None, where: str) -> str | None:
+    """``1.31``, ``v1.31``, ``1.31.4`` -> ``1.31`` (one of K8S_MODULES); None stays None."""
+    if raw is None:
+        return None
+    minor = ".".join(raw.strip().lstrip("v").split(".")[:2])
+    if minor not in K8S_MODULES:
+        raise TestbedError(f"{where}={raw!r}: the test bed builds Kubernetes {sorted(K8S_MODULES)}")
+    return minor
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -51,6 +51,8 @@ class State:
     started: float = 0.0
     #: The loopback range the kwok nodes' pod CIDRs are cut from ("" on an older test bed).
     pod_network: str = ""
+    #: Its Kubernetes minor (a test bed started before there was a choice ran 1.31).
+    kubernetes: str = "1.31"
 
     @property
     def api_only(self) -> bool:
@@ -69,6 +71,7 @@ class State:
             "started": self.started,
             "components": list(self.components),
             "pod_network": self.pod_network,
+            "kubernetes": self.kubernetes,
         }
         (self.state_dir / "state.json").write_text(json.dumps(data, indent=2) + "\n")
 
@@ -85,6 +88,7 @@ class State:
             "trainer_metrics": "trainer-metrics" in self.components,
             "kueue": "kueue" in self.components,
             "trainer": "trainer" in self.components,
+            "kubernetes": self.kubernetes,
         }
 
     def write_env(self) -> None:
@@ -110,6 +114,7 @@ def load(state_dir: Path) -> State | None:
         pids={str(k): int(v) for k, v in (d.get("pids") or {}).items()},
         started=float(d.get("started") or 0.0),
         pod_network=str(d.get("pod_network") or ""),
+        kubernetes=str(d.get("kubernetes") or "1.31"),
     )
 
 

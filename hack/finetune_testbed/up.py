@@ -12,6 +12,7 @@ without waiting where they do not depend on each other, and waited for at the en
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -115,6 +116,14 @@ def up(settings: Settings, api_only: bool) -> int:
         check_trainer_python()
     st = load(settings.state_dir)
     if st and health.all_alive(st):
+        asked = settings.k8s_asked
+        if asked and asked != st.kubernetes:
+            raise TestbedError(
+                f"the test bed of {settings.state_dir} runs Kubernetes {st.kubernetes}, not "
+                f"{asked}: `hack/cluster down` first, or give this one its own "
+                "FINETUNE_TESTBED_STATE"
+            )
+        settings = dataclasses.replace(settings, k8s_asked=st.kubernetes)  # what it runs
         if health.healthy(st):
             if set(wanted) <= set(st.components):
                 log(f"already up ({settings.state_dir}); `hack/cluster down` to stop")
@@ -241,6 +250,7 @@ def _new_bed(
         components=components,
         started=time.time(),
         pod_network=new_pod_network() if "trainer-metrics" in components else "",
+        kubernetes=settings.kubernetes,
     )
     return Bed(settings, st, bins, to_src, Supervisor(sd))
 
@@ -258,7 +268,8 @@ def _done(bed: Bed, t_start: float, t_ready: float) -> int:
     bed.state.write_env()
     mode = " (--api-only: etcd + kube-apiserver)" if bed.state.api_only else ""
     log(
-        f"up{mode} in {time.time() - t_ready:.1f}s (total {time.time() - t_start:.1f}s incl. "
+        f"up{mode}, Kubernetes {bed.state.kubernetes}, in {time.time() - t_ready:.1f}s "
+        f"(total {time.time() - t_start:.1f}s incl. "
         f'binaries). KUBECONFIG={bed.state.kubeconfig}  (eval "$(hack/cluster env)")'
     )
     return 0
