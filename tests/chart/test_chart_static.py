@@ -43,9 +43,9 @@ def test_helm_lint_strict(helm, values: Path | None) -> None:
 def test_chart_refuses_clusters_older_than_it_supports(helm) -> None:
     """Chart.yaml's kubeVersion: an old cluster is refused up front; without --kube-version helm
     assumes the Kubernetes of its own client-go (1.31 for helm 3.16, as a released helm does)."""
-    old = helm.run("template", "ft", str(CHART), "--kube-version=1.28.0", check=False)
+    old = helm.run("template", "ft", str(CHART), "--kube-version=1.30.0", check=False)
     assert old.returncode != 0
-    assert "incompatible with Kubernetes v1.28.0" in old.stderr
+    assert "incompatible with Kubernetes v1.30.0" in old.stderr
     assert helm.run("template", "ft", str(CHART)).stdout.startswith("---")
 
 
