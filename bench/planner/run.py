@@ -66,7 +66,7 @@ from finetune_trainer.planner.hardware import GiB  # noqa: E402
 from finetune_trainer.planner.layout import GradSync, Layout  # noqa: E402
 from finetune_trainer.planner.memory import estimate_memory, fits  # noqa: E402
 from finetune_trainer.planner.plan import LORA_SUPPORTS_PP, LORA_SUPPORTS_TP  # noqa: E402
-from finetune_trainer.planner.search import Candidate  # noqa: E402
+from finetune_trainer.planner.search import rank  # noqa: E402
 
 PUBLISHED = ROOT / "bench" / "planner" / "published.toml"
 SIXTEEN_BIT = {"bf16", "fp16", "bfloat16", "float16"}
@@ -700,8 +700,8 @@ def optimality() -> list[dict[str, Any]]:
         pruned = search(model, cluster, wl)
         best = pruned.best
         everything = sweep(model, cluster, wl)
-        fitting = [c for c in everything if c.fits]
-        exhaustive = min(fitting, key=Candidate.key) if fitting else None
+        ranked = rank(everything)
+        exhaustive = ranked[0] if ranked else None
         same = (best is None and exhaustive is None) or (
             best is not None and exhaustive is not None and best.layout == exhaustive.layout
         )

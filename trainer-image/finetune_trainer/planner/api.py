@@ -12,7 +12,7 @@ from .hardware import GB, Cluster, GiB
 from .memory import usable_host_memory, usable_memory
 from .model import ModelFacts
 from .plan import Estimate, Plan, PlanInfeasible, PlanResult, RankedPlan
-from .search import Candidate, SearchResult, evaluate, search, to_estimate
+from .search import NEAR_TIE, Candidate, SearchResult, evaluate, search, to_estimate
 from .suggest import suggestions
 from .workload import Constraints, Workload
 
@@ -92,6 +92,14 @@ def _result(
     best = _ranked(model, cluster, workload, res.best)
     alts = tuple(_ranked(model, cluster, workload, c) for c in res.ranked[1 : top_k + 1])
     text = reason(best.plan, best.estimate)
+    fastest = min(res.ranked, key=Candidate.key)
+    if fastest is not res.best:
+        faster = _ranked(model, cluster, workload, fastest)
+        gain = best.estimate.step_time_s / faster.estimate.step_time_s - 1
+        text += (
+            f"; chosen over {faster.plan.summary}, {gain:.1%} faster by the model (under "
+            f"{NEAR_TIE:.0%}, within its error), for fewer moving parts"
+        )
     return PlanResult(
         plan=best.plan,
         estimate=best.estimate,

@@ -53,8 +53,9 @@ class Layout:
     def world(self) -> int:
         return self.dp * self.fsdp * self.tp * self.pp
 
-    def complexity(self) -> tuple[int, int, int, int, int, int, int]:
-        """Tie-breaker: fewer moving parts first (used only when step times are equal)."""
+    def complexity(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """Fewer moving parts first: the tie-breaker among equal step times, and what decides
+        among near ties (search.NEAR_TIE)."""
         hsdp = int(self.dp > 1 and self.fsdp > 1)
         return (
             int(self.offload),
@@ -64,6 +65,7 @@ class Layout:
             int(self.tp > 1),
             hsdp,
             AC_ORDER[self.ac],
+            int(self.grad_sync == "last"),  # unsharded gradients held across micro-batches
         )
 
     def summary(self, lora: bool = False) -> str:

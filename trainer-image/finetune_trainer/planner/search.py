@@ -24,6 +24,11 @@ AC_OPTIONS: tuple[Recompute, ...] = ("none", "selective", "full")
 # per step (cost.py) and keeps unsharded gradients between micro-batches (memory.py); the
 # trainer's loop applies it with FSDP2's set_requires_gradient_sync.
 GRAD_SYNC_OPTIONS: tuple[GradSync, ...] = ("every", "last")
+#: Step times within this fraction of the fastest are a tie: the time model's own error on the
+#: calibration rows is larger (bench/results/planner.json), so among them the layout with the
+#: fewest moving parts (Layout.complexity: no offload, no ZeRO-2, no pipeline, no TP, ...) wins,
+#: as an expert would choose between two layouts the model cannot tell apart.
+NEAR_TIE = 0.10
 
 
 @cache
@@ -222,9 +227,20 @@ def search(
                         found.append(chosen)
             if not any_fits:
                 break
-    found.sort(key=Candidate.key)
-    res.ranked = found[:keep]
+    res.ranked = rank(found)[:keep]
     return res
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+    """Fitting candidates best first: by Candidate.key, except that the simplest layout within
+    NEAR_TIE of the fastest step time goes first."""
+    ordered = sorted((c for c in candidates if c.fits), key=Candidate.key)
+    if not ordered:
+        return ordered
+    bound = ordered[0].score() * (1.0 + NEAR_TIE)
+    near = [c for c in ordered if c.score() <= bound]
+    pick = min(near, key=lambda c: (c.layout.complexity(), c.key()))
+    return [pick, *(c for c in ordered if c is not pick)]
 
 
 def sweep(
@@ -251,8 +267,8 @@ def sweep(
 def sweep_best(
     model: ModelFacts, cluster: Cluster, workload: Workload, con: Constraints | None = None
 ) -> Candidate | None:
-    fitting = [c for c in sweep(model, cluster, workload, con) if c.fits]
-    return min(fitting, key=Candidate.key) if fitting else None
+    ranked = rank(sweep(model, cluster, workload, con))
+    return ranked[0] if ranked else None
 
 
 def to_estimate(model: ModelFacts, cluster: Cluster, workload: Workload, c: Candidate) -> Estimate:
