@@ -65,7 +65,6 @@ from finetune_trainer.planner.cost import estimate_time  # noqa: E402
 from finetune_trainer.planner.hardware import GiB  # noqa: E402
 from finetune_trainer.planner.layout import GradSync, Layout  # noqa: E402
 from finetune_trainer.planner.memory import estimate_memory, fits  # noqa: E402
-from finetune_trainer.planner.plan import LORA_SUPPORTS_PP, LORA_SUPPORTS_TP  # noqa: E402
 from finetune_trainer.planner.search import rank  # noqa: E402
 
 PUBLISHED = ROOT / "bench" / "planner" / "published.toml"
@@ -273,10 +272,6 @@ def parse_row(r: dict[str, Any]) -> Row:
         time_problems.append(
             f"{model.num_layers} layers on pp{pp}x{vp}: uneven stages split the source's way"
         )
-    if method == "lora" and (
-        (tp > 1 and not LORA_SUPPORTS_TP) or (pp > 1 and not LORA_SUPPORTS_PP)
-    ):
-        problems.append("LoRA with TP/PP (option not modelled by the planner's plans)")
     if dp * fsdp * tp * pp * cp != world:
         problems.append(f"dp{dp}*fsdp{fsdp}*tp{tp}*pp{pp}*cp{cp} != {world} GPUs")
         time_problems.append("degrees do not cover the GPUs")

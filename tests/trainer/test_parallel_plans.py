@@ -80,6 +80,8 @@ TWO = [
     {"name": "fsdp2_lora", "plan": plan(fsdp=2), "lora": True},
     # adapters on column- (q, v) and row-parallel (o, down) linears, split with them
     {"name": "tp2_lora", "plan": plan(tp=2, mbs=4), "lora": True},
+    # LoRA over pipeline stages: frozen base, adapters trained on each stage
+    {"name": "pp2_lora", "plan": plan(pp=2, schedule="1f1b"), "lora": True},
     # gradients reduced once per step (2 micro-batches), unsharded in between
     {"name": "fsdp2_sync_last", "plan": {**plan(fsdp=2), "gradient_sync": "last"}},
     # ZeRO-2: parameters kept gathered from forward to backward; with deferred sync also
@@ -104,6 +106,11 @@ FOUR = [
         "plan": plan(fsdp=2, pp=2, schedule="1f1b", mbs=1, ac="selective"),
     },
     {"name": "pp2_x_tp2_interleaved", "plan": plan(tp=2, pp=2, schedule="interleaved-1f1b", v=2)},
+    {
+        "name": "pp2_x_tp2_lora_interleaved",
+        "plan": plan(tp=2, pp=2, schedule="interleaved-1f1b", v=2),
+        "lora": True,
+    },
 ]
 
 

@@ -235,32 +235,6 @@ def test_a_rank_killed_mid_run_resumes_from_the_last_complete_checkpoint(
         assert loss == pytest.approx(reference[step], abs=RESUME_TOLERANCE), step
 
 
-def test_lora_on_two_ranks_exports_a_merged_model(small_model_dir: Path, session_dir: Path) -> None:
-    """LoRA under FSDP2 (frozen base, trainable adapters in the same units): the loss falls and
-    the export is a plain model with the adapters merged in."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    run = session_dir / "lora"
-    cfg = trainer_config(small_model_dir, run, schedule__max_steps=6)
-    cfg["method"] = {
-        "type": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-    }
-    cfg["optim"]["learning_rate"] = 1e-2
-    journal = run / "journal.jsonl"
-    run_trainer(write_config(cfg, run / "config.json"), 2, journal)
-    curve = losses(journal)
-    assert curve[6] < curve[1]
-    merged = AutoModelForCausalLM.from_pretrained(run / "model")
-    base = AutoModelForCausalLM.from_pretrained(small_model_dir)
-    assert not any("lora" in k for k in merged.state_dict())
-    q = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])
-    k = "model.layers.0.self_attn.k_proj.weight"
-    assert torch.equal(merged.state_dict()[k].float(), base.state_dict()[k].float())
-
-
 def _plan(tp: int = 1, pp: int = 1, schedule: str = "none") -> dict[str, Any]:
     """A plan for 2 ranks; the rest data parallel (global batch 8, micro-batch 2)."""
     fsdp = 2 // (tp * pp)
@@ -276,6 +250,42 @@ def _plan(tp: int = 1, pp: int = 1, schedule: str = "none") -> dict[str, Any]:
         "activation_checkpointing": "none",
         "cpu_offload": False,
     }
+
+
+@pytest.mark.parametrize("layout", [None, _plan(pp=2, schedule="1f1b")], ids=["fsdp2", "pp2-1f1b"])
+def test_lora_on_two_ranks_exports_a_merged_model(
+    small_model_dir: Path, session_dir: Path, layout: dict[str, Any] | None
+) -> None:
+    """LoRA under FSDP2 (frozen base, trainable adapters in the same units), and over two
+    pipeline stages: the loss falls and the export is a plain model with the adapters merged
+    in, in every layer (from every pipeline rank)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = session_dir / ("lora" if layout is None else "lora-pp2")
+    cfg = trainer_config(small_model_dir, run, schedule__max_steps=6)
+    cfg["method"] = {
+        "type": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    }
+    cfg["optim"]["learning_rate"] = 1e-2
+    if layout is not None:
+        cfg["hardware"]["procs_per_node"] = 2
+        cfg["plan"] = layout
+    journal = run / "journal.jsonl"
+    run_trainer(write_config(cfg, run / "config.json"), 2, journal)
+    curve = losses(journal)
+    assert curve[6] < curve[1]
+    merged = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir).state_dict()
+    assert not any("lora" in k for k in merged)
+    assert set(merged) == set(base)
+    last = len({k.split(".")[2] for k in base if ".layers." in k})
+    for layer in (0, last - 1):  # the first and the last pipeline stage's layers
+        q = f"model.layers.{layer}.self_attn.q_proj.weight"
+        assert not torch.equal(merged[q], base[q]), q
+        k = f"model.layers.{layer}.self_attn.k_proj.weight"
+        assert torch.equal(merged[k].float(), base[k].float()), k
 
 
 def _exported(path: Path) -> dict[str, Any]:

@@ -36,8 +36,9 @@ peft-wrapped linear's ``base_layer`` takes the linear's style and its adapters f
 (as NeMo's LoRA does): for a column-parallel linear, A (r x in) is replicated and B (out x r)
 column-parallel, so each rank adds its own output columns; for a row-parallel one, A is
 row-parallel (its r-wide output all-reduced: small) and B replicated, its output split over the
-sequence like the base layer's reduce-scattered output. LoRA with pipeline parallelism is not
-supported (the planner never emits it: ``LORA_SUPPORTS_PP``).
+sequence like the base layer's reduce-scattered output. With pipeline parallelism each stage
+holds its layers' adapters (the stages are cut from the peft-wrapped model); the frozen
+embeddings make the first stage's input need no gradient, as its token ids do not anyway.
 
 Rank order, outer to inner: pp, dp, fsdp, tp (tensor parallel ranks are neighbours, so they share
 a node).
@@ -117,7 +118,7 @@ def _layers_container(model: nn.Module) -> tuple[nn.Module, nn.ModuleList | nn.M
     )
 
 
-def check_plan(plan: PlanConfig | None, world_size: int, *, lora: bool = False) -> None:
+def check_plan(plan: PlanConfig | None, world_size: int) -> None:
     if plan is None:
         return
     if plan.world_size != world_size:
@@ -127,11 +128,6 @@ def check_plan(plan: PlanConfig | None, world_size: int, *, lora: bool = False) 
         )
     if plan.pipeline_parallel > 1:
         check_schedule(plan)
-    if lora and plan.pipeline_parallel > 1:
-        raise ConfigError(
-            "LoRA runs with data, tensor parallelism and FSDP only: set pipelineParallel to 1 "
-            "(or leave mode auto)"
-        )
 
 
 def build_mesh(device: torch.device, plan: PlanConfig | None, world_size: int) -> DeviceMesh:

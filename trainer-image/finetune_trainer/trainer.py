@@ -82,7 +82,7 @@ def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
             f"multiple of {world} (e.g. {lower or higher} or {higher}), or run on a number of "
             "GPUs that divides it"
         )
-    check_plan(cfg.plan, env.world_size, lora=cfg.method.type == "lora")
+    check_plan(cfg.plan, env.world_size)
     check_model_source(cfg.model)
     if cfg.checkpoint.dir:
         check_writable(cfg.checkpoint.dir, "checkpoint")

@@ -104,17 +104,6 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         },
         "cpuOffload",
     ),
-    (
-        "lora with pp",
-        {
-            "method": "lora",
-            "fsdp": 4,
-            "pipeline_parallel": 2,
-            "pipeline_schedule": "1f1b",
-            "gbs": 8,
-        },
-        "LoRA",
-    ),
     ("zero2 with offload", {"fsdp": 8, "zero_stage": 2, "cpu_offload": True}, "zeroStage 2"),
     ("zero degree", {"fsdp": 0}, "greater than"),
 ]
@@ -157,6 +146,16 @@ VALID: list[tuple[dict[str, Any], str]] = [
     ),
     ({"cpu_offload": True, "activation_checkpointing": "full"}, "fsdp8 mbs1 ga2 ac=full offload"),
     ({"method": "lora"}, "fsdp8 mbs1 ga2 ac=none lora"),
+    (
+        {
+            "method": "lora",
+            "fsdp": 4,
+            "pipeline_parallel": 2,
+            "pipeline_schedule": "1f1b",
+            "gbs": 8,
+        },
+        "fsdp4 pp2(1f1b) mbs1 ga2 ac=none lora",
+    ),
 ]
 
 

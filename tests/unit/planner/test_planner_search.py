@@ -77,6 +77,14 @@ def test_near_ties_go_to_the_simpler_layout_and_clear_wins_to_the_faster() -> No
     assert [c.layout for c in rank(clear)] == [with_tp.layout, simple.layout]
 
 
+def test_lora_is_planned_over_pipelines_too() -> None:
+    """LoRA runs over pipeline stages (parity-tested in tests/trainer): the search offers it."""
+    model, cluster, wl = inputs(CASES[8])  # Llama-3-8B LoRA on 8 H100s
+    with_pp = [c for c in sweep(model, cluster, wl) if c.layout.pp > 1 and c.fits]
+    assert with_pp
+    assert all(Plan.from_layout(model, cluster, wl, c.layout) for c in with_pp[:5])
+
+
 def test_the_reason_names_the_faster_layout_a_near_tie_passed_over() -> None:
     model, cluster, wl = inputs(CASES[6])  # Llama-3-70B on 32 A100-40GB: a near tie
     res = plan_parallelism(model, cluster, wl)

@@ -11,11 +11,6 @@ from .layout import GradSync, Layout, ZeroStage
 from .model import ModelFacts
 from .workload import Recompute, Schedule, Workload
 
-# parallelize splits LoRA adapters with their tensor-parallel linears (parity-tested); the
-# pipeline split does not take peft-wrapped models.
-LORA_SUPPORTS_TP = True
-LORA_SUPPORTS_PP = False
-
 
 class Plan(BaseModel):
     """A parallelization strategy for one model, cluster and workload.
@@ -92,10 +87,6 @@ class Plan(BaseModel):
             errors.append("zeroStage 2 is planned without pipeline parallelism or cpuOffload")
         if self.cpu_offload and pp > 1:
             errors.append("cpuOffload is not supported with pipeline parallelism")
-        if w.method == "lora" and (
-            (tp > 1 and not LORA_SUPPORTS_TP) or (pp > 1 and not LORA_SUPPORTS_PP)
-        ):
-            errors.append("LoRA is planned with FSDP, data and tensor parallelism (no PP)")
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -16,7 +16,7 @@ from .hardware import Cluster
 from .layout import GradSync, Layout, ZeroStage
 from .memory import MemoryBreakdown, estimate_memory, fits, overcommit, usable_memory
 from .model import ModelFacts
-from .plan import LORA_SUPPORTS_PP, LORA_SUPPORTS_TP, Estimate
+from .plan import Estimate
 from .workload import Constraints, Recompute, Schedule, Workload
 
 AC_OPTIONS: tuple[Recompute, ...] = ("none", "selective", "full")
@@ -78,7 +78,6 @@ def _structures(
     """(dp, fsdp, tp, pp, schedule, v, micro-batch sizes ascending) with valid degrees."""
     world = cluster.world
     gbs = workload.global_batch_size
-    lora = workload.method == "lora"
     for tp in divisors(cluster.gpus_per_node):
         if world % tp or model.num_heads % tp or model.num_kv_heads % tp:
             continue
@@ -86,14 +85,10 @@ def _structures(
             continue
         if con.tensor_parallel is not None and tp != con.tensor_parallel:
             continue
-        if lora and not LORA_SUPPORTS_TP and tp > 1:
-            continue
         for pp in divisors(world // tp):
             if pp > model.num_layers:  # uneven stages are fine (memory.stage_layers), empty not
                 continue
             if con.pipeline_parallel is not None and pp != con.pipeline_parallel:
-                continue
-            if lora and not LORA_SUPPORTS_PP and pp > 1:
                 continue
             d = world // (tp * pp)
             if gbs % d:
