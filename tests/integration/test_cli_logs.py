@@ -50,7 +50,12 @@ def test_logs_reports_an_unreachable_node_in_one_line(crd: Any, namespace: str) 
             "metadata": {
                 "name": f"{name}-master-0",
                 "namespace": namespace,
-                "labels": {"training.kubeflow.org/job-name": name},
+                # as the training-operator labels a master pod
+                "labels": {
+                    "training.kubeflow.org/job-name": name,
+                    "training.kubeflow.org/replica-type": "master",
+                    "training.kubeflow.org/replica-index": "0",
+                },
             },
             "spec": {
                 "nodeName": node,
