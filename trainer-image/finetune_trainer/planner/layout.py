@@ -55,14 +55,15 @@ class Layout:
 
     def complexity(self) -> tuple[int, int, int, int, int, int, int, int]:
         """Fewer moving parts first: the tie-breaker among equal step times, and what decides
-        among near ties (search.NEAR_TIE)."""
+        among near ties (search.NEAR_TIE). Fewer pipeline stages and smaller TP groups count as
+        fewer parts (less bubble, smaller collectives on the critical path)."""
         hsdp = int(self.dp > 1 and self.fsdp > 1)
         return (
             int(self.offload),
             int(self.zero == 2),
-            int(self.pp > 1),
+            self.pp,
             self.v,
-            int(self.tp > 1),
+            self.tp,
             hsdp,
             AC_ORDER[self.ac],
             int(self.grad_sync == "last"),  # unsharded gradients held across micro-batches
