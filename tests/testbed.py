@@ -141,8 +141,10 @@ class Testbed:
         timeout: float = 120,
         interval: float = 1.0,
         desc: str = "condition",
+        explain: Callable[[], Any] | None = None,
     ) -> Any:
-        """Poll ``predicate`` until it returns something truthy and return that; fail on timeout."""
+        """Poll ``predicate`` until it returns something truthy and return that; fail on timeout
+        (with what ``explain`` returns then, e.g. the objects' state, in the message)."""
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
         while True:
@@ -156,6 +158,11 @@ class Testbed:
                 msg = f"timed out after {timeout:.0f}s waiting for {desc}"
                 if last_exc is not None:
                     msg += f" (last error: {last_exc!r})"
+                if explain is not None:
+                    try:
+                        msg += f"\n{explain()}"
+                    except Exception as e:  # the failure is the timeout, not this
+                        msg += f"\n(could not explain: {e!r})"
                 pytest.fail(msg)
             time.sleep(interval)
 

@@ -505,7 +505,25 @@ def test_a_job_with_too_few_gpus_never_succeeds(operator: Any) -> None:
             for p in pods(testbed, ns, "short")
         )
 
-    testbed.wait_for(master_running, timeout=120, desc="the master Running")
+    def state() -> str:
+        status = ftj(testbed, ns, "short").get("status", {})
+        shown = {
+            p["metadata"]["name"]: (p["status"].get("phase"), p["spec"].get("nodeName"))
+            for p in testbed.kubectl_json("get", "pods", "-n", ns)["items"]
+        }
+        nodes = testbed.kubectl(
+            "get",
+            "pods",
+            "-A",
+            "-o",
+            "wide",
+            "--field-selector",
+            "status.phase!=Succeeded,status.phase!=Failed",
+        ).stdout
+        return f"status: {status}\npods: {shown}\nall live pods:\n{nodes}"
+
+    # staging, planning, the child, its pods: minutes on a loaded 2-core machine
+    testbed.wait_for(master_running, timeout=300, desc="the master Running", explain=state)
     time.sleep(15)  # three run-durations
     status = ftj(testbed, ns, "short")["status"]
     assert status["phase"] == "Pending", status
