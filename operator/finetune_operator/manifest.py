@@ -148,18 +148,15 @@ def _volumes(
         cache_mount,
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    # readOnly only where true: the API's typed clients drop a false one (omitempty), and a
+    # controller that updates the child from its typed copy (Kueue unsuspending a TrainJob) then
+    # changes a field it never meant to, which the TrainJob's immutability rule refuses.
     read_only = _read_only_claims(job)
     for i, claim in enumerate(c for c in claims(job.spec) if c != cache):
         volume = f"pvc-{i}"
-        volumes.append(
-            {
-                "name": volume,
-                "persistentVolumeClaim": {"claimName": claim, "readOnly": claim in read_only},
-            }
-        )
-        mounts.append(
-            {"name": volume, "mountPath": pvc_mount_path(claim), "readOnly": claim in read_only}
-        )
+        flag = {"readOnly": True} if claim in read_only else {}
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, **flag}})
+        mounts.append({"name": volume, "mountPath": pvc_mount_path(claim), **flag})
     return volumes, mounts
 
 

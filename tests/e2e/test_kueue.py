@@ -139,6 +139,15 @@ def pods(testbed: Any, ns: str, name: str) -> list[dict[str, Any]]:
     return list(testbed.kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"])
 
 
+def pod_story(testbed: Any, ns: str, name: str) -> list[tuple[str, Any, Any, Any]]:
+    """Each of the child's pods: name, phase, IP, annotations (what a timed-out wait shows)."""
+    return [
+        (p["metadata"]["name"], p["status"].get("phase"), p["status"].get("podIP"),
+         p["metadata"].get("annotations"))
+        for p in pods(testbed, ns, name)
+    ]  # fmt: skip
+
+
 def evictions(wl: dict[str, Any] | None) -> int:
     """How many times Kueue evicted the Workload because its pods were not ready in time."""
     stats = ((wl or {}).get("status") or {}).get("schedulingStats") or {}
@@ -213,6 +222,7 @@ def test_a_job_beyond_the_quota_waits_suspended_and_runs_when_the_first_is_done(
     assert "Admitted by ClusterQueue gpus" in told[("Admitted", "Normal")]
 
 
+@both_children
 def test_pods_that_never_become_ready_are_evicted_and_requeued(queued: Any) -> None:
     testbed, ns = queued.testbed, queued.namespace
     job = job16("stuck", {"testbed.finetune.dev/pending": "true"})
@@ -291,6 +301,7 @@ def test_a_job_short_of_quota_is_queued_with_kueues_reason(queued: Any) -> None:
     assert holder["status"] == "True"
 
 
+@both_children
 def test_a_pods_ready_eviction_is_reported_in_status(queued: Any) -> None:
     testbed, ns = queued.testbed, queued.namespace
     job = job16("stuck", {"testbed.finetune.dev/pending": "true"})
@@ -392,6 +403,7 @@ def status_of(testbed: Any, ns: str, name: str) -> dict[str, Any]:
     return dict((get(testbed, "ftj", ns, name) or {}).get("status") or {})
 
 
+@both_children
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(fake_trainer: Any) -> None:
     """low (priority low) runs on all 16 GPUs and checkpoints every 5 steps; high (priority
     high) preempts it: low says Preempted and Queued, high runs to Succeeded, and low is admitted
@@ -408,6 +420,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(fake_traine
         lambda: (status_of(testbed, ns, "low").get("checkpoint") or {}).get("step", 0) >= 10,
         timeout=120,
         desc="low's checkpoint at step 10",
+        explain=lambda: (status_of(testbed, ns, "low"), pod_story(testbed, ns, "low")),
     )
     assert saved
     high = job16(

@@ -229,7 +229,7 @@ def test_pvcs_are_mounted_read_only_when_only_read() -> None:
     _, child = _children(doc)
     pod = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     mounts = {
-        m["mountPath"]: m["readOnly"]
+        m["mountPath"]: m.get("readOnly", False)
         for m in pod["containers"][0]["volumeMounts"]
         if m["mountPath"].startswith("/mnt/pvc")
     }
@@ -238,6 +238,12 @@ def test_pvcs_are_mounted_read_only_when_only_read() -> None:
         "/mnt/pvc/finetune-checkpoints": False,
         "/mnt/pvc/finetune-models": False,
     }
+    # a false readOnly is left out, as typed clients (Kueue's) write it back: nothing to change
+    assert all(
+        v.get("readOnly", True) for v in pod["volumes"] + pod["containers"][0]["volumeMounts"]
+    )
+    claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert all(c.get("readOnly", True) for c in claims), claims
 
 
 def test_kueue_owns_suspension_of_queued_jobs(tiny_job: dict[str, Any]) -> None:
