@@ -32,7 +32,11 @@ pod's ``metrics`` port, fed by a simulated run:
 
 It stops serving a pod when the pod ends, is deleted or its IP leaves the test bed's pod network
 (a test that points the pod elsewhere serves its own). ``testbed.finetune.dev/trainer-metrics:
-"false"`` on a pod keeps it silent. This module needs prometheus_client and pydantic (the
+"false"`` on a pod keeps it silent (nothing listens: the operator's scrape is refused at once);
+``"unresponsive"`` stands in for a trainer that takes the connection and never answers (stuck
+in a collective with its metrics thread starved, or a network path that drops replies): a
+socket listens on the pod's address and port and never accepts, so a scrape waits for its
+timeout. This module needs prometheus_client and pydantic (the
 trainer's metrics and config modules): ``up`` starts it with the Python that runs ``hack/cluster``
 and refuses ``--trainer-metrics`` when that Python lacks them; the rest of the package stays
 standard library only.
@@ -45,6 +49,7 @@ import ipaddress
 import math
 import random
 import re
+import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -225,6 +230,7 @@ class MasterPod:
     config_map: str | None
     silent: bool
     hang: Hang | None = None
+    unresponsive: bool = False  # listens and never answers
     job: str = ""  # the PyTorchJob's name (a TrainJob's: its JobSet's, the TrainJob's own)
 
     @classmethod
@@ -270,6 +276,7 @@ class MasterPod:
             total_steps=int(total) if total else None,
             config_map=volumes[0] if volumes else None,
             silent=str(notes.get(OPT_OUT, "")).lower() == "false",
+            unresponsive=str(notes.get(OPT_OUT, "")).lower() == "unresponsive",
             hang=Hang.parse(str(notes[HANG_AFTER])) if notes.get(HANG_AFTER) else None,
             job=str(labels.get(JOBSET_NAME_LABEL if trainjob else JOB_NAME_LABEL, "")),
         )
@@ -365,6 +372,7 @@ class Server:
         self.checkpoints: dict[tuple[str, str, str], int] = {}
         self.keys: dict[str, tuple[str, str, str]] = {}  # uid -> its run's checkpoint key
         self.refused: dict[str, str] = {}  # uid -> why it cannot be served (logged once)
+        self.mute: dict[str, tuple[MasterPod, socket.socket]] = {}  # uid -> a listener, no answer
 
     def step(self, now: float) -> None:
         items = []
@@ -378,7 +386,13 @@ class Server:
         live = {p.uid: p for p in map(MasterPod.of, items) if p.serves(self.network)}
         for uid in [u for u, r in self.runs.items() if u not in live or live[u].ip != r.pod.ip]:
             self.stop(uid)
+        for uid in [u for u, (p, _) in self.mute.items() if u not in live or live[u].ip != p.ip]:
+            self.mute.pop(uid)[1].close()
         for uid, pod in live.items():
+            if pod.unresponsive:
+                if uid not in self.mute and uid not in self.refused:
+                    self.listen(pod)
+                continue
             if uid not in self.runs and uid not in self.refused:
                 self.start(pod)
             if uid in self.runs:
@@ -412,6 +426,22 @@ class Server:
             f"{schedule.total_steps} steps in {run_seconds:g}s{resumed}"
         )
 
+    def listen(self, pod: MasterPod) -> None:
+        """Take connections on the pod's metrics address and never answer (the kernel completes
+        the handshakes up to the backlog; nobody accepts or reads)."""
+        port = pod.port or METRICS_PORT
+        try:
+            sock = socket.create_server((pod.ip, port), backlog=1)
+        except OSError as e:
+            self.refused[pod.uid] = str(e)
+            log(
+                f"trainer-metrics: {pod.namespace}/{pod.name}: "
+                f"cannot listen on {pod.ip}:{port}: {e}"
+            )
+            return
+        self.mute[pod.uid] = (pod, sock)
+        log(f"trainer-metrics: {pod.namespace}/{pod.name} on {pod.ip}:{port}: never answers")
+
     def stop(self, uid: str) -> None:
         run = self.runs.pop(uid)
         self.keys.pop(uid, None)
@@ -421,6 +451,9 @@ class Server:
     def close(self) -> None:
         for uid in list(self.runs):
             self.stop(uid)
+        for _, sock in self.mute.values():
+            sock.close()
+        self.mute.clear()
 
 
 def run(state_dir: Path, default_run_seconds: float) -> int:

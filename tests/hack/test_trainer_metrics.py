@@ -278,3 +278,28 @@ def test_rank_0_of_a_trainjob_serves_like_a_master() -> None:
     assert p.serves(NETWORK)
     assert not MasterPod.of(trainjob_pod(completion="1")).master
     assert not MasterPod.of(trainjob_pod(job_index="1")).master
+
+
+def test_an_unresponsive_trainer_takes_the_connection_and_never_answers() -> None:
+    """What a scrape of a stuck trainer meets: the connection is taken, the answer never comes
+    (the operator's scrape waits for its timeout); closed, the address refuses at once."""
+    import socket
+
+    mute = pod(status={"phase": "Running", "podIP": "127.42.7.9"})
+    mute["metadata"]["annotations"][trainer_metrics.OPT_OUT] = "unresponsive"  # type: ignore[index]
+    p = MasterPod.of(mute)
+    assert p.unresponsive
+    assert p.serves(NETWORK)
+    # listen() reads nothing of the cluster: no API client needed
+    server = trainer_metrics.Server(None, NETWORK, 30)  # type: ignore[arg-type]
+    server.listen(p)
+    try:
+        with socket.create_connection((p.ip, 9400), timeout=2) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                conn.recv(1)
+    finally:
+        server.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((p.ip, 9400), timeout=2).close()
