@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read the trainer config {args.config}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     start = time.perf_counter()
+    code = EXIT_FAILED
     try:
         code = run(cfg, env)
     except Exception as exc:  # every cause ends in one line for the operator
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             with contextlib.suppress(Exception):  # a timed-out group may not tear down
+                if code == 0:
+                    # every rank done with every collective before any tears down: a rank
+                    # that leaves first closes its connections under a peer's pending work,
+                    # and gloo aborts that peer's process (exit -6 after a finished run)
+                    dist.barrier()
                 dist.destroy_process_group()
     log(env.rank, f"finished in {time.perf_counter() - start:.1f}s with exit code {code}")
     return code
