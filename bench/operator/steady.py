@@ -93,7 +93,10 @@ def _job(name: str, *, mute: bool = False, pending: bool = False) -> dict[str, A
     del job["spec"]["output"]
     job["spec"]["resources"] = {"numNodes": 1, "gpusPerNode": 1, "gpuType": "H100-80GB"}
     job["spec"]["hyperparameters"]["maxSteps"] = 100_000
-    notes = {"testbed.finetune.dev/run-duration": "4h"}
+    notes = {
+        "testbed.finetune.dev/run-duration": "4h",
+        "testbed.finetune.dev/load-duration": "5s",  # steps (and progress) from the start
+    }
     if mute:
         notes[MUTE] = "unresponsive"
     if pending:

@@ -12,9 +12,10 @@ pod's ``metrics`` port, fed by a simulated run:
 
 - the run lasts the pod's run-duration (``testbed.finetune.dev/run-duration``, else the test
   bed's default) from the rendezvous, as the kwok Stage that ends the pod counts it: the first
-  10% loads the model (no step yet), steps advance evenly over the next 80%, and the last 10%
-  saves the final checkpoint and exports the model, so the last scrape before the pod ends
-  sees every step;
+  10% loads the model (no step yet; ``testbed.finetune.dev/load-duration``, a Go duration, sets
+  it instead: a long run whose steps start at once), steps advance evenly over the next 80%,
+  and the last 10% saves the final checkpoint and exports the model, so the last scrape before
+  the pod ends sees every step;
 - total steps: ``testbed.finetune.dev/total-steps`` if set, else the trainer config's
   ``maxSteps``, else 100 a epoch; tokens a step, the learning-rate schedule, the checkpoint and
   eval cadence and the ranks come from the trainer config in the job's ConfigMap;
@@ -78,6 +79,7 @@ from .state import load
 
 RUN_DURATION = "testbed.finetune.dev/run-duration"
 TOTAL_STEPS = "testbed.finetune.dev/total-steps"
+LOAD_DURATION = "testbed.finetune.dev/load-duration"
 HANG_AFTER = "testbed.finetune.dev/hang-after"
 OPT_OUT = "testbed.finetune.dev/trainer-metrics"
 CONFIG_FILE = "config.json"
@@ -118,12 +120,19 @@ class Schedule:
     eval_every: int | None = None
     ranks: int = 1
     seed: int = 42
+    load_seconds: float | None = None  # None: LOAD of the run
 
     @classmethod
-    def of(cls, config: TrainerConfig | None, run_seconds: float, total: int | None) -> Schedule:
+    def of(
+        cls,
+        config: TrainerConfig | None,
+        run_seconds: float,
+        total: int | None,
+        load_seconds: float | None = None,
+    ) -> Schedule:
         """From the job's trainer config (None: defaults); ``total`` overrides its steps."""
         if config is None:
-            return cls(run_seconds, total or STEPS_PER_EPOCH)
+            return cls(run_seconds, total or STEPS_PER_EPOCH, load_seconds=load_seconds)
         sched = config.schedule
         steps = total or sched.max_steps or (sched.epochs or 1) * STEPS_PER_EPOCH
         packed = 0.95 if config.data.packing else 0.6  # the share of real (non-pad) tokens
@@ -138,6 +147,7 @@ class Schedule:
             eval_every=sched.eval_every_steps,
             ranks=config.hardware.procs_per_node,
             seed=sched.seed,
+            load_seconds=load_seconds,
         )
 
     @property
@@ -148,7 +158,8 @@ class Schedule:
         """Optimizer steps done ``elapsed`` seconds into the run."""
         if self.run_seconds <= 0:
             return self.total_steps
-        done = (elapsed - self.run_seconds * LOAD) / self.step_seconds
+        loading = self.run_seconds * LOAD if self.load_seconds is None else self.load_seconds
+        done = (elapsed - loading) / self.step_seconds
         return max(0, min(self.total_steps, math.floor(done)))
 
     def hang_step(self, hang: Hang | None) -> int | None:
@@ -228,6 +239,7 @@ class MasterPod:
     run_seconds: float | None  # the run-duration annotation
     total_steps: int | None
     config_map: str | None
+    load_seconds: float | None
     silent: bool
     hang: Hang | None = None
     unresponsive: bool = False  # listens and never answers
@@ -254,6 +266,7 @@ class MasterPod:
         joined = notes.get(RENDEZVOUS)
         run = notes.get(RUN_DURATION)
         total = notes.get(TOTAL_STEPS)
+        load = notes.get(LOAD_DURATION)
         maps = [v for v in spec.get("volumes") or [] if v.get("configMap")]
         maps.sort(key=lambda v: v.get("name") != CONFIG_VOLUME)  # the trainer's config first
         volumes = [v["configMap"]["name"] for v in maps]
@@ -274,6 +287,7 @@ class MasterPod:
             else None,
             run_seconds=parse_duration(run) if run else None,
             total_steps=int(total) if total else None,
+            load_seconds=parse_duration(load) if load else None,
             config_map=volumes[0] if volumes else None,
             silent=str(notes.get(OPT_OUT, "")).lower() == "false",
             unresponsive=str(notes.get(OPT_OUT, "")).lower() == "unresponsive",
@@ -405,7 +419,7 @@ class Server:
     def start(self, pod: MasterPod) -> None:
         config = trainer_config(self.api, pod)
         run_seconds = pod.run_seconds if pod.run_seconds is not None else self.default_run_seconds
-        schedule = Schedule.of(config, run_seconds, pod.total_steps)
+        schedule = Schedule.of(config, run_seconds, pod.total_steps, pod.load_seconds)
         port = pod.port or (config.metrics.port if config else METRICS_PORT)
         trainer = metrics.create(torch_version="testbed", transformers_version="testbed")
         try:

@@ -40,6 +40,21 @@ def test_a_run_loads_then_steps_evenly_then_saves() -> None:
     assert s.finished(90)
 
 
+def test_a_long_run_told_its_load_time_steps_from_then() -> None:
+    """A 4-hour run that loads for 5 s (load-duration) steps at once, as a bench of many
+    long-running jobs needs; steps still end inside the run, before the final save."""
+    p = pod()
+    p["metadata"]["annotations"][trainer_metrics.LOAD_DURATION] = "5s"  # type: ignore[index]
+    p["metadata"]["annotations"][trainer_metrics.RUN_DURATION] = "4h"  # type: ignore[index]
+    pod_ = MasterPod.of(p)
+    assert pod_.load_seconds == 5.0
+    s = Schedule.of(None, pod_.run_seconds or 0, 1000, pod_.load_seconds)
+    assert s.step_at(4.9) == 0
+    assert s.step_at(5 + 3 * s.step_seconds) == 3
+    assert s.step_at(5 + 0.8 * 4 * 3600) == 1000
+    assert not s.finished(5 + 0.8 * 4 * 3600)
+
+
 def test_the_loss_falls_and_the_learning_rate_warms_up_then_decays() -> None:
     s = Schedule(run_seconds=60, total_steps=300, learning_rate=2e-5, warmup_steps=50)
     losses = [s.loss(k) for k in (1, 100, 200, 300)]
