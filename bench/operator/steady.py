@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -206,7 +207,8 @@ def main() -> None:
     ns = f"bench-steady-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": ns}})
     metrics_port, health_port = _free_port(), _free_port()
-    log_path = ROOT / "bench" / "results" / "operator_steady.log"
+    log_path = Path(tempfile.gettempdir()) / f"{ns}-operator.log"
+    print(f"operator log: {log_path}", flush=True)
     with log_path.open("wb") as log:
         operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator.cli", "operator", "-n", ns,

@@ -608,21 +608,27 @@ def scraping(job: api.FineTuneJob) -> bool:
 
 
 def scrape_progress(
-    kube: Cluster, job: api.FineTuneJob, pods: Sequence[Pod], text: str | None
+    kube: Cluster,
+    job: api.FineTuneJob,
+    pods: Sequence[Pod],
+    text: str | None,
+    child: Child | None = None,
 ) -> list[Outcome]:
     """Write the progress the master pod's metrics ``text`` tells into status.progress (while
     Running; ``pods`` are the job's pods, as the caller's watch has them), and act on a hang: no
     new step for runPolicy.hangTimeoutSeconds restarts the pods (their new ones resume from the
     last complete checkpoint), within runPolicy.maxRestarts; then the job fails Hung. Only a
     master that answers is judged: a trainer whose metrics cannot be read (``text`` None: a
-    network policy, no metrics port, no answer in time) is never called hung."""
+    network policy, no metrics port, no answer in time) is never called hung. ``child``: the
+    child as the caller's watch has it (None: read it here)."""
     status = job.status
     if status is None or not scraping(job) or text is None:
         return []
     ns = job.metadata.namespace or ""
     moment = datetime.now(UTC)
     progress = parse_progress(text, stamp(moment))
-    child = kube.child(kind_of(kube, job), ns, job.name)
+    if child is None:
+        child = kube.child(kind_of(kube, job), ns, job.name)
     running = recovery.running_since(child, pods, parse_time(status.last_restart_time))
     clock = _step_clock(status.progress)
     if progress is not None:

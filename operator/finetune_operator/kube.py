@@ -52,12 +52,18 @@ SCRAPE_CONCURRENCY = 64
 SCRAPE_TIMEOUT = 2.0
 
 
-def load_config() -> None:
-    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
+def load_config(connections: int | None = None) -> None:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG); with
+    ``connections``, a connection pool that size (one per thread that calls the API: the
+    default, 5 per CPU, makes a thread beyond it open and drop a TLS connection per request)."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    if connections is not None:
+        settings = client.Configuration.get_default_copy()
+        settings.connection_pool_maxsize = max(connections, settings.connection_pool_maxsize)
+        client.Configuration.set_default(settings)
 
 
 def server() -> str:
