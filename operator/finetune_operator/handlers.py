@@ -37,10 +37,10 @@ RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 T = TypeVar("T")
 #: kopf's threads for the (synchronous) reconciles.
 WORKERS = 8
-#: Threads for the progress timer's API work (status writes mostly: each waits on the API
-#: server, not on this process's CPU). 1,000 running jobs at a 15 s interval are ~70 writes a
-#: second; 4 threads managed ~26 (bench/operator/steady.py), 16 keep up.
-PROGRESS_THREADS = 16
+#: Threads for the progress timer's API work (status writes mostly). On the 2-core test bed,
+#: 16 threads did worse than 4 (bench/operator/steady.py: the API server, already saturated,
+#: timed requests out), so 4 until a bigger machine says otherwise.
+PROGRESS_THREADS = 4
 log = logging.getLogger("finetune_operator")
 
 
