@@ -134,6 +134,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_operator(env: dict[str, str], namespace: str, output: Any) -> subprocess.Popen[bytes]:
+    """``finetune operator`` watching ``namespace`` (its log to ``output``), once healthy."""
+    health_port = _free_port()
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "finetune_operator.cli", "operator", "-n", namespace,
+         "--metrics-port", str(_free_port()), "--health-port", str(health_port)],
+        env=env, stdout=output, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    return operator
+
+
 def _proc_usage(pid: int) -> tuple[float, int]:
     """CPU seconds (user+system) and peak RSS bytes of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -209,18 +226,7 @@ def main() -> None:
     names = [f"job-{i}" for i in range(args.jobs)]
 
     # --- ours: FineTuneJob -> operator -> PyTorchJob
-    metrics_port, health_port = _free_port(), _free_port()
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator.cli", "operator", "-n", ours_ns,
-         "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
+    operator = start_operator(env, ours_ns, subprocess.DEVNULL)
     cpu_before, _ = _proc_usage(operator.pid)
     requests_before = _requests(env)
     children = Arrivals(

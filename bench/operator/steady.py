@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +45,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "hack"), str(ROOT / "bench"), str(HERE)]
 
 import torch  # noqa: E402
-from run import Arrivals, _free_port, _operator_writes, _per_job, _proc_usage, _requests  # noqa: E402
+from run import Arrivals, _operator_writes, _per_job, _proc_usage, _requests, start_operator  # noqa: E402
 
 from common import machine  # noqa: E402
 from finetune_operator import api  # noqa: E402
@@ -206,21 +205,10 @@ def main() -> None:
 
     ns = f"bench-steady-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": ns}})
-    metrics_port, health_port = _free_port(), _free_port()
     log_path = Path(tempfile.gettempdir()) / f"{ns}-operator.log"
     print(f"operator log: {log_path}", flush=True)
     with log_path.open("wb") as log:
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator.cli", "operator", "-n", ns,
-             "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
+        operator = start_operator(env, ns, log)
     names = [f"job-{i}" for i in range(args.jobs)]
     mute_every = round(1 / args.unresponsive) if args.unresponsive else 0
     muted = {n for i, n in enumerate(names) if mute_every and i % mute_every == mute_every - 1}
