@@ -50,7 +50,7 @@ def namespace(crd: Any) -> Iterator[str]:
     crd.kubectl("delete", "namespace", name, "--wait=false")
     # Its pods may hold GPUs of the test bed's nodes (a pod bound to a node keeps its GPUs even
     # if it never runs): let them go before the next test schedules its own. The namespace itself
-    # may stay Terminating (the FineTuneJobs' finalizer waits for an operator), which is fine.
+    # goes on its own (FineTuneJobs carry no finalizer).
     # (An API-only test bed has no kubelet to finish a pod's deletion: nothing to wait for.)
     deadline = time.monotonic() + (0 if getattr(crd, "api_only", False) else 90)
     while time.monotonic() < deadline:

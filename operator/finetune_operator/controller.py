@@ -8,6 +8,7 @@ Kubernetes calls go through :class:`Cluster`, the little the controller needs fr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -181,6 +182,7 @@ def _observe(
     plan: PlanStatus | None,
     inferred: InferredGpuType | None,
     seen: Pod | None = None,
+    staging: StagingStatus | None = None,
 ) -> Observed:
     """What the cluster shows now; ``seen`` is a pod from an event (it may be gone already, and
     its last state is often the only record of why a container died)."""
@@ -212,6 +214,7 @@ def _observe(
         pods=pods,
         previous_failure=job.status.failure if job.status else None,
         missing_claims=tuple(missing),
+        staging=staging,
     )
 
 
@@ -265,7 +268,7 @@ def _unheard(_: Outcome) -> None:
 
 def staging_now(job: api.FineTuneJob) -> bool:
     """Whether the job is staging: :func:`reconcile` moves it on (on its staging Job's events,
-    and on the timer), :func:`refresh` leaves it alone."""
+    and on the progress sweep), :func:`refresh` leaves it alone."""
     return job.status is not None and job.status.phase == "Staging"
 
 
@@ -393,19 +396,28 @@ def reconcile(
         plan = plan_status(result) if result else None
         trainer_plan = plan_config(result) if result else None
     outcomes: list[Outcome | None] = []
-    if (  # status.staging, status.plan (and the inferred GPU type) before any pod exists
+    # status.staging, status.plan (and the inferred GPU type) are written with the child, in one
+    # write after it is applied; on their own first only where no child is made now (refused,
+    # unfit, or an earlier plan's still going), so that status always says what was planned.
+    planned = Observed(
+        generation, False, plan=plan, inferred_gpu_type=inferred, staging=just_staged
+    )
+    unrecorded = (
         job.status is None
         or just_staged is not None
         or job.status.plan != plan
         or job.status.inferred_gpu_type != inferred
-    ):
-        planned = Observed(
-            generation, False, plan=plan, inferred_gpu_type=inferred, staging=just_staged
-        )
+    )
+
+    def record_plan() -> None:
+        nonlocal job
+        if not unrecorded:
+            return
         first = _announced(kube, job, planned, on_write)
         outcomes.append(first)
         if first is not None:
             job = first.job
+
     if trainer_plan is not None:
         config = config.model_copy(update={"plan": trainer_plan})
     if staged is not None:
@@ -414,6 +426,7 @@ def reconcile(
     kind = kind_of(kube, job)
     unfit = kind.unsupported(resolved)
     if unfit is not None:
+        record_plan()
         verdict = Failure(reason="UnsupportedByChild", message=unfit)
         last = _write(kube, job, lambda j: failed(j.status or FineTuneJobStatus(), verdict, now()))
         if last is not None:
@@ -421,8 +434,8 @@ def reconcile(
         return _written(*outcomes, last)
     child = kube.child(kind, ns, job.name)
     if child is not None and child.deleting:  # an earlier plan's: made anew once it is gone
+        record_plan()
         return _written(*outcomes)
-    kube.apply(manifest.config_map(resolved, config))
     inputs = children.Inputs(
         image=image,
         plan_summary=plan.summary if plan else None,
@@ -432,9 +445,21 @@ def reconcile(
         cache=staged.cache if staged is not None else None,
         runtime=runtime,
     )
-    applied = kube.apply(kind.build(resolved, inputs))
+    try:
+        kube.apply(manifest.config_map(resolved, config))
+        applied = kube.apply(kind.build(resolved, inputs))
+    except Exception:
+        # refused (a webhook, a policy, a missing CRD): status says what was planned, and the
+        # error (retried) what went wrong
+        with contextlib.suppress(Exception):
+            record_plan()
+        raise
     _leave_to_kueue(kube, job, kind, kind.parse(applied))
-    last = _write(kube, job, lambda j: derive(_observe(kube, j, plan, inferred), j.status, now()))
+    last = _write(
+        kube,
+        job,
+        lambda j: derive(_observe(kube, j, plan, inferred, staging=just_staged), j.status, now()),
+    )
     if last is not None:
         on_write(last)
     return _written(*outcomes, last)

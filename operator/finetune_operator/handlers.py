@@ -23,6 +23,7 @@ from finetune_operator import (
     children,
     controller,
     oplog,
+    pacing,
     queueing,
     staging,
     story,
@@ -37,7 +38,7 @@ RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 T = TypeVar("T")
 #: kopf's threads for the (synchronous) reconciles.
 WORKERS = 8
-#: Threads for the progress timer's API work (status writes mostly). On the 2-core test bed,
+#: Threads for the progress sweep's API work (status writes mostly). On the 2-core test bed,
 #: 16 threads did worse than 4 (bench/operator/steady.py: the API server, already saturated,
 #: timed requests out), so 4 until a bigger machine says otherwise.
 PROGRESS_THREADS = 4
@@ -48,6 +49,8 @@ log = logging.getLogger("finetune_operator")
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """kopf's settings, and the Kubernetes client, into the memo that every handler gets (next
     to the operator's own Settings, which :func:`run` put there)."""
+    # No handler needs a finalizer (progress is one operator-level sweep, not a timer per job,
+    # which would force one: kopf issue #1074); kopf removes the one an older version added.
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -195,7 +198,7 @@ def workload_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def _child_index(kind: children.ChildKind) -> Callable[..., dict[tuple[str, str], Child]]:
     def index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Child]:
         """The children of one kind, by (namespace, name), from the watch the operator has
-        anyway: the progress timer reads them here, not with a GET per job per tick."""
+        anyway: the progress sweep reads them here, not with a GET per job per tick."""
         return {(namespace or "", name): kind.parse(dict(body))}
 
     return index
@@ -223,26 +226,35 @@ def training_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], Pod]:
     """The trainer pods of each child (a PyTorchJob's or a TrainJob's), by (namespace, child
-    name), from the pods watch the operator has anyway: the progress timer reads them here, not
+    name), from the pods watch the operator has anyway: the progress sweep reads them here, not
     with a list per job per tick."""
     name = labels.get(JOB_NAME_LABEL) or labels.get(JOBSET_NAME_LABEL)
     return {(namespace or "", str(name)): Pod.parse(body)}
 
 
+@kopf.index(*RESOURCE)
+def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """Every FineTuneJob as last seen, by (namespace, name): what the progress sweep visits."""
+    return {(namespace or "", name): dict(body)}
+
+
 async def _off_the_loop(memo: kopf.Memo, work: Callable[[], T]) -> T:
-    """Run blocking API work of the progress timer on its own threads (kopf's workers stay free
+    """Run blocking API work of the progress sweep on its own threads (kopf's workers stay free
     for reconciles: a burst of new jobs is never queued behind progress)."""
     return await asyncio.get_running_loop().run_in_executor(memo.progress_pool, work)
 
 
-async def progress(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """Training progress from the master's metrics, and a level-triggered safety net (a timer
-    every Settings.progress_interval seconds, registered by :func:`run`).
+async def progress(memo: kopf.Memo, body: dict[str, Any], indexes: Any) -> None:
+    """One job's visit of the progress sweep: training progress from the master's metrics, and
+    a level-triggered safety net.
 
     The pods come from the index, the metrics from the asynchronous Scraper (bounded, short
     timeouts: a master that does not answer costs the others nothing), and the status write
     from the progress threads."""
-    job = _parse(body)
+    try:
+        job = api.parse_stored(body)
+    except api.SpecError:
+        return  # its reconcile handler reports it
     config: Settings = memo.settings
     # The nodes may tell its GPU type now; its staging pod may have ended (or be stuck); a
     # re-planned job waits for its child to be made again.
@@ -255,13 +267,13 @@ async def progress(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         return
     outcomes: list[controller.Outcome] = []
     if controller.scraping(job):
-        index: kopf.Index[tuple[str, str], Pod] = kwargs["training_pods"]
+        index: kopf.Index[tuple[str, str], Pod] = indexes["training_pods"]
         pods = list(index.get((job.metadata.namespace or "", job.name), ()))
         master = controller.master(pods)
         scraper: Scraper = memo.scraper
         text = await scraper.metrics(master, config.trainer_metrics_port) if master else None
         if text is not None:
-            child = _known_child(job, memo, kwargs)
+            child = _known_child(job, memo, indexes)
 
             def scraped() -> list[controller.Outcome]:
                 with telemetry.timed():
@@ -279,8 +291,31 @@ async def progress(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         await _off_the_loop(memo, lambda: _announce(memo.kube, body, outcomes))
 
 
+@kopf.on.startup()
+async def start_progress(memo: kopf.Memo, **indexes: Any) -> None:
+    """Start the progress sweep: every Settings.progress_interval seconds each FineTuneJob is
+    visited once (:func:`progress`), the visits spread over the interval (pacing.sweep). The
+    indexes kopf hands a startup handler are the live ones, filled as the watches run."""
+    jobs: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["finetunejobs"]
+
+    def current() -> list[tuple[str, str]]:
+        return list(jobs)
+
+    async def visit(key: tuple[str, str]) -> None:
+        body = next(iter(jobs.get(key, ())), None)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return  # gone, or going
+        await progress(memo, body, indexes)
+
+    every = memo.settings.progress_interval
+    memo.progress_sweep = asyncio.create_task(pacing.sweep(current, visit, every))
+
+
 @kopf.on.cleanup()
 async def close_scraper(memo: kopf.Memo, **_: Any) -> None:
+    sweep: asyncio.Task[None] | None = getattr(memo, "progress_sweep", None)
+    if sweep is not None:
+        sweep.cancel()
     scraper: Scraper | None = getattr(memo, "scraper", None)
     if scraper is not None:
         await scraper.close()
@@ -304,8 +339,6 @@ def run(
     except SettingsError as exc:
         raise SystemExit(f"error: {exc}") from None
     oplog.configure(log_format or config.log_format)
-    every = config.progress_interval
-    kopf.timer(*RESOURCE, interval=every, initial_delay=every)(progress)
     load_config()
     kube = Kube(child_kind=config.child)
     for kind in children.KINDS.values():

@@ -394,7 +394,7 @@ class Kube:
 
 
 class Scraper:
-    """Reads trainers' /metrics (the master pods' ``<podIP>:<port>``) for the progress timer,
+    """Reads trainers' /metrics (the master pods' ``<podIP>:<port>``) for the progress sweep,
     asynchronously: at most ``concurrency`` requests at once, each given up after ``timeout``
     seconds, so a pod that does not answer holds one slot for that long and no thread at all.
     Make it inside the event loop that uses it."""

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from finetune_operator.controller import Outcome
 from finetune_operator.queueing import MIRRORED
-from finetune_operator.status import staged_message
+from finetune_operator.status import FineTuneJobStatus, staged_message
 
 log = logging.getLogger("finetune_operator.jobs")
 
@@ -89,13 +89,16 @@ def notes(outcome: Outcome) -> list[Note]:
     if before == "Staging" and status.staging is not None:
         told.append(Note("Normal", "Staged", staged_message(status.staging)))
         told += [Note("Warning", "StagingWarning", w) for w in status.staging.warnings or []]
+    made = status.pytorch_job is not None or status.train_job is not None
+    if before in (None, "Staging") and after not in ("Planned", "Failed") and made:
+        # planned and made in one write: the plan is still told, before what came of it
+        told.append(Note("Normal", "Planned", _planned(status)))
     if after == "Succeeded" and before != "Running":  # it ran, though no write saw it running
         told.append(Note("Normal", "Running", "training started"))
     if after == "Failed" and status.failure is not None:
         told.append(Note("Warning", status.failure.reason, status.failure.message))
         return told
     child = "TrainJob" if status.train_job is not None else "PyTorchJob"
-    made = status.pytorch_job is not None or status.train_job is not None
     if after == "Pending" and status.failure is not None and not made:
         # waiting before any child exists (e.g. for its GPU type): the reason, not "created"
         told.append(Note("Warning", status.failure.reason, status.failure.message))
@@ -103,7 +106,7 @@ def notes(outcome: Outcome) -> list[Note]:
     waiting = f": {status.failure.message}" if status.failure else ""
     running = next((c for c in status.conditions or [] if c.type == "Running"), None)
     messages = {
-        "Planned": status.plan.reason if status.plan else "the trainer will plan at start",
+        "Planned": _planned(status),
         "Pending": f"{child} created; waiting for the pods{waiting}",
         "Running": "training started",
         "Suspended": "suspended: the pods are stopped",
@@ -112,6 +115,10 @@ def notes(outcome: Outcome) -> list[Note]:
     }
     told.append(Note("Normal", after, messages.get(after, after)))
     return told
+
+
+def _planned(status: FineTuneJobStatus) -> str:
+    return status.plan.reason if status.plan else "the trainer will plan at start"
 
 
 def _staging(outcome: Outcome) -> list[Note]:

@@ -390,6 +390,32 @@ def test_delete_takes_the_children(operator: Any) -> None:
     )
 
 
+def test_a_job_goes_while_the_operator_is_down_and_an_old_finalizer_is_dropped(
+    operator: Any,
+) -> None:
+    """Nothing of the operator's must run before a FineTuneJob goes: deleting one (or its
+    namespace) never waits for an operator that is down. The finalizer an older version put on
+    every job is taken off by this one."""
+    testbed, ns = operator.testbed, operator.namespace
+    job = gpu_job("legacy")
+    job["metadata"]["finalizers"] = ["finetune.dev/finalizer"]  # as an older operator left it
+    assert testbed.apply(job, "-n", ns).returncode == 0
+    testbed.wait_for(
+        lambda: (
+            ftj(testbed, ns, "legacy").get("status", {}).get("phase") in ("Pending", "Running")
+            and not ftj(testbed, ns, "legacy")["metadata"].get("finalizers")
+        ),
+        timeout=120,
+        desc="the job planned and its old finalizer dropped",
+    )
+    operator.kill()
+    try:
+        gone = testbed.kubectl("delete", "ftj", "legacy", "-n", ns, "--timeout=60s")
+        assert gone.returncode == 0, gone.stderr
+    finally:
+        operator.start()
+
+
 def test_suspend_stops_the_pods_and_resume_brings_them_back(operator: Any) -> None:
     testbed, ns = operator.testbed, operator.namespace
     job = gpu_job("pause", podMetadata={"annotations": {"testbed.finetune.dev/run-duration": "1h"}})

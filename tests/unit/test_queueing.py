@@ -317,8 +317,8 @@ def test_priority_becomes_kueues_priority_class_label(
 def test_events_for_the_queue_story() -> None:
     pending = status_of(PENDING)
     first = told(None, pending)
-    assert first == [("Normal", "Queued")]
-    assert SHORTFALL in notes(outcome(None, pending))[0].message
+    assert first == [("Normal", "Planned"), ("Normal", "Queued")]  # planned and queued at once
+    assert SHORTFALL in notes(outcome(None, pending))[1].message
 
     assert told(pending, status_of(PENDING, pending, T1)) == []  # nothing changed, no Event
 
