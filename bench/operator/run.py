@@ -134,11 +134,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_operator(env: dict[str, str], namespace: str, output: Any) -> subprocess.Popen[bytes]:
-    """``finetune operator`` watching ``namespace`` (its log to ``output``), once healthy."""
+def start_operator(
+    env: dict[str, str], namespace: str, output: Any, trace: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``finetune operator`` watching ``namespace`` (its log to ``output``), once healthy;
+    with ``trace``, under tracemalloc (traced.py: SIGUSR1 writes its profile there)."""
     health_port = _free_port()
+    program = ["-m", "finetune_operator.cli"]
+    if trace is not None:
+        program = [str(Path(__file__).with_name("traced.py"))]
+        env = {**env, "FINETUNE_TRACE_OUT": str(trace)}
     operator = subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator.cli", "operator", "-n", namespace,
+        [sys.executable, *program, "operator", "-n", namespace,
          "--metrics-port", str(_free_port()), "--health-port", str(health_port)],
         env=env, stdout=output, stderr=subprocess.STDOUT,
     )  # fmt: skip

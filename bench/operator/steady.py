@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -183,6 +184,12 @@ def main() -> None:
     parser.add_argument("--probe-every", type=float, default=10)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "operator_steady.json"))
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="run the operator under tracemalloc and add where its memory is to the results "
+        "(its RSS and latencies are then tracemalloc's too: give another --out)",
+    )
     args = parser.parse_args()
     env, state = _testbed()
     config.load_kube_config(config_file=env["KUBECONFIG"])
@@ -208,7 +215,8 @@ def main() -> None:
     log_path = Path(tempfile.gettempdir()) / f"{ns}-operator.log"
     print(f"operator log: {log_path}", flush=True)
     with log_path.open("wb") as log:
-        operator = start_operator(env, ns, log)
+        trace = Path(tempfile.gettempdir()) / f"{ns}-memory.json" if args.trace_memory else None
+        operator = start_operator(env, ns, log, trace)
     names = [f"job-{i}" for i in range(args.jobs)]
     mute_every = round(1 / args.unresponsive) if args.unresponsive else 0
     muted = {n for i, n in enumerate(names) if mute_every and i % mute_every == mute_every - 1}
@@ -325,6 +333,14 @@ def main() -> None:
         "operator_peak_rss_bytes": peak3,
         "requests_per_second_all_clients": rates,
     }
+    profile = None
+    if trace is not None:  # where the memory is, after the steady state
+        os.kill(operator.pid, signal.SIGUSR1)
+        for _ in range(600):
+            if trace.exists():
+                profile = json.loads(trace.read_text())
+                break
+            time.sleep(1)
     operator.terminate()
     try:
         operator.wait(timeout=120)
@@ -346,6 +362,8 @@ def main() -> None:
             "progress_age_max_seconds": PROGRESS_LIMIT,
         },
     }
+    if profile is not None:
+        result["memory_profile_tracemalloc"] = profile
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

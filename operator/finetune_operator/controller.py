@@ -176,25 +176,45 @@ def _write(kube: Cluster, job: api.FineTuneJob, compute: Compute) -> Outcome | N
     raise WriteConflictError(f"status of {job.name} kept changing under us; will retry")
 
 
+@dataclass(frozen=True)
+class Sight:
+    """The job's child and its pods, read once for everything one status write derives."""
+
+    child: Child | None
+    pods: tuple[Pod, ...]
+
+
+def look(
+    kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None, *, made: Child | None = None
+) -> Sight:
+    """The job's child (``made``: the one just applied, as the API server returned it; its
+    pods are yet to come) and its pods; ``seen`` is a pod from an event (it may be gone already,
+    and its last state is often the only record of why a container died). A child on its way
+    out (an earlier plan's) is none."""
+    if made is not None:
+        return Sight(made, ())
+    ns = job.metadata.namespace or ""
+    kind = kind_of(kube, job)
+    child = kube.child(kind, ns, job.name)
+    if child is None or child.deleting:
+        return Sight(None, ())
+    listed = kube.pods(kind, ns, job.name)
+    if seen is not None and seen.name not in {p.name for p in listed}:
+        listed.append(seen)
+    return Sight(child, tuple(listed))
+
+
 def _observe(
     kube: Cluster,
     job: api.FineTuneJob,
     plan: PlanStatus | None,
     inferred: InferredGpuType | None,
-    seen: Pod | None = None,
+    sight: Sight,
     staging: StagingStatus | None = None,
 ) -> Observed:
-    """What the cluster shows now; ``seen`` is a pod from an event (it may be gone already, and
-    its last state is often the only record of why a container died)."""
+    """What the cluster shows now (the child and pods as ``sight`` saw them)."""
     ns = job.metadata.namespace or ""
-    kind = kind_of(kube, job)
-    child = kube.child(kind, ns, job.name)
-    if child is not None and child.deleting:  # an earlier plan's, on its way out
-        child, seen = None, None
-    listed = kube.pods(kind, ns, job.name) if child is not None else []
-    if seen is not None and seen.name not in {p.name for p in listed}:
-        listed.append(seen)
-    pods = tuple(listed)
+    child, pods = sight.child, sight.pods
     claims = sources.claims(job.spec)
     missing = kube.missing_claims(ns, claims) if claims else []
     queue = kube.workload(ns, child.uid) if child is not None and child.queue_name else None
@@ -454,12 +474,15 @@ def reconcile(
         with contextlib.suppress(Exception):
             record_plan()
         raise
-    _leave_to_kueue(kube, job, kind, kind.parse(applied))
-    last = _write(
-        kube,
-        job,
-        lambda j: derive(_observe(kube, j, plan, inferred, staging=just_staged), j.status, now()),
-    )
+    made = kind.parse(applied)
+    _leave_to_kueue(kube, job, kind, made)
+    fresh = made if child is None else None  # a child just made has no pods yet: none to list
+
+    def observed(j: api.FineTuneJob) -> FineTuneJobStatus:
+        sight = look(kube, j, made=fresh if j is job else None)
+        return derive(_observe(kube, j, plan, inferred, sight, just_staged), j.status, now())
+
+    last = _write(kube, job, observed)
     if last is not None:
         on_write(last)
     return _written(*outcomes, last)
@@ -542,7 +565,8 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
         return _written(_write(kube, job, lambda j: refine_failure(j.status or final, [seen])))
     if waits_for_gpu_type(job) or _before_children(job) or needs_child(job):
         return []  # no children yet: reconcile says why, and moves it on
-    cause = _out_of_memory(kube, job, seen)
+    sight = look(kube, job, seen)
+    cause = _out_of_memory(job, sight)
     if cause is not None and job.status.plan is not None:
         acted = _replan(kube, job, cause)
         if acted is not None:
@@ -552,7 +576,8 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
         if j.status is not None and (waits_for_gpu_type(j) or _before_children(j)):
             return j.status  # reconcile moved it back meanwhile (a fresh read after a conflict)
         plan = j.status.plan if j.status else None
-        return derive(_observe(kube, j, plan, recorded_gpu_type(j), seen), j.status, now())
+        seen_now = sight if j is job else look(kube, j, seen)  # a fresh read: look again
+        return derive(_observe(kube, j, plan, recorded_gpu_type(j), seen_now), j.status, now())
 
     outcomes = _written(_write(kube, job, compute))
     if any(o.after == "Failed" for o in outcomes):
@@ -560,19 +585,13 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
     return outcomes
 
 
-def _out_of_memory(kube: Cluster, job: api.FineTuneJob, seen: Pod | None) -> Failure | None:
+def _out_of_memory(job: api.FineTuneJob, sight: Sight) -> Failure | None:
     """An out-of-memory end of a pod of the current attempt (None: none)."""
-    ns = job.metadata.namespace or ""
-    kind = kind_of(kube, job)
-    child = kube.child(kind, ns, job.name)
-    if child is None or child.deleting:
+    if sight.child is None:
         return None
-    pods = kube.pods(kind, ns, job.name)
-    if seen is not None and seen.name not in {p.name for p in pods}:
-        pods.append(seen)
     attempts = job.status.attempts if job.status else None
     since = parse_time(attempts[-1].time) if attempts else None
-    return recovery.out_of_memory_in(pods, since)
+    return recovery.out_of_memory_in(sight.pods, since)
 
 
 def _replan(kube: Cluster, job: api.FineTuneJob, cause: Failure) -> list[Outcome] | None:

@@ -503,7 +503,7 @@ def test_operator_logs_its_start_and_each_transition_as_json(
 
     went = [(line["before"], line["phase"]) for line in lines if line.get("job") == "logged"]
     assert went[0] == (None, "Staging")  # the model is fetched and its config.json read first
-    assert went[1] == ("Staging", "Planned")
+    assert went[1] == ("Staging", "Pending")  # planned, and its PyTorchJob made, in one write
     assert went[-1][1] == "Succeeded"
     assert all(prev[1] == then[0] for prev, then in itertools.pairwise(went))  # a chain
     assert all(line["level"] == "INFO" for line in lines if line.get("job") == "logged")
