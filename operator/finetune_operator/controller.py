@@ -548,10 +548,13 @@ def stop_child(kube: Cluster, job: api.FineTuneJob) -> None:
     kube.suspend_child(kind, ns, job.name)
 
 
-def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> list[Outcome]:
+def refresh(
+    kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None, sight: Sight | None = None
+) -> list[Outcome]:
     """Update status from the children without changing them (on a child or pod event); an
     out-of-memory end re-plans the job (runPolicy.maxReplans), and a job that failed by the
-    operator's verdict has its pods stopped."""
+    operator's verdict has its pods stopped. ``sight``: the child and pods as the caller's
+    watches have them (None: read them here)."""
     if job.status is None:
         return []
     if job.status.phase in TERMINAL:  # only a late pod can still tell why it failed
@@ -565,7 +568,8 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
         return _written(_write(kube, job, lambda j: refine_failure(j.status or final, [seen])))
     if waits_for_gpu_type(job) or _before_children(job) or needs_child(job):
         return []  # no children yet: reconcile says why, and moves it on
-    sight = look(kube, job, seen)
+    if sight is None:
+        sight = look(kube, job, seen)
     cause = _out_of_memory(job, sight)
     if cause is not None and job.status.plan is not None:
         acted = _replan(kube, job, cause)
@@ -576,7 +580,7 @@ def refresh(kube: Cluster, job: api.FineTuneJob, seen: Pod | None = None) -> lis
         if j.status is not None and (waits_for_gpu_type(j) or _before_children(j)):
             return j.status  # reconcile moved it back meanwhile (a fresh read after a conflict)
         plan = j.status.plan if j.status else None
-        seen_now = sight if j is job else look(kube, j, seen)  # a fresh read: look again
+        seen_now = sight if j is job and sight else look(kube, j, seen)  # fresh read: look again
         return derive(_observe(kube, j, plan, recorded_gpu_type(j), seen_now), j.status, now())
 
     outcomes = _written(_write(kube, job, compute))

@@ -266,14 +266,14 @@ async def progress(memo: kopf.Memo, body: dict[str, Any], indexes: Any) -> None:
         await _off_the_loop(memo, lambda: _reconcile(memo, job, body))
         return
     outcomes: list[controller.Outcome] = []
+    index: kopf.Index[tuple[str, str], Pod] = indexes["training_pods"]
+    pods = list(index.get((job.metadata.namespace or "", job.name), ()))
+    child = _known_child(job, memo, indexes)
     if controller.scraping(job):
-        index: kopf.Index[tuple[str, str], Pod] = indexes["training_pods"]
-        pods = list(index.get((job.metadata.namespace or "", job.name), ()))
         master = controller.master(pods)
         scraper: Scraper = memo.scraper
         text = await scraper.metrics(master, config.trainer_metrics_port) if master else None
         if text is not None:
-            child = _known_child(job, memo, indexes)
 
             def scraped() -> list[controller.Outcome]:
                 with telemetry.timed():
@@ -281,10 +281,16 @@ async def progress(memo: kopf.Memo, body: dict[str, Any], indexes: Any) -> None:
 
             outcomes = await _off_the_loop(memo, scraped)
     if not outcomes:
+        # the child and pods as the watches have them; none seen yet (or going): read them
+        sight = (
+            controller.Sight(child, tuple(pods))
+            if child is not None and not child.deleting
+            else None
+        )
 
         def refreshed() -> list[controller.Outcome]:
             with telemetry.timed():
-                return controller.refresh(memo.kube, job)
+                return controller.refresh(memo.kube, job, sight=sight)
 
         outcomes = await _off_the_loop(memo, refreshed)
     if outcomes:

@@ -3,8 +3,9 @@
 One loop for all jobs instead of one timer per job: the visits of a pass start ``interval / n``
 apart (a thousand jobs make a steady trickle of scrapes and status writes, not a storm every
 15 s), at most ``limit`` visits run at once, and a job whose last visit has not ended (a master
-that does not answer, a slow API server) is skipped, never visited twice at once. A visit that
-raises is logged and costs the others nothing; the job is visited again next pass.
+that does not answer, a slow API server) is skipped, never visited twice at once, and goes
+first next pass (each pass visits the longest unvisited first). A visit that raises is logged
+and costs the others nothing; the job is visited again next pass.
 
 Pure asyncio: the jobs and the visit are handed in (the operator hands its FineTuneJob index and
 the progress handler), so the pacing is tested on its own.
@@ -50,16 +51,21 @@ async def sweep(
             slots.release()
             running.pop(key, None)
 
+    last: dict[K, float] = {}  # when each job's last visit started
     start = loop.time() + interval
     done = 0
     try:
         while passes is None or done < passes:
             await asyncio.sleep(max(0.0, start - loop.time()))
-            keys = [k for k in jobs() if k not in running]
+            now = list(jobs())
+            last = {k: last[k] for k in now if k in last}  # a deleted job is forgotten
+            # the longest unvisited first: one skipped last pass (still running) or new goes early
+            keys = sorted((k for k in now if k not in running), key=lambda k: last.get(k, 0.0))
             gap = interval / max(len(keys), 1)
             for i, key in enumerate(keys):
                 await asyncio.sleep(max(0.0, start + i * gap - loop.time()))
                 await slots.acquire()
+                last[key] = loop.time()
                 running[key] = asyncio.create_task(one(key))
             done += 1
             start = max(start + interval, loop.time())

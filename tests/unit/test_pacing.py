@@ -126,3 +126,18 @@ def test_cancelling_the_sweep_cancels_its_visits() -> None:
 
     run(main())
     assert sorted(cancelled) == ["a", "b"]
+
+
+def test_a_job_skipped_while_its_visit_ran_goes_first_next_pass() -> None:
+    order: list[str] = []
+    slow_once = [True]
+
+    async def visit(key: str) -> None:
+        order.append(key)
+        if key == "slow" and slow_once[0]:
+            slow_once[0] = False
+            # started 2/3 into the first pass: running through the second, done before the third
+            await asyncio.sleep(0.33)
+
+    run(sweep(lambda: ["a", "b", "slow"], visit, 0.4, passes=3))
+    assert order == ["a", "b", "slow", "a", "b", "slow", "a", "b"]
