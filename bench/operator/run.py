@@ -184,14 +184,21 @@ class Arrivals:
     def _run(self, list_fn: Any, namespace: str, key: Any) -> None:
         w = watch.Watch()
         while not self._stop.is_set():
-            for ev in w.stream(list_fn, namespace=namespace, timeout_seconds=5):
-                obj = ev["object"]
-                name = key(obj)
-                if name and name not in self.seen:
-                    self.seen[name] = time.monotonic()
-                if self._stop.is_set():
-                    w.stop()
-                    break
+            try:
+                for ev in w.stream(list_fn, namespace=namespace, timeout_seconds=5):
+                    obj = ev["object"]
+                    name = key(obj)
+                    if name and name not in self.seen:
+                        self.seen[name] = time.monotonic()
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+            except (client.ApiException, OSError, ValueError) as exc:
+                # a saturated API server's watch cache lags ("Too large resource version"):
+                # list again (an object first seen then is stamped late, never lost)
+                print(f"watch: {exc!s:.200}; listing again", flush=True)
+                w = watch.Watch()
+                time.sleep(1)
 
     def wait(self, count: int, timeout: float) -> float:
         deadline = time.monotonic() + timeout

@@ -126,6 +126,17 @@ class Jobs:
     def _run(self, custom: Any, namespace: str) -> None:
         w = watch.Watch()
         while not self._stop.is_set():
+            try:
+                self._follow(w, custom, namespace)
+            except (client.ApiException, OSError, ValueError) as exc:
+                # a saturated API server's watch cache lags ("Too large resource version"):
+                # list again and go on
+                print(f"FineTuneJob watch: {exc!s:.200}; listing again", flush=True)
+                w = watch.Watch()
+                time.sleep(1)
+
+    def _follow(self, w: Any, custom: Any, namespace: str) -> None:
+        while not self._stop.is_set():
             stream = w.stream(
                 custom.list_namespaced_custom_object, api.GROUP, api.VERSION, namespace,
                 api.PLURAL, timeout_seconds=30,

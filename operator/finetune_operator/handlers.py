@@ -29,7 +29,7 @@ from finetune_operator import (
     story,
     telemetry,
 )
-from finetune_operator.kube import Kube, Scraper, load_config, server
+from finetune_operator.kube import EVENT_LANES, EventLanes, Kube, Scraper, load_config, server
 from finetune_operator.objects import Child, Pod
 from finetune_operator.settings import Settings, SettingsError
 from finetune_trainer.names import JOB_LABEL, JOB_NAME_LABEL, JOBSET_NAME_LABEL
@@ -56,13 +56,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=api.GROUP, key="last-handled-configuration"
     )
+    # After its own annotation patch, kopf waits for the watch to bring that version back before
+    # it judges the next change (else it sees a stale copy as a new object and runs the create
+    # handler again). On a busy API server the watch lags more than kopf's default 5 s
+    # (bench/operator/steady.py: a fifth of 1,000 jobs reconciled twice).
+    settings.persistence.consistency_timeout = 30
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's: errors
     settings.execution.max_workers = WORKERS
-    load_config(connections=WORKERS + PROGRESS_THREADS)
+    load_config(connections=WORKERS + PROGRESS_THREADS + EVENT_LANES)
     memo.kube = Kube(child_kind=memo.settings.child)
+    memo.events = EventLanes(memo.kube)
     memo.scraper = Scraper()
     memo.progress_pool = ThreadPoolExecutor(
         max_workers=PROGRESS_THREADS, thread_name_prefix="progress"
@@ -92,16 +98,16 @@ def _parse(body: kopf.Body) -> api.FineTuneJob:
         raise kopf.PermanentError(f"invalid FineTuneJob: {exc}") from None
 
 
-def _announce(kube: Kube, body: Any, outcomes: list[controller.Outcome]) -> None:
+def _announce(memo: kopf.Memo, body: Any, outcomes: list[controller.Outcome]) -> None:
     """An Event and a log line for each phase transition, and the jobs-by-phase metric."""
     for outcome in outcomes:
-        _announce_one(kube, body, outcome)
+        _announce_one(memo, body, outcome)
 
 
-def _announce_one(kube: Kube, body: Any, outcome: controller.Outcome) -> None:
+def _announce_one(memo: kopf.Memo, body: Any, outcome: controller.Outcome) -> None:
     key = f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"
     telemetry.job_phase(key, outcome.after)
-    story.announce(kube, dict(body), outcome)
+    story.announce(memo.events, dict(body), outcome)  # the Events are sent off this thread
 
 
 def _reconcile(memo: kopf.Memo, job: api.FineTuneJob, body: Any) -> None:
@@ -114,7 +120,7 @@ def _reconcile(memo: kopf.Memo, job: api.FineTuneJob, body: Any) -> None:
             metrics_port=config.trainer_metrics_port,
             cache=config.cache,
             runtime=config.trainjob_runtime,
-            on_write=lambda outcome: _announce_one(memo.kube, body, outcome),
+            on_write=lambda outcome: _announce_one(memo, body, outcome),
         )
 
 
@@ -156,7 +162,7 @@ def _refresh(
         return
     with telemetry.timed():
         outcomes = controller.refresh(kube, job, seen)
-    _announce(kube, document, outcomes)
+    _announce(memo, document, outcomes)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={staging.STAGING_LABEL: kopf.PRESENT})
@@ -294,7 +300,7 @@ async def progress(memo: kopf.Memo, body: dict[str, Any], indexes: Any) -> None:
 
         outcomes = await _off_the_loop(memo, refreshed)
     if outcomes:
-        await _off_the_loop(memo, lambda: _announce(memo.kube, body, outcomes))
+        await _off_the_loop(memo, lambda: _announce(memo, body, outcomes))
 
 
 @kopf.on.startup()
@@ -325,6 +331,9 @@ async def close_scraper(memo: kopf.Memo, **_: Any) -> None:
     scraper: Scraper | None = getattr(memo, "scraper", None)
     if scraper is not None:
         await scraper.close()
+    events: EventLanes | None = getattr(memo, "events", None)
+    if events is not None:  # what is told is sent before the operator goes
+        await asyncio.get_running_loop().run_in_executor(None, events.close)
 
 
 def run(

@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
+import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +50,9 @@ FIELD_MANAGER = "finetune-operator"
 SUSPEND_MANAGER = "finetune-operator-kueue"
 #: Seconds a single API request may take before it is abandoned and retried by the handler.
 REQUEST_TIMEOUT = 30
+#: Threads that record Events (EventLanes).
+EVENT_LANES = 2
+log = logging.getLogger("finetune_operator")
 #: Trainer metrics requests in flight at once, and the seconds one may take (Scraper).
 SCRAPE_CONCURRENCY = 64
 SCRAPE_TIMEOUT = 2.0
@@ -359,10 +365,18 @@ class Kube:
             raise WriteConflictError(str(exc)) from None
         return dict(written.to_dict())
 
-    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Record a Kubernetes Event about ``obj`` (what ``kubectl describe`` shows)."""
+    def event(
+        self,
+        obj: dict[str, Any],
+        type_: str,
+        reason: str,
+        message: str,
+        moment: datetime | None = None,
+    ) -> None:
+        """Record a Kubernetes Event about ``obj`` (what ``kubectl describe`` shows) that
+        happened at ``moment`` (None: now)."""
         meta = obj["metadata"]
-        moment = datetime.now(UTC)
+        moment = moment or datetime.now(UTC)
         stamp = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
@@ -391,6 +405,46 @@ class Kube:
             body,  # type: ignore[arg-type]  # the client accepts plain dicts
             _request_timeout=REQUEST_TIMEOUT,
         )
+
+
+class EventLanes:
+    """Records Events off the caller's thread, so that a reconcile's worker is free once the
+    status is written (a burst of new jobs waits on fewer requests each). Each object's Events
+    keep their order (one lane, one thread, per object by uid); each is stamped when it is told,
+    not when it is sent. An Event that cannot be recorded is logged and dropped: it is never a
+    reason to run a reconcile again. :meth:`close` sends what is queued, then stops."""
+
+    def __init__(self, kube: Kube, lanes: int = EVENT_LANES) -> None:
+        self._kube = kube
+        self._lanes = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"events-{i}")
+            for i in range(lanes)
+        ]
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj.get("metadata", {})
+        key = str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+        lane = self._lanes[zlib.crc32(key.encode()) % len(self._lanes)]
+        lane.submit(self._send, obj, type_, reason, message, datetime.now(UTC))
+
+    def _send(
+        self, obj: dict[str, Any], type_: str, reason: str, message: str, moment: datetime
+    ) -> None:
+        try:
+            self._kube.event(obj, type_, reason, message, moment)
+        except Exception as exc:  # an Event is told once, at best
+            meta = obj.get("metadata", {})
+            log.warning(
+                "could not record Event %s on %s/%s: %s",
+                reason,
+                meta.get("namespace"),
+                meta.get("name"),
+                exc,
+            )
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
 
 
 class Scraper:

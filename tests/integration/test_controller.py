@@ -27,7 +27,7 @@ from kubernetes.dynamic.exceptions import DynamicApiError
 
 from finetune_operator import api, controller, manifest, story
 from finetune_operator.children import PYTORCHJOB_CHILD
-from finetune_operator.kube import Kube, Scraper
+from finetune_operator.kube import EventLanes, Kube, Scraper
 from finetune_operator.objects import Pod
 from finetune_operator.plan import plan_job, plan_status
 from finetune_trainer import metrics as trainer_metrics
@@ -659,6 +659,29 @@ def test_events_are_this_job_s_own_in_the_order_it_went(
     events = described.stdout.split("Events", 1)[1].splitlines()
     told = [line.split()[1] for line in events if line.split()[:1] == ["Normal"]]
     assert told == ["Planned", "Pending", "Running", "Succeeded"], described.stdout
+
+
+def test_events_sent_off_the_thread_keep_each_jobs_order_and_a_failure_is_only_logged(
+    crd: Any, kube: Kube, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator tells Events through EventLanes (its reconciles do not wait on them): each
+    job's Events arrive in the order told, stamped when told; one the API server refuses is
+    logged, never raised; close() sends everything queued first."""
+    jobs = [create_job(crd, kube, namespace, f"told-{i}").to_document() for i in range(4)]
+    lanes = EventLanes(kube, lanes=2)
+    reasons = [f"Step{n}" for n in range(6)]
+    for reason in reasons:
+        for job in jobs:
+            lanes.event(job, "Normal", reason, f"{job['metadata']['name']} {reason}")
+    gone = {"metadata": {"name": "nobody", "namespace": f"no-such-{uuid.uuid4().hex[:6]}"}}
+    with caplog.at_level("WARNING", logger="finetune_operator"):
+        lanes.event(gone, "Warning", "Lost", "a namespace that does not exist")
+        lanes.close()
+    for job in jobs:
+        told = kube.events(namespace, job["metadata"]["uid"])
+        assert _reasons(told) == reasons
+        assert all(e.message.startswith(job["metadata"]["name"]) for e in told)
+    assert any("could not record Event Lost" in r.getMessage() for r in caplog.records)
 
 
 def test_a_job_names_every_claim_it_misses_until_they_exist(
