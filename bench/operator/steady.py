@@ -201,8 +201,16 @@ def main() -> None:
         help="run the operator under tracemalloc and add where its memory is to the results "
         "(its RSS and latencies are then tracemalloc's too: give another --out)",
     )
+    parser.add_argument(
+        "--operator-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in the operator's environment (e.g. MALLOC_ARENA_MAX=2); recorded in the results",
+    )
     args = parser.parse_args()
     env, state = _testbed()
+    operator_env = dict(item.split("=", 1) for item in args.operator_env)
     config.load_kube_config(config_file=env["KUBECONFIG"])
     core, custom = client.CoreV1Api(), client.CustomObjectsApi()
     crd = subprocess.run(
@@ -227,7 +235,7 @@ def main() -> None:
     print(f"operator log: {log_path}", flush=True)
     with log_path.open("wb") as log:
         trace = Path(tempfile.gettempdir()) / f"{ns}-memory.json" if args.trace_memory else None
-        operator = start_operator(env, ns, log, trace)
+        operator = start_operator({**env, **operator_env}, ns, log, trace)
     names = [f"job-{i}" for i in range(args.jobs)]
     mute_every = round(1 / args.unresponsive) if args.unresponsive else 0
     muted = {n for i, n in enumerate(names) if mute_every and i % mute_every == mute_every - 1}
@@ -364,6 +372,7 @@ def main() -> None:
     )  # fmt: skip
     result = {
         "machine": machine(torch.device("cpu")),
+        "operator_env": operator_env,
         "burst": burst,
         "steady": steady,
         "targets": {

@@ -240,8 +240,11 @@ def training_pods(
 
 @kopf.index(*RESOURCE)
 def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    """Every FineTuneJob as last seen, by (namespace, name): what the progress sweep visits."""
-    return {(namespace or "", name): dict(body)}
+    """Every FineTuneJob as last seen, by (namespace, name): what the progress sweep visits.
+    Without its managedFields (half of a job's memory here, and nothing the operator reads; a
+    status write without them leaves the stored ones as they are)."""
+    meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    return {(namespace or "", name): {**body, "metadata": meta}}
 
 
 async def _off_the_loop(memo: kopf.Memo, work: Callable[[], T]) -> T:
