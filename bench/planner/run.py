@@ -11,14 +11,13 @@ tables. Standard library + finetune_trainer.planner.
 What it reports, each in-sample (factors fitted on every row) and left-out-source (factors fitted
 without the row's source, the issue's validation), side by side:
 - tokens/s/GPU predicted at the published layout vs measured (16-bit rows);
-- degrees agreement: the planner's own DP*FSDP, TP, PP for the same model, GPUs, sequence and
-  global batch vs the published ones;
+- degrees agreement: the planner's own DP*FSDP, TP, PP and CP for the same model, GPUs,
+  sequence and global batch vs the published ones;
 - ranking: where one source measured two layouts of the same workload, is the faster one
   predicted faster;
 - fits: how many published layouts (which ran) the memory model calls infeasible (memory is not
   fitted, so this is the same both ways).
-Rows with an option the planner cannot express (context parallelism, LoRA with PP,
-a GPU or model it cannot read; uneven pipeline stages split the source's own way are planned but
+Rows with an option the planner cannot express (LoRA with PP, a GPU or model it cannot read; uneven pipeline stages split the source's own way are planned but
 not predicted) are counted and listed with the reason;
 their degrees are a miss, and they are predicted only where the time model has the option.
 """
@@ -121,10 +120,11 @@ class Row:
     def world(self) -> int:
         return int(self.raw.get("nodes", 1)) * int(self.raw.get("gpus_per_node", 8))
 
-    def published_degrees(self) -> tuple[int, int, int]:
+    def published_degrees(self) -> tuple[int, int, int, int]:
+        """(data parallel x FSDP, TP, PP, CP)."""
         r = self.raw
         tp, pp, cp = int(r.get("tp", 1)), int(r.get("pp", 1)), int(r.get("cp", 1))
-        return self.world // (tp * pp * cp), tp, pp
+        return self.world // (tp * pp * cp), tp, pp, cp
 
 
 def _megatron_flops_per_token(model: ModelFacts, seq: int, ac: str) -> float:
@@ -256,9 +256,6 @@ def parse_row(r: dict[str, Any]) -> Row:
     memory_problems: list[str] = []
     if r.get("memory_not_judged"):  # the source does not state what the memory model needs
         memory_problems.append(str(r["memory_not_judged"]))
-    if cp > 1:
-        problems.append(f"context parallelism cp{cp} (option not modelled)")
-        time_problems.append("cp not in the time model")
     sync = _grad_sync(r, 1 if zero in (1, 2) else fsdp)
     if zero in (1, 2):
         # replicated parameters, sharded optimizer (and gradients) over the data-parallel group:
@@ -285,7 +282,7 @@ def parse_row(r: dict[str, Any]) -> Row:
         layout = Layout(
             dp, fsdp, tp, pp, sched, vp, mbs, ga, ac, False,  # type: ignore[arg-type]
             sync, tp_overlap=tp > 1 and _tp_overlap(r),
-            zero=2 if zero in (1, 2) else 3,
+            zero=2 if zero in (1, 2) else 3, cp=cp,
         )  # fmt: skip
     if tok is None:
         time_problems.append(f"no tokens/s ({how})")
@@ -533,7 +530,7 @@ def fit(rows: list[Row], start: Factors | None = None) -> dict[str, Any]:
 
 
 # ---- the planner's own choice -------------------------------------------------------------
-def planned_degrees(row: Row) -> tuple[tuple[int, int, int] | None, str]:
+def planned_degrees(row: Row) -> tuple[tuple[int, int, int, int] | None, str]:
     if row.model is None or row.cluster is None or row.workload is None:
         return None, "not planned: " + "; ".join(row.problems)
     try:
@@ -541,7 +538,8 @@ def planned_degrees(row: Row) -> tuple[tuple[int, int, int] | None, str]:
     except PlanInfeasible as err:
         return None, f"no plan: {err.message[:160]}"
     p = res.plan
-    return (p.data_parallel * p.fsdp, p.tensor_parallel, p.pipeline_parallel), res.summary
+    degrees = (p.data_parallel * p.fsdp, p.tensor_parallel, p.pipeline_parallel)
+    return (*degrees, p.context_parallel), res.summary
 
 
 def evaluate_rows(rows: list[Row], fold: Callable[[Row], Factors]) -> list[dict[str, Any]]:

@@ -325,12 +325,13 @@ def resume_note(failed: PlanStatus, chosen: PlanStatus, checkpoints: bool) -> st
             f"it starts over from step 0: a {failed.method} checkpoint does not load into a "
             f"{chosen.method} run"
         )
-    same = (
-        failed.data_parallel,
-        failed.fsdp,
-        failed.tensor_parallel,
-        failed.pipeline_parallel,
-    ) == (chosen.data_parallel, chosen.fsdp, chosen.tensor_parallel, chosen.pipeline_parallel)
+
+    def degrees(p: PlanStatus) -> tuple[int, ...]:
+        return (
+            p.data_parallel, p.fsdp, p.context_parallel, p.tensor_parallel, p.pipeline_parallel
+        )  # fmt: skip
+
+    same = degrees(failed) == degrees(chosen)
     if same:
         return "it resumes from the last complete checkpoint (same sharding)"
     return (

@@ -503,6 +503,17 @@ class Parallelism(ApiModel):
             description="Tensor-parallel degree; stays inside a node and divides the heads.", ge=1
         ),
     ] = None
+    context_parallel: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Ranks each sequence is split over (ring attention, for long sequences); GPU"
+                " only, not with pipelineParallel; the sequence length must split into"
+                " 2 x contextParallel equal chunks."
+            ),
+            ge=1,
+        ),
+    ] = None
     pipeline_parallel: Annotated[
         int | None, Field(description="Pipeline stages, split at decoder layers.", ge=1)
     ] = None

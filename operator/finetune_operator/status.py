@@ -83,6 +83,9 @@ class PlanStatus(StatusModel):
     data_parallel: Annotated[int, Field(description="Replicated data-parallel groups.", ge=1)]
     fsdp: Annotated[int, Field(description="FSDP shard-group size.", ge=1)]
     tensor_parallel: Annotated[int, Field(description="Tensor-parallel degree.", ge=1)]
+    context_parallel: Annotated[
+        int, Field(description="Ranks each sequence is split over (ring attention).", ge=1)
+    ] = 1
     pipeline_parallel: Annotated[int, Field(description="Pipeline stages.", ge=1)]
     pipeline_schedule: Annotated[
         str | None, Field(description="Pipeline schedule (gpipe, 1f1b, interleaved-1f1b).")

@@ -64,6 +64,7 @@ CARRIED: dict[str, tuple[Any, Get, Any]] = {
     "parallelism.dataParallel": (1, lambda c: c.parallelism.data_parallel, 1),
     "parallelism.fsdp": (1, lambda c: c.parallelism.fsdp, 1),
     "parallelism.tensorParallel": (1, lambda c: c.parallelism.tensor_parallel, 1),
+    "parallelism.contextParallel": (1, lambda c: c.parallelism.context_parallel, 1),
     "parallelism.pipelineParallel": (1, lambda c: c.parallelism.pipeline_parallel, 1),
     "parallelism.microBatchSize": (2, lambda c: c.parallelism.micro_batch_size, 2),
     "parallelism.activationCheckpointing": ("full", lambda c: c.parallelism.activation_checkpointing, "full"),

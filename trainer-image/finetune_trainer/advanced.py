@@ -114,6 +114,7 @@ def _plan_for(model: nn.Module, world: int, device: torch.device, opts: Options)
     local = _STATE["local_world"]
     fixed = dict(opts.parallelism)
     fixed["pipeline_parallel"] = 1  # a plain loop cannot drive a pipeline schedule
+    fixed["context_parallel"] = 1  # nor split its sequences over ranks (ring attention)
     result = plan_parallelism(
         facts,
         Cluster.of(gpu, nodes=max(1, world // local), gpus_per_node=local),

@@ -114,6 +114,7 @@ class ParallelismConfig(_Config):
     data_parallel: int | None = None
     fsdp: int | None = None
     tensor_parallel: int | None = None
+    context_parallel: int | None = None
     pipeline_parallel: int | None = None
     micro_batch_size: int | None = None
     activation_checkpointing: Literal["none", "selective", "full"] | None = None
@@ -128,6 +129,12 @@ class PlanConfig(_Config):
     data_parallel: int = Field(ge=1)
     fsdp: int = Field(ge=1)
     tensor_parallel: int = Field(ge=1)
+    context_parallel: int = Field(
+        default=1,
+        ge=1,
+        description="ranks each sequence is split over (torch's context_parallel, ring"
+        " attention; GPU only, not with a pipeline)",
+    )
     pipeline_parallel: int = Field(ge=1)
     pipeline_schedule: str | None = None
     virtual_stages: int = Field(default=1, ge=1)
@@ -151,8 +158,14 @@ class PlanConfig(_Config):
 
     @property
     def world_size(self) -> int:
-        """The ranks the plan covers: data parallel x fsdp x tensor parallel x pipeline."""
-        return self.data_parallel * self.fsdp * self.tensor_parallel * self.pipeline_parallel
+        """The ranks the plan covers: data parallel x fsdp x context x tensor x pipeline."""
+        return (
+            self.data_parallel
+            * self.fsdp
+            * self.context_parallel
+            * self.tensor_parallel
+            * self.pipeline_parallel
+        )
 
     @property
     def summary(self) -> str:
@@ -162,6 +175,7 @@ class PlanConfig(_Config):
             for name, n in (
                 ("dp", self.data_parallel),
                 ("fsdp", self.fsdp),
+                ("cp", self.context_parallel),
                 ("tp", self.tensor_parallel),
                 ("pp", self.pipeline_parallel),
             )
@@ -173,7 +187,11 @@ class PlanConfig(_Config):
                 f"mbs{self.micro_batch_size}",
                 f"ga{self.gradient_accumulation}",
                 f"ac={self.activation_checkpointing}",
-                *(["zero2"] if self.zero_stage == 2 and self.fsdp > 1 else []),
+                *(
+                    ["zero2"]
+                    if self.zero_stage == 2 and self.fsdp * self.context_parallel > 1
+                    else []
+                ),
             ]
         )
 

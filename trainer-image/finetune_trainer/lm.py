@@ -35,14 +35,26 @@ class CausalLMLoss(nn.Module):
         self.select_targets = select_targets
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        shifted: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``labels[i]`` is the token at position i (the loss pairs position i with label
+        i + 1), or with ``shifted`` already the next token (context parallelism shifts before
+        it splits the sequence: finetune_trainer.context)."""
         decoder = self.model.get_decoder()  # type: ignore[no-untyped-call]
         # No attention mask: pads are at the right (causal attention never reaches them from a
         # real token) and position ids that restart at 0 mark packed documents.
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1].flatten(0, 1)
-        targets = labels[:, 1:].flatten()
+        if shifted:
+            hidden = out.last_hidden_state.flatten(0, 1)
+            targets = labels.flatten()
+        else:
+            hidden = out.last_hidden_state[:, :-1].flatten(0, 1)
+            targets = labels[:, 1:].flatten()
         head = self.model.get_output_embeddings()  # type: ignore[no-untyped-call]
         assert head is not None
         loss = chunked_cross_entropy(

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn import functional
 
+from finetune_trainer.context import sequence_split, split_ready
 from finetune_trainer.data import IGNORE, StepSampler, collate, rows_at
 from finetune_trainer.parallelize import AppliedPlan
 from finetune_trainer.pipeline import Pipeline
@@ -110,6 +111,14 @@ class Loop:
         self.readers = world // dp
         #: Ranks that compute the same loss (TP peers).
         self.loss_copies = parallel.tp_size if parallel is not None else 1
+        #: Context parallelism: the mesh each micro-batch's sequences are split over (its ranks
+        #: sum partial losses and, in FSDP's group, gradients).
+        self.cp_mesh = (
+            parallel.mesh["cp"]
+            if parallel is not None and parallel.mesh is not None and parallel.cp_size > 1
+            else None
+        )
+        self.cp = parallel.cp_size if parallel is not None else 1
         #: Reduce gradients on the last micro-batch only (the plan's gradient_sync "last").
         self.defer_sync = parallel is not None and parallel.gradient_sync == "last"
         #: ZeRO-2 with deferred sync: parameters stay gathered from the first micro-batch's
@@ -157,7 +166,8 @@ class Loop:
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         counts = _all_reduce(torch.tensor([float(local)], device=self.device))
         global_tokens = max(float(counts.item()) / self.readers, 1.0)
-        scale = self.sampler.dp_size / global_tokens
+        # FSDP averages gradients over its group (dp x fsdp x cp ranks): undo that average
+        scale = self.sampler.dp_size * self.cp / global_tokens
         if self.pipeline is not None:
             total = self._pipeline_step(batches, scale)
         else:
@@ -173,9 +183,17 @@ class Loop:
                     sync(not self.defer_sync or i == last)
                 if reshard is not None and self.keep_gathered:
                     reshard(i == last)
-                with self._ctx():
-                    loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
-                (loss_sum * scale).backward()
+                if self.cp_mesh is not None:
+                    part = split_ready(b, self.cp, self.pad_id)
+                    with self._ctx(), sequence_split(self.cp_mesh, part):
+                        loss_sum, _n = self.module(
+                            part["input_ids"], part["position_ids"], part["targets"], shifted=True
+                        )
+                        (loss_sum * scale).backward()
+                else:
+                    with self._ctx():
+                        loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
+                    (loss_sum * scale).backward()
                 total += loss_sum.detach().float()
         norm = self._clip()
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -268,8 +286,15 @@ class Loop:
             b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
             if not idx:
                 b["labels"].fill_(IGNORE)
-            with self._ctx():
-                loss_sum, n = self.module(b["input_ids"], b["position_ids"], b["labels"])
+            if self.cp_mesh is not None:
+                part = split_ready(b, self.cp, self.pad_id)
+                with self._ctx(), sequence_split(self.cp_mesh, part):
+                    loss_sum, n = self.module(
+                        part["input_ids"], part["position_ids"], part["targets"], shifted=True
+                    )
+            else:
+                with self._ctx():
+                    loss_sum, n = self.module(b["input_ids"], b["position_ids"], b["labels"])
             total += torch.stack([loss_sum.float(), n.float()])
         total = _all_reduce(total)
         return float(total[0] / total[1].clamp(min=1))

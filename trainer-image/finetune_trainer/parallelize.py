@@ -40,8 +40,13 @@ sequence like the base layer's reduce-scattered output. With pipeline parallelis
 holds its layers' adapters (the stages are cut from the peft-wrapped model); the frozen
 embeddings make the first stage's input need no gradient, as its token ids do not anyway.
 
-Rank order, outer to inner: pp, dp, fsdp, tp (tensor parallel ranks are neighbours, so they share
-a node).
+**Context parallelism** (cp > 1, GPU only): the model's attention becomes causal ring attention
+(:mod:`finetune_trainer.context`; the loop splits each micro-batch's sequences over the cp
+ranks), and FSDP shards over fsdp x cp (one flattened mesh dimension): the cp ranks hold
+different tokens of the same sequences, so their gradients are summed like data-parallel ones.
+
+Rank order, outer to inner: pp, dp, fsdp, cp, tp (tensor parallel ranks are neighbours, so they
+share a node; context-parallel ranks come next).
 """
 
 from __future__ import annotations
@@ -72,10 +77,11 @@ from torch.distributed.tensor.parallel import (
 )
 
 from finetune_trainer.config import PlanConfig
+from finetune_trainer.context import check_device, use_ring_attention
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.pipeline import Pipeline, build_pipeline, check_schedule
 
-MESH_DIMS = ("pp", "dp", "fsdp", "tp")
+MESH_DIMS = ("pp", "dp", "fsdp", "cp", "tp")
 
 
 @dataclass
@@ -88,6 +94,8 @@ class AppliedPlan:
     dp_rank: int
     mesh: DeviceMesh | None
     tp_size: int = 1
+    #: Ranks each sequence is split over (context parallelism; the mesh's "cp" dimension).
+    cp_size: int = 1
     pp_size: int = 1
     pp_rank: int = 0
     #: Pipeline only: this rank's stage modules and the schedule that drives them.
@@ -128,23 +136,32 @@ def check_plan(plan: PlanConfig | None, world_size: int) -> None:
         )
     if plan.pipeline_parallel > 1:
         check_schedule(plan)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(plan.context_parallel, plan.pipeline_parallel, device)
 
 
 def build_mesh(device: torch.device, plan: PlanConfig | None, world_size: int) -> DeviceMesh:
-    """The 4-D mesh (pp, dp, fsdp, tp); without a plan, FSDP over every rank."""
+    """The 5-D mesh (pp, dp, fsdp, cp, tp); without a plan, FSDP over every rank."""
     if plan is None:
-        shape = (1, 1, world_size, 1)
+        shape = (1, 1, world_size, 1, 1)
     else:
-        shape = (plan.pipeline_parallel, plan.data_parallel, plan.fsdp, plan.tensor_parallel)
+        shape = (
+            plan.pipeline_parallel,
+            plan.data_parallel,
+            plan.fsdp,
+            plan.context_parallel,
+            plan.tensor_parallel,
+        )
     return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
 
 
 def data_parallel_rank(plan: PlanConfig | None, rank: int, world_size: int) -> tuple[int, int]:
-    """(dp size, dp rank) of global ``rank`` in the (pp, dp, fsdp, tp) row-major layout."""
+    """(dp size, dp rank) of global ``rank`` in the (pp, dp, fsdp, cp, tp) row-major layout:
+    the cp and tp ranks of a data-parallel rank read the same rows."""
     if plan is None:
         return world_size, rank
     size = plan.data_parallel * plan.fsdp
-    return size, (rank // plan.tensor_parallel) % size
+    return size, (rank // (plan.tensor_parallel * plan.context_parallel)) % size
 
 
 def data_parallel_coords(mesh: DeviceMesh) -> tuple[int, int]:
@@ -421,6 +438,15 @@ def apply_fsdp(
 
 
 # -- putting it together ---------------------------------------------------------------------------
+def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP runs on: the shard group (fsdp, with the cp ranks: one flattened dimension)
+    and, for HSDP, the replicas (dp) outside it."""
+    if mesh["cp"].size() == 1:
+        return mesh["dp", "fsdp"] if mesh["dp"].size() > 1 else mesh["fsdp"]
+    flat = mesh["fsdp", "cp"]._flatten("fsdp_cp")
+    return mesh["dp", "fsdp_cp"] if mesh["dp"].size() > 1 else flat
+
+
 def parallelize(
     model: nn.Module,
     plan: PlanConfig | None,
@@ -437,7 +463,7 @@ def parallelize(
     apply_activation_checkpointing(model, plan.activation_checkpointing if plan else "none")
     if compile_layers:
         compile_decoder_layers(model)
-    dp_mesh = mesh["dp", "fsdp"] if mesh["dp"].size() > 1 else mesh["fsdp"]
+    dp_mesh = shard_mesh(mesh)
     if dp_mesh.size() > 1 or offload:
         apply_fsdp(
             model,
@@ -480,6 +506,7 @@ def apply_plan(
         dp_rank=dp_rank,
         mesh=mesh,
         tp_size=mesh["tp"].size(),
+        cp_size=mesh["cp"].size(),
         pp_size=mesh["pp"].size(),
         pp_rank=mesh["pp"].get_local_rank(),
         gradient_sync=plan.gradient_sync if plan is not None else "every",
@@ -505,6 +532,8 @@ def apply_plan(
             ),
         )
         return applied
+    if applied.cp_size > 1:
+        use_ring_attention(hf_model if hf_model is not None else model)
     parallelize(model, plan, mesh, device, offload=offload, compile_layers=compile_layers)
     return applied
 

@@ -22,7 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from finetune_trainer import data
 from finetune_trainer.checkpoint import Checkpointer, check_writable, latest
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import DataConfig, TrainerConfig
+from finetune_trainer.context import packing_allowed
 from finetune_trainer.distenv import DistEnv
 from finetune_trainer.distributed import any_rank, from_rank0, init_distributed, rank0_first
 from finetune_trainer.errors import ConfigError
@@ -89,10 +90,22 @@ def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
     check_writable(cfg.output_dir, "output")
 
 
+def data_config(cfg: TrainerConfig) -> DataConfig:
+    """The data section as this plan can train it: under context parallelism documents are not
+    packed (ring attention cannot mask their boundaries: finetune_trainer.context)."""
+    cp = cfg.plan.context_parallel if cfg.plan is not None else 1
+    if cfg.data.packing and not packing_allowed(cp):
+        return cfg.data.model_copy(update={"packing": False})
+    return cfg.data
+
+
 def _load_data(cfg: TrainerConfig, env: DistEnv, tok: Any) -> tuple[Dataset, Dataset]:
     token = os.environ.get(cfg.model.token_env) if cfg.model.token_env else None
+    wanted = data_config(cfg)
+    if wanted.packing != cfg.data.packing:
+        log(env.rank, "context parallelism: documents are not packed (one document per row)")
     return data.prepare_splits(
-        cfg.data, tok, seed=cfg.schedule.seed, token=token, say=partial(log, env.rank)
+        wanted, tok, seed=cfg.schedule.seed, token=token, say=partial(log, env.rank)
     )
 
 
@@ -192,7 +205,7 @@ class Trainer:
         log(
             env.rank,
             f"data: {len(train_ds)} training rows of <= {cfg.data.max_seq_length} tokens "
-            f"(packing {'on' if cfg.data.packing else 'off'}), {len(eval_ds)} eval rows; "
+            f"(packing {'on' if data_config(cfg).packing else 'off'}), {len(eval_ds)} eval rows; "
             f"{total} steps of {cfg.schedule.global_batch_size} rows = {sampler.dp_size} "
             f"{'rank' if sampler.dp_size == 1 else 'ranks'} "
             f"x {sampler.micro_batch_size} micro-batch x {sampler.accumulation} accumulation",

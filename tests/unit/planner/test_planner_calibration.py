@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from finetune_trainer.planner import Cluster, ModelFacts, Workload, known_model, plan_parallelism
+from finetune_trainer.planner import (
+    Cluster,
+    Constraints,
+    ModelFacts,
+    Workload,
+    known_model,
+    plan_parallelism,
+)
 from finetune_trainer.planner import calibration as cal
 from finetune_trainer.planner.cost import (
     _bw,
@@ -193,7 +200,10 @@ def test_a_pipeline_is_a_contender_where_memory_is_tight() -> None:
     gradients and parameters unsharded through the step, so FSDP inside pipeline stages does
     not fit there; FSDP over all 64 GPUs and TP x PP are close.)"""
     cluster = Cluster.of("A100-80GB", nodes=8)
-    res = plan_parallelism(GPT3, cluster, GPT3_WORKLOAD, top_k=4)
+    # context parallelism aside: at 2,048 tokens it only trades micro-batch for ring traffic
+    # (its own layouts sit between these, within 2%)
+    no_cp = Constraints(context_parallel=1)
+    res = plan_parallelism(GPT3, cluster, GPT3_WORKLOAD, no_cp, top_k=4)
     ranked = [res.plan, *(alt.plan for alt in res.alternatives)][:3]
     assert any(p.pipeline_parallel == 8 and p.tensor_parallel == 8 for p in ranked), [
         p.summary for p in ranked

@@ -19,6 +19,7 @@ from finetune_trainer.planner import (
     sweep,
     sweep_best,
 )
+from finetune_trainer.planner.layout import Layout
 from finetune_trainer.planner.memory import usable_host_memory, usable_memory
 from finetune_trainer.planner.search import NEAR_TIE, rank
 
@@ -34,6 +35,7 @@ CASES: list[tuple[str, str, int, int, int, int, str]] = [
     ("Qwen/Qwen2-7B", "L40S", 2, 4, 4096, 32, "full"),
     ("meta-llama/Meta-Llama-3-8B", "H100-80GB", 1, 8, 8192, 16, "lora"),
     ("mosaicml/mpt-13b", "H100-80GB", 1, 8, 4096, 240, "full"),
+    ("meta-llama/Meta-Llama-3-8B", "H100-80GB", 2, 8, 65536, 32, "full"),  # long context
 ]
 IDS = [f"{c[0]}-{c[2]}x{c[3]}{c[1]}-{c[6]}" for c in CASES]
 TOP_K = 4  # alternatives plan_parallelism returns
@@ -112,14 +114,20 @@ def test_every_candidate_is_a_valid_plan(case: Any) -> None:
         assert lay.pp * lay.v <= model.num_layers  # uneven stages, never an empty one
         if lay.v > 1:  # interleaving is searched over even splits only
             assert model.num_layers % (lay.pp * lay.v) == 0
-        assert lay.dp * lay.fsdp * lay.tp * lay.pp == cluster.world
+        assert lay.dp * lay.fsdp * lay.cp * lay.tp * lay.pp == cluster.world
         assert lay.dp * lay.fsdp * lay.mbs * lay.ga == wl.global_batch_size
+        if lay.cp > 1:  # GPU-only, no pipeline, 2 x cp equal chunks of each sequence
+            assert cluster.gpu.architecture != "cpu"
+            assert lay.pp == 1
+            assert wl.seq_len % (2 * lay.cp) == 0
         Plan.from_layout(model, cluster, wl, lay)  # validates
 
 
 def test_the_sweeps_cover_every_kind_of_layout() -> None:
     """The validity check above sees each parallelism at work, not only plain FSDP."""
     layouts = [c.layout for case in CASES[:8] for c in sweep(*inputs(case))]
+    long = Workload(seq_len=32768, global_batch_size=16)  # context parallelism: long sequences
+    layouts += [c.layout for c in sweep(*inputs(CASES[4])[:2], long)]
     kinds = {
         "dp": any(lay.dp > 1 for lay in layouts),
         "fsdp": any(lay.fsdp > 1 for lay in layouts),
@@ -130,6 +138,7 @@ def test_the_sweeps_cover_every_kind_of_layout() -> None:
         "recompute": any(lay.ac != "none" for lay in layouts),
         "offload": any(lay.offload for lay in layouts),
         "zero2": any(lay.zero == 2 for lay in layouts),
+        "cp": any(lay.cp > 1 for lay in layouts),
     }
     assert [k for k, seen in kinds.items() if not seen] == []
 
@@ -272,10 +281,10 @@ def test_deferred_gradient_sync_is_planned_and_reaches_the_trainer_config() -> N
     for c in deferred:
         assert c.layout.ga > 1
         assert c.layout.pp == 1
-        assert c.layout.dp * c.layout.fsdp > 1
+        assert c.layout.dp * c.layout.shard > 1
         same = evaluate(model, cluster, wl, replace(c.layout, grad_sync="every"))
         assert c.score() < same.score()  # one reduction per step instead of one per micro-batch
-        if c.layout.fsdp > 1:  # unsharded gradients in between (DDP's are whole anyway)
+        if c.layout.shard > 1:  # unsharded gradients in between (DDP's are whole anyway)
             assert c.memory.peak > same.memory.peak
         else:
             assert c.memory.peak == same.memory.peak
@@ -319,7 +328,7 @@ def test_zero2_is_planned_and_reaches_the_trainer_config() -> None:
     zero2 = [c for c in every if c.layout.zero == 2]
     assert zero2
     for c in zero2:
-        assert c.layout.fsdp > 1
+        assert c.layout.shard > 1  # an FSDP group: fsdp x cp ranks
         assert c.layout.pp == 1
         assert not c.layout.offload
         same = evaluate(model, cluster, wl, replace(c.layout, zero=3))
@@ -339,3 +348,92 @@ def test_zero2_is_planned_and_reaches_the_trainer_config() -> None:
     assert config.zero_stage == 2
     with pytest.raises(ValueError, match="zeroStage 2"):
         Plan(**{**plan.model_dump(), "zero_stage": 2, "cpu_offload": True})
+
+
+# ---- context parallelism ---------------------------------------------------------------------
+LONG = Workload(seq_len=131072, global_batch_size=32)
+
+
+def test_context_parallelism_is_searched_on_gpus_for_sequences_it_splits() -> None:
+    """At 128k tokens the search weighs splitting each sequence (cp 2..16): every such layout
+    cuts the sequence into 2 x cp equal chunks, has no pipeline, and shards FSDP over fsdp x cp;
+    on CPU ranks (no ring-attention kernels) it is never offered, nor where the sequence does
+    not split evenly, nor for short sequences (search.CP_MIN_SEQ_LEN) unless pinned."""
+    from finetune_trainer.planner.search import CP_MIN_SEQ_LEN
+
+    model = known_model("meta-llama/Meta-Llama-3-8B")
+    gpus = Cluster.of("H100-80GB", nodes=2)
+    every = sweep(model, gpus, LONG)
+    split = [c for c in every if c.layout.cp > 1]
+    assert {c.layout.cp for c in split} == {2, 4, 8, 16}
+    for c in split:
+        assert c.layout.pp == 1
+        assert LONG.seq_len % (2 * c.layout.cp) == 0
+        assert c.layout.world == gpus.world
+    ranked = search(model, gpus, LONG, keep=20).ranked
+    assert any(c.layout.cp > 1 for c in ranked), [c.layout.summary() for c in ranked]
+    cpu = Cluster.of("CPU", nodes=1, gpus_per_node=4)
+    long_on_cpu = Workload(seq_len=32768, global_batch_size=8)
+    assert all(c.layout.cp == 1 for c in sweep(model, cpu, long_on_cpu))
+    odd = Workload(seq_len=32772, global_batch_size=32)  # 4 x 8193: only cp 2 splits it
+    assert {c.layout.cp for c in sweep(model, gpus, odd)} == {1, 2}
+    short = Workload(seq_len=CP_MIN_SEQ_LEN // 2, global_batch_size=32)
+    assert {c.layout.cp for c in sweep(model, gpus, short)} == {1}
+    pinned = sweep(model, gpus, short, Constraints(context_parallel=2))
+    assert pinned
+    assert {c.layout.cp for c in pinned} == {2}
+
+
+def test_context_parallelism_splits_activations_and_pays_for_keys_and_values() -> None:
+    """Against the same ranks as FSDP alone, cp 2 holds half of each sequence's activations and
+    loss-head tokens, shards the model states over the same number of ranks, and adds the
+    all-gather of keys and values (and their gradients' reduce-scatter) to every layer."""
+    from finetune_trainer.planner.cost import estimate_time
+    from finetune_trainer.planner.memory import estimate_memory
+
+    model = known_model("meta-llama/Meta-Llama-3-8B")
+    gpus = Cluster.of("H100-80GB", nodes=2)
+    wl = Workload(seq_len=32768, global_batch_size=32)
+    plain = Layout(1, 16, 1, 1, "none", 1, 1, 2, "full", False)
+    split = replace(plain, fsdp=8, cp=2, ga=4)  # 8 data-parallel ranks: 4 micro-batches each
+    m_plain, m_split = (estimate_memory(model, gpus.gpu, wl, lay) for lay in (plain, split))
+    assert m_split.activations == pytest.approx(m_plain.activations / 2, rel=0.05)
+    assert m_split.model_states == pytest.approx(m_plain.model_states, rel=1e-9)
+    t_plain, t_split = (estimate_time(model, gpus, wl, lay) for lay in (plain, split))
+    # the same tokens per rank per step (half-length GEMMs run a little less efficiently),
+    # plus the ring traffic
+    assert t_split.compute == pytest.approx(t_plain.compute, rel=0.01)
+    assert t_split.comm_exposed > t_plain.comm_exposed
+
+
+def test_a_context_parallel_plan_is_validated_and_reaches_status_and_the_trainer() -> None:
+    from finetune_trainer.config import PlanConfig
+
+    model = known_model("meta-llama/Meta-Llama-3-8B")
+    gpus = Cluster.of("H100-80GB", nodes=2)
+    res = plan_parallelism(model, gpus, LONG, Constraints(context_parallel=4, pipeline_parallel=1))
+    assert res.plan.context_parallel == 4
+    assert "cp4" in res.plan.summary
+    assert "context parallel 4" in res.reason
+    status = res.to_status()
+    assert status["contextParallel"] == 4
+    assert status["dataParallel"] * status["fsdp"] * 4 * status["tensorParallel"] == 16
+    config = PlanConfig(**{name: getattr(res.plan, name) for name in PlanConfig.model_fields})
+    assert config.context_parallel == 4
+    assert config.world_size == 16
+    manual = plan_parallelism(
+        model, gpus, LONG, Constraints(context_parallel=2, activation_checkpointing="full"),
+        mode="manual",
+    )  # fmt: skip
+    assert (manual.plan.fsdp, manual.plan.context_parallel) == (8, 2)
+    plan = res.plan
+    for bad, words in (
+        ({"workload": LONG.model_copy(update={"seq_len": 131074})}, "equal chunks"),
+        ({"cluster": Cluster.of("CPU", nodes=2)}, "GPUs only"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            Plan(**{**plan.model_dump(), **bad})
+    with pytest.raises(PlanInfeasible, match="contextParallel"):
+        plan_parallelism(
+            model, Cluster.of("CPU", nodes=2), LONG, Constraints(context_parallel=2), mode="manual"
+        )

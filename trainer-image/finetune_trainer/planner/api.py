@@ -56,7 +56,7 @@ def _infeasible(
     if no_layout:
         head = (
             f"no valid parallel layout for {what}: the global batch must split evenly over the "
-            f"data-parallel ranks (dp*fsdp = world/(tp*pp)), TP must divide the heads "
+            f"data-parallel ranks (dp*fsdp = world/(tp*pp*cp)), TP must divide the heads "
             f"({model.num_heads}/{model.num_kv_heads} kv) and fit a node, PP stages cannot "
             f"outnumber the {model.num_layers} layers (CPU offload excludes pipeline parallelism)"
         )
@@ -118,7 +118,8 @@ def _manual(
     world = cluster.world
     tp = con.tensor_parallel or 1
     pp = con.pipeline_parallel or 1
-    rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
+    cp = con.context_parallel or 1
+    rest = world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else 0
     if con.fsdp is None and con.data_parallel is None:
         dp, fs = 1, rest
     elif con.fsdp is None:
@@ -132,10 +133,10 @@ def _manual(
     v = con.virtual_stages or (2 if sched == "interleaved-1f1b" else 1)
     gbs = workload.global_batch_size
     what = _what(model, cluster, workload)
-    if rest == 0 or dp * fs != rest:  # rest = world / (tp * pp): the degrees cover the world
+    if rest == 0 or dp * fs != rest:  # rest = world / (tp*pp*cp): the degrees cover the world
         raise PlanInfeasible(
-            f"manual plan for {what} is invalid: dataParallel*fsdp*tensorParallel*"
-            f"pipelineParallel must equal the {world} GPUs"
+            f"manual plan for {what} is invalid: dataParallel*fsdp*contextParallel*"
+            f"tensorParallel*pipelineParallel must equal the {world} GPUs"
         )
     if gbs % (dp * fs * mbs):
         raise PlanInfeasible(
@@ -151,6 +152,7 @@ def _manual(
             data_parallel=dp,
             fsdp=fs,
             tensor_parallel=tp,
+            context_parallel=cp,
             pipeline_parallel=pp,
             pipeline_schedule=sched,
             virtual_stages=v,

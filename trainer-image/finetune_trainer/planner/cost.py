@@ -42,6 +42,11 @@ see calibration.py). Sources of each term:
   volume), on the critical path (hidden behind the GEMMs only with ``Layout.tp_overlap``, which
   published Megatron-Core runs used and the trainer does not); full recompute repeats the
   forward ones.
+- CP (context parallelism, torch's context_parallel with its default all-gather rotation):
+  each rank computes 1/cp of every sequence's tokens (load-balanced causal chunks: the same
+  attention FLOPs per token); per layer the keys and values of the whole sequence are
+  all-gathered in forward and their gradients reduce-scattered in backward (again in a full
+  recompute), on the critical path; FSDP's group is fsdp x cp.
 - PP: b*s*h/t activations forward and gradients backward per stage boundary per micro-batch, v
   times with interleaving; bubble (p-1)/v micro-batch slots of the slowest stage (Narayanan et
   al. 2021, Sec. 2.2); each stage action (a chunk's forward or backward of one micro-batch) pays
@@ -128,7 +133,7 @@ def compute_time(model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layou
     """Seconds of one micro-batch's forward + backward on the slowest (last) stage."""
     lora = workload.method == "lora"
     s = workload.seq_len
-    tokens = lay.mbs * s
+    tokens = lay.mbs * s // lay.cp  # this rank's share of the micro-batch's tokens
     layers = stage_layers(model.num_layers, lay.pp, lay.v)[0]  # the rank with the most layers
     h, q = model.hidden_size, model.q_dim
     layer_fwd = 2.0 * model.params_per_layer  # FLOPs/token, 2 per MAC
@@ -141,7 +146,9 @@ def compute_time(model: ModelFacts, gpu: GPUSpec, workload: Workload, lay: Layou
         per_layer += 0.5 * layer_fwd
     elif lay.ac == "full":
         per_layer += layer_fwd
-    attn_fwd = 2.0 * layers * q * s  # causal: half of 4*L*h*s
+    # causal: half of 4*L*h*s per token; under CP each rank's tokens still attend to s/2 keys
+    # on average (load-balanced chunks), so per token it is the same
+    attn_fwd = 2.0 * layers * q * s
     attn = 3.0 * attn_fwd + (attn_fwd if lay.ac == "full" else 0.0)
     # memory-bound element-wise work between the GEMMs (norms, activations, residuals, rotary
     # embeddings, casts): bytes per token per unit of hidden width, sharded by TP/SP, repeated
@@ -164,7 +171,7 @@ def estimate_time(
 ) -> TimeBreakdown:
     gpu = cluster.gpu
     lora = workload.method == "lora"
-    tokens = lay.mbs * workload.seq_len
+    tokens = lay.mbs * workload.seq_len // lay.cp  # this rank's tokens per micro-batch
     layers_per_stage = stage_layers(model.num_layers, lay.pp, lay.v)[0]
     h = model.hidden_size
     t_compute = compute_time(model, gpu, workload, lay)
@@ -172,17 +179,18 @@ def estimate_time(
     # ---- FSDP / HSDP / DDP collectives ------------------------------------------------------
     _, last_p = stage_params(model, lay.pp, lay.v)
     p_tp = last_p / lay.tp  # params this TP rank holds before FSDP sharding
-    fsdp_bw, fsdp_lat = _bw(cluster, lay.tp, lay.fsdp)
+    shard = lay.shard  # FSDP over fsdp x cp
+    fsdp_bw, fsdp_lat = _bw(cluster, lay.tp, shard)
     n_units = layers_per_stage + 2
-    ag_pass = _ring_time(lay.fsdp, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0, n_units)  # every unit once
+    ag_pass = _ring_time(shard, 2.0 * p_tp, fsdp_bw, fsdp_lat, 1.0, n_units)  # every unit once
     passes = 2 if lay.zero == 3 else 1  # all-gathers per micro-batch (forward [+ backward])
     trained = lora_params(model, workload, layers_per_stage) if lora else last_p
     # reduced in fp32 (the trainer), or bf16 (FSDP1 PURE / bfSixteen, pure bf16 states)
     bf16_reduce = workload.reduce_dtype == "bf16" or workload.precision == "pure-bf16"
     grads = (2.0 if bf16_reduce else 4.0) * trained / lay.tp
-    rs = _ring_time(lay.fsdp, grads, fsdp_bw, fsdp_lat, 1.0, n_units)
-    rep_bw, rep_lat = _bw(cluster, lay.tp * lay.fsdp, lay.dp)
-    allreduce = _ring_time(lay.dp, grads / lay.fsdp, rep_bw, rep_lat, 2.0, n_units)
+    rs = _ring_time(shard, grads, fsdp_bw, fsdp_lat, 1.0, n_units)
+    rep_bw, rep_lat = _bw(cluster, lay.tp * shard, lay.dp)
+    allreduce = _ring_time(lay.dp, grads / shard, rep_bw, rep_lat, 2.0, n_units)
     reduce = rs + allreduce
 
     # ---- tensor parallel (sequence parallel) -------------------------------------------------
@@ -195,11 +203,22 @@ def estimate_time(
         if lay.tp_overlap:  # hidden behind the GEMMs it feeds, as far as they last
             t_tp = max(0.0, t_tp - t_compute)
 
+    # ---- context parallel: keys and values of the other ranks' chunks ---------------------
+    t_cp = 0.0
+    if lay.cp > 1:
+        # torch's context_parallel all-gathers each layer's keys and values (the whole
+        # sequence's, bf16) before its attention and reduce-scatters their gradients in
+        # backward; full recompute gathers them again. On the critical path.
+        kv_bytes = 2 * 2.0 * lay.mbs * workload.seq_len * model.kv_dim / lay.tp
+        cp_bw, cp_lat = _bw(cluster, lay.tp, lay.cp)
+        n_coll = 2 + (1 if lay.ac == "full" else 0)
+        t_cp = n_coll * layers_per_stage * _ring_time(lay.cp, kv_bytes, cp_bw, cp_lat, 1.0)
+
     # ---- pipeline p2p ----------------------------------------------------------------------
     t_pp = 0.0
     if lay.pp > 1:
         # point to point: one NIC per GPU once neighbouring stages sit in different nodes
-        pp_bw, pp_lat = _bw(cluster, max(lay.dp * lay.fsdp * lay.tp, cluster.gpus_per_node), 2)
+        pp_bw, pp_lat = _bw(cluster, max(lay.dp * shard * lay.tp, cluster.gpus_per_node), 2)
         t_pp = lay.v * 2 * (2.0 * tokens * h / lay.tp / pp_bw + pp_lat)
         # each stage action (one chunk's forward or backward of one micro-batch) also pays a
         # fixed cost: the schedule's send/receive handshakes and synchronisation
@@ -208,10 +227,10 @@ def estimate_time(
     # ---- CPU offload: sharded fp32 params host->device twice, fp32 grads back ------------------
     t_off = 0.0
     if lay.offload:
-        moved = (2 * 4.0 * p_tp + grads) / lay.fsdp
+        moved = (2 * 4.0 * p_tp + grads) / shard
         t_off = moved / gpu.host_bandwidth
 
-    fixed = t_tp + t_pp + t_off
+    fixed = t_tp + t_cp + t_pp + t_off
 
     def micro_batch(comm: float, gathers: int = passes) -> float:
         """One micro-batch whose collectives (``gathers`` all-gather passes and ``comm``)
@@ -238,7 +257,7 @@ def estimate_time(
         if workload.precision == "pure-bf16"
         else (ADAM_BYTES_PER_PARAM)
     )
-    opt_bytes = per_param * trained / (lay.tp * lay.fsdp)
+    opt_bytes = per_param * trained / (lay.tp * shard)
     t_opt = opt_bytes / (cal.CPU_ADAM_BYTES_PER_S if lay.offload else gpu.hbm_bandwidth)
     step = slots + bubble + t_opt
     return TimeBreakdown(

@@ -13,13 +13,16 @@ _AC_WORDS = {"none": "no recompute", "selective": "selective recompute", "full":
 
 def describe_parallelism(plan: Plan) -> str:
     parts: list[str] = []
-    dp, fs = plan.data_parallel, plan.fsdp
+    # the context-parallel ranks shard parameters with the FSDP ranks (one group, fsdp x cp)
+    dp, fs = plan.data_parallel, plan.fsdp * plan.context_parallel
     if dp > 1 and fs > 1:
         parts.append(f"HSDP ({dp} replicas x FSDP over {fs} GPUs)")
     elif fs > 1:
         parts.append(f"FSDP over {fs} GPUs")
     elif dp > 1:
         parts.append(f"data parallel over {dp} GPUs")
+    if plan.context_parallel > 1:
+        parts.append(f"context parallel {plan.context_parallel} (ring attention)")
     if plan.tensor_parallel > 1:
         parts.append(f"tensor parallel {plan.tensor_parallel} with sequence parallel")
     if plan.pipeline_parallel > 1:

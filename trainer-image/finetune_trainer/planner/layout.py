@@ -23,7 +23,7 @@ AC_ORDER: dict[str, int] = {"none": 0, "selective": 1, "full": 2}
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Degrees and knobs of one candidate. Rank order (outer->inner): pp, dp, fsdp, tp."""
+    """Degrees and knobs of one candidate. Rank order (outer->inner): pp, dp, fsdp, cp, tp."""
 
     dp: int
     fsdp: int
@@ -48,21 +48,33 @@ class Layout:
     # reduce-scatter per step: the communication and memory of ZeRO-1 / Megatron's distributed
     # optimizer, whose published rows are planned as this).
     zero: ZeroStage = 3
+    # Context parallelism: each sequence split over cp ranks (load-balanced causal ring
+    # attention, torch's context_parallel); the cp ranks read the same rows and FSDP shards the
+    # parameters over fsdp x cp. GPU-only, never with a pipeline (search._cp_options).
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.dp * self.fsdp * self.tp * self.pp
+        return self.dp * self.fsdp * self.cp * self.tp * self.pp
 
-    def complexity(self) -> tuple[int, int, int, int, int, int, int, int]:
+    @property
+    def shard(self) -> int:
+        """Ranks of one FSDP shard group: fsdp x cp (the context-parallel ranks hold different
+        parts of the same sequences, so they shard parameters and reduce gradients together)."""
+        return self.fsdp * self.cp
+
+    def complexity(self) -> tuple[int, int, int, int, int, int, int, int, int]:
         """Fewer moving parts first: the tie-breaker among equal step times, and what decides
         among near ties (search.NEAR_TIE). Fewer pipeline stages and smaller TP groups count as
-        fewer parts (less bubble, smaller collectives on the critical path)."""
-        hsdp = int(self.dp > 1 and self.fsdp > 1)
+        fewer parts (less bubble, smaller collectives on the critical path); context
+        parallelism (GPU-only, ring attention) counts before TP."""
+        hsdp = int(self.dp > 1 and self.shard > 1)
         return (
             int(self.offload),
             int(self.zero == 2),
             self.pp,
             self.v,
+            self.cp,
             self.tp,
             hsdp,
             AC_ORDER[self.ac],
@@ -75,6 +87,8 @@ class Layout:
             parts.append(f"dp{self.dp}")
         if self.fsdp > 1:
             parts.append(f"fsdp{self.fsdp}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
         if self.tp > 1:
             parts.append(f"tp{self.tp}")
         if self.pp > 1:
@@ -85,7 +99,7 @@ class Layout:
         parts += [f"mbs{self.mbs}", f"ga{self.ga}", f"ac={self.ac}"]
         if self.offload:
             parts.append("offload")
-        if self.zero == 2 and self.fsdp > 1:
+        if self.zero == 2 and self.shard > 1:
             parts.append("zero2")
         if self.grad_sync == "last" and self.ga > 1 and self.pp == 1:
             parts.append("sync=last")

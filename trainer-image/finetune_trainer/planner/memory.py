@@ -109,6 +109,11 @@ The peak is the largest of a few moments of a training step, each the sum of wha
 - CPU offload also needs the node's host RAM to hold every local rank's sharded states
   (at most USABLE_HOST_MEMORY_FRACTION of it: pinned buffers, the OS and data loaders need the
   rest).
+- Context parallelism (``Layout.cp``; torch's context_parallel, load-balanced causal ring
+  attention): each rank holds 1/cp of every sequence, so activations, the loss head and the
+  per-token working memory count tokens = mbs x seq / cp; FSDP shards the parameters over
+  fsdp x cp; a layer's ring attention adds its travelling key/value chunks and their gradients
+  (``ring_attention_bytes``).
 - Overhead: CUDA context, NCCL buffers and allocator slack, a constant (calibration.py).
 Feasible when peak <= USABLE_MEMORY_FRACTION x capacity.
 """
@@ -267,6 +272,18 @@ def backward_working_bytes_per_token(model: ModelFacts, tp: int = 1) -> float:
     return 2.0 * 2 * model.intermediate_size / tp
 
 
+#: Context parallelism's ring attention on one rank, per local token: in forward the key and
+#: value chunk received next while the current one is used (2 x 2 kv bf16); in backward also
+#: the key and value gradients travelling with them, in fp32 (2 x 2 x 4 kv).
+RING_ATTENTION_BYTES_PER_KV = 2 * 2 * 2 + 2 * 2 * 4
+
+
+def ring_attention_bytes(model: ModelFacts, tokens: int, tp: int) -> float:
+    """Transient bytes of context parallelism's ring attention in a layer's backward, for this
+    rank's ``tokens`` (its share of the sequence), kv heads split by TP."""
+    return RING_ATTENTION_BYTES_PER_KV * model.kv_dim / tp * tokens
+
+
 def stage_layers(num_layers: int, pp: int, v: int = 1) -> tuple[int, int]:
     """(first rank, last rank) decoder layers. The trainer splits the layers into pp x v stages
     of consecutive layers, the first ``num_layers % (pp * v)`` stages one layer longer
@@ -360,14 +377,15 @@ def _stage_moments(
     model: ModelFacts, workload: Workload, lay: Layout, stage: str, loss: LossKind
 ) -> list[MemoryBreakdown]:
     lora = workload.method == "lora"
-    shard = lay.fsdp * lay.tp
+    shard = lay.shard * lay.tp  # FSDP over fsdp x cp, then TP
     first_layers, last_layers = stage_layers(model.num_layers, lay.pp, lay.v)
     layers = last_layers if stage == "last" else first_layers
     first_p, last_p = stage_params(model, lay.pp, lay.v)
     params = last_p if stage == "last" else first_p
     root, head = root_params(model, stage)
     layer = model.params_per_layer
-    tokens = lay.mbs * workload.seq_len  # per micro-batch on this data-parallel rank
+    # per micro-batch on this rank: its data-parallel rank's sequences, its cp-th of each
+    tokens = lay.mbs * workload.seq_len // lay.cp
     k_first, k_last = in_flight_microbatches(lay)
     k = k_last if stage == "last" else k_first
 
@@ -384,14 +402,14 @@ def _stage_moments(
     # the first micro-batch's backward has reduced nothing yet; later ones find gradients
     during = base / shard if lay.ga == 1 else after
     kept = 0.0
-    if lay.pp > 1 and lay.fsdp > 1:
+    if lay.pp > 1 and lay.shard > 1:
         # torch's pipeline schedule runs an FSDP stage's backward with gradient sync and
         # resharding off until the last micro-batch: its gradients accumulate unsharded in fp32
         # and its bf16 parameters stay gathered (pipelining/stage.py, backward_maybe_with_nosync)
         during = base / shard + grads / lay.tp
         kept = UNSHARDED_BYTES_PER_PARAM * params / lay.tp
     unsharded = 0.0
-    if lay.pp == 1 and lay.grad_sync == "last" and lay.ga > 1 and lay.fsdp * lay.dp > 1:
+    if lay.pp == 1 and lay.grad_sync == "last" and lay.ga > 1 and lay.shard * lay.dp > 1:
         # FSDP2 with set_requires_gradient_sync(False) (DDP's no_sync alike) accumulates each
         # micro-batch's gradients unsharded, in the reduce dtype, on the GPU (with CPU offload
         # too) until the last one reduces them; parameters are still resharded after backward
@@ -439,11 +457,13 @@ def _stage_moments(
     else:
         per_layer, root_end = LAYER_BACKWARD_BYTES_PER_PARAM_FULL, ROOT_END_BYTES_PER_PARAM_FULL
     in_layer = (transient_tok + backward_working_bytes_per_token(model, lay.tp)) * tokens
+    if lay.cp > 1:
+        in_layer += ring_attention_bytes(model, tokens, lay.tp)
     # the decoder layers' bf16 parameters gathered at the loss and at the first layer's backward:
     # the last layer (ZeRO-3; plus the next one prefetched in backward), or all of them (ZeRO-2)
     at_loss = UNSHARDED_BYTES_PER_PARAM * layer / lay.tp
     at_layer = per_layer * layer / lay.tp
-    if lay.zero == 2 and lay.pp == 1 and lay.fsdp > 1:
+    if lay.zero == 2 and lay.pp == 1 and lay.shard > 1:
         at_loss = UNSHARDED_BYTES_PER_PARAM * layers * layer / lay.tp
         at_layer = at_loss + (per_layer - 2 * UNSHARDED_BYTES_PER_PARAM) * layer / lay.tp
     moments = [

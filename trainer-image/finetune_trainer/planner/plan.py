@@ -16,10 +16,11 @@ class Plan(BaseModel):
     """A parallelization strategy for one model, cluster and workload.
 
     Invariants (checked on construction, so an impossible plan cannot exist):
-    dp * fsdp * tp * pp == world; TP stays inside a node and divides heads, kv heads and the FFN
-    width; PP divides the layers (times the interleave factor); the global batch equals
+    dp * fsdp * cp * tp * pp == world; TP stays inside a node and divides heads, kv heads and
+    the FFN width; PP divides the layers (times the interleave factor); the global batch equals
     dp * fsdp * micro_batch_size * gradient_accumulation; pipeline schedules have enough
-    micro-batches. Rank order, outer to inner: pp, dp (replicate), fsdp (shard), tp.
+    micro-batches; context parallelism splits the sequence into 2 x cp equal chunks, on GPUs,
+    without a pipeline. Rank order, outer to inner: pp, dp (replicate), fsdp (shard), cp, tp.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -30,6 +31,9 @@ class Plan(BaseModel):
     data_parallel: int = Field(ge=1, description="replicas (HSDP replicate degree)")
     fsdp: int = Field(ge=1, description="FSDP shard degree")
     tensor_parallel: int = Field(default=1, ge=1)
+    context_parallel: int = Field(
+        default=1, ge=1, description="ranks each sequence is split over (ring attention)"
+    )
     pipeline_parallel: int = Field(default=1, ge=1)
     pipeline_schedule: Schedule = "none"
     virtual_stages: int = Field(default=1, ge=1, description="model chunks per pipeline rank")
@@ -55,7 +59,7 @@ class Plan(BaseModel):
         errors: list[str] = []
         planned = self.layout().world
         if planned != c.world:
-            errors.append(f"dp*fsdp*tp*pp = {planned} != world size {c.world}")
+            errors.append(f"dp*fsdp*cp*tp*pp = {planned} != world size {c.world}")
         if tp > c.gpus_per_node or c.gpus_per_node % tp:
             errors.append(f"tensorParallel {tp} must divide GPUs per node {c.gpus_per_node}")
         for what, n in (
@@ -87,6 +91,17 @@ class Plan(BaseModel):
             errors.append("zeroStage 2 is planned without pipeline parallelism or cpuOffload")
         if self.cpu_offload and pp > 1:
             errors.append("cpuOffload is not supported with pipeline parallelism")
+        cp = self.context_parallel
+        if cp > 1:
+            if w.seq_len % (2 * cp):
+                errors.append(
+                    f"contextParallel {cp} needs the sequence length ({w.seq_len}) to split into"
+                    f" {2 * cp} equal chunks"
+                )
+            if pp > 1:
+                errors.append("contextParallel is not supported with pipeline parallelism")
+            if c.gpu.architecture == "cpu":
+                errors.append("contextParallel runs on GPUs only (ring attention kernels)")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -102,6 +117,7 @@ class Plan(BaseModel):
             data_parallel=lay.dp,
             fsdp=lay.fsdp,
             tensor_parallel=lay.tp,
+            context_parallel=lay.cp,
             pipeline_parallel=lay.pp,
             pipeline_schedule=lay.schedule,
             virtual_stages=lay.v,
@@ -127,6 +143,7 @@ class Plan(BaseModel):
             offload=self.cpu_offload,
             grad_sync=self.gradient_sync,
             zero=self.zero_stage,
+            cp=self.context_parallel,
         )
 
     @property
@@ -198,6 +215,7 @@ class PlanResult(BaseModel):
             "dataParallel": p.data_parallel,
             "fsdp": p.fsdp,
             "tensorParallel": p.tensor_parallel,
+            "contextParallel": p.context_parallel,
             "pipelineParallel": p.pipeline_parallel,
             "pipelineSchedule": p.pipeline_schedule,
             "virtualStages": p.virtual_stages,

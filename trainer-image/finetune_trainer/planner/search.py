@@ -56,7 +56,7 @@ class Candidate:
             self.score(),
             lay.complexity(),
             self.memory.peak,
-            (lay.dp, lay.fsdp, lay.tp, lay.pp, lay.schedule, lay.v, lay.mbs, lay.ga),
+            (lay.dp, lay.fsdp, lay.cp, lay.tp, lay.pp, lay.schedule, lay.v, lay.mbs, lay.ga),
         )
 
 
@@ -72,10 +72,33 @@ class SearchResult:
         return self.ranked[0] if self.ranked else None
 
 
+#: Context parallelism is searched from this sequence length up. Below it one sequence's
+#: activations are small beside the model states, and what the cost model does not charge (the
+#: ring's chunked attention kernels, the load balancer's reordering, two more collectives per
+#: layer) would decide between layouts it predicts within a few percent of each other; no
+#: published run splits shorter sequences. A user can still pin spec.parallelism.contextParallel.
+CP_MIN_SEQ_LEN = 16384
+
+
+def _cp_options(
+    cluster: Cluster, workload: Workload, con: Constraints, rest: int, pp: int
+) -> tuple[int, ...]:
+    """Context-parallel degrees: those dividing ``rest`` ranks whose sequence splits into 2 x cp
+    equal chunks (the load-balanced causal split), on GPUs only (torch's ring attention has
+    CUDA kernels only), without a pipeline (the trainer does not combine them) and for
+    sequences of CP_MIN_SEQ_LEN tokens or more (unless pinned)."""
+    if con.context_parallel is not None:
+        cp = con.context_parallel
+        return (cp,) if rest % cp == 0 and workload.seq_len % (2 * cp) == 0 else ()
+    if pp > 1 or cluster.gpu.architecture == "cpu" or workload.seq_len < CP_MIN_SEQ_LEN:
+        return (1,)
+    return tuple(c for c in divisors(rest) if workload.seq_len % (2 * c) == 0)
+
+
 def _structures(
     model: ModelFacts, cluster: Cluster, workload: Workload, con: Constraints
-) -> Iterator[tuple[int, int, int, int, Schedule, int, tuple[int, ...]]]:
-    """(dp, fsdp, tp, pp, schedule, v, micro-batch sizes ascending) with valid degrees."""
+) -> Iterator[tuple[int, int, int, int, int, Schedule, int, tuple[int, ...]]]:
+    """(dp, fsdp, cp, tp, pp, schedule, v, micro-batch sizes ascending) with valid degrees."""
     world = cluster.world
     gbs = workload.global_batch_size
     for tp in divisors(cluster.gpus_per_node):
@@ -85,12 +108,16 @@ def _structures(
             continue
         if con.tensor_parallel is not None and tp != con.tensor_parallel:
             continue
-        for pp in divisors(world // tp):
+        for pp, cp in (
+            (p, c)
+            for p in divisors(world // tp)
+            for c in _cp_options(cluster, workload, con, world // (tp * p), p)
+        ):
             if pp > model.num_layers:  # uneven stages are fine (memory.stage_layers), empty not
                 continue
             if con.pipeline_parallel is not None and pp != con.pipeline_parallel:
                 continue
-            d = world // (tp * pp)
+            d = world // (tp * pp * cp)
             if gbs % d:
                 continue
             per_rank = gbs // d
@@ -128,7 +155,7 @@ def _structures(
                         )
                     )
                     if ok:
-                        yield dp, fsdp, tp, pp, sched, v, ok
+                        yield dp, fsdp, cp, tp, pp, sched, v, ok
 
 
 def _ac_options(con: Constraints) -> tuple[Recompute, ...]:
@@ -145,10 +172,11 @@ def _offload_options(con: Constraints, pp: int) -> tuple[bool, ...]:
     return (con.cpu_offload,)
 
 
-def _zero_options(fsdp: int, pp: int, offload: bool) -> tuple[ZeroStage, ...]:
+def _zero_options(shard: int, pp: int, offload: bool) -> tuple[ZeroStage, ...]:
     """ZeRO-2 (parameters kept gathered from forward to backward) where there is an FSDP group
-    to keep them from, without a pipeline (its stages keep them gathered anyway) or offload."""
-    if fsdp == 1 or pp > 1 or offload:
+    (fsdp x cp ranks) to keep them from, without a pipeline (its stages keep them gathered
+    anyway) or offload."""
+    if shard == 1 or pp > 1 or offload:
         return (3,)
     return (3, 2)
 
@@ -194,20 +222,20 @@ def search(
     res = SearchResult()
     acs = _ac_options(con)
     found: list[Candidate] = []
-    for dp, fsdp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
+    for dp, fsdp, cp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
         res.structures += 1
         per_rank = workload.global_batch_size // (dp * fsdp)
         offs = _offload_options(con, pp)
         for mbs in mbs_list:
             any_fits = False
-            for sync in _sync_options(pp, per_rank // mbs, dp * fsdp):
-                for zero in _zero_options(fsdp, pp, False):
+            for sync in _sync_options(pp, per_rank // mbs, dp * fsdp * cp):
+                for zero in _zero_options(fsdp * cp, pp, False):
                     chosen: Candidate | None = None
                     for off in offs if zero == 3 else (False,):
                         for ac in acs:
                             lay = Layout(
                                 dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync,
-                                zero=zero,
+                                zero=zero, cp=cp,
                             )  # fmt: skip
                             cand = evaluate(model, cluster, workload, lay)
                             res.evaluated += 1
@@ -244,16 +272,16 @@ def sweep(
     """Every candidate, no pruning (for tests and the benchmark's optimality check)."""
     con = con or Constraints()
     out: list[Candidate] = []
-    for dp, fsdp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
+    for dp, fsdp, cp, tp, pp, sched, v, mbs_list in _structures(model, cluster, workload, con):
         per_rank = workload.global_batch_size // (dp * fsdp)
         for mbs in mbs_list:
-            for sync in _sync_options(pp, per_rank // mbs, dp * fsdp):
+            for sync in _sync_options(pp, per_rank // mbs, dp * fsdp * cp):
                 for off in _offload_options(con, pp):
-                    for zero in _zero_options(fsdp, pp, off):
+                    for zero in _zero_options(fsdp * cp, pp, off):
                         for ac in _ac_options(con):
                             lay = Layout(
                                 dp, fsdp, tp, pp, sched, v, mbs, per_rank // mbs, ac, off, sync,
-                                zero=zero,
+                                zero=zero, cp=cp,
                             )  # fmt: skip
                             out.append(evaluate(model, cluster, workload, lay))
     return out

@@ -82,6 +82,7 @@ class Constraints(BaseModel):
     data_parallel: int | None = Field(default=None, ge=1)
     fsdp: int | None = Field(default=None, ge=1)
     tensor_parallel: int | None = Field(default=None, ge=1)
+    context_parallel: int | None = Field(default=None, ge=1)
     pipeline_parallel: int | None = Field(default=None, ge=1)
     pipeline_schedule: Schedule | None = None
     virtual_stages: int | None = Field(default=None, ge=1)
