@@ -17,9 +17,10 @@ without the row's source, the issue's validation), side by side:
   predicted faster;
 - fits: how many published layouts (which ran) the memory model calls infeasible (memory is not
   fitted, so this is the same both ways).
-Rows with an option the planner cannot express (LoRA with PP, a GPU or model it cannot read; uneven pipeline stages split the source's own way are planned but
-not predicted) are counted and listed with the reason;
-their degrees are a miss, and they are predicted only where the time model has the option.
+Rows with an option the planner cannot express (LoRA with PP, a GPU or model it cannot read;
+uneven pipeline stages split the source's own way are planned but not predicted) are counted
+and listed with the reason; their degrees are a miss, and they are predicted only where the
+time model has the option.
 """
 
 from __future__ import annotations
@@ -641,10 +642,12 @@ def timing() -> list[dict[str, Any]]:
         ("meta-llama/Meta-Llama-3-8B", "H100-80GB"),
         ("meta-llama/Meta-Llama-3-70B", "H100-80GB"),
     ]
-    for (mid, gpu), nodes in itertools.product(cases, (1, 8, 32, 128, 256, 512)):
+    # 8k tokens, and 128k where context parallelism joins the search
+    grid = itertools.product(cases, (8192, 131072), (1, 8, 32, 128, 256, 512))
+    for (mid, gpu), seq, nodes in grid:
         model = known_model(mid)
         cluster = Cluster.of(gpu, nodes=nodes)
-        wl = Workload(seq_len=8192, global_batch_size=2 * cluster.world)
+        wl = Workload(seq_len=seq, global_batch_size=2 * cluster.world)
         times, cpu = [], []
         summary = ""
         for _ in range(3):
@@ -660,6 +663,7 @@ def timing() -> list[dict[str, Any]]:
             {
                 "model": mid,
                 "gpus": cluster.world,
+                "seq": seq,
                 "plan": summary,
                 "seconds_median": statistics.median(times),
                 "seconds_max": max(times),
@@ -684,6 +688,9 @@ def optimality() -> list[dict[str, Any]]:
         ("meta-llama/Meta-Llama-3-70B", "H100-80GB", 1, 8, 4096, 32, "lora"),
         ("Qwen/Qwen2-7B", "L40S", 2, 4, 4096, 32, "full"),
         ("tiny-llama", "CPU", 1, 4, 256, 8, "full"),
+        # long context: context parallelism in the search
+        ("meta-llama/Meta-Llama-3-8B", "H100-80GB", 2, 8, 131072, 32, "full"),
+        ("meta-llama/Meta-Llama-3-70B", "H100-80GB", 8, 8, 65536, 64, "full"),
     ]
     out = []
     for mid, gpu, nodes, gpn, seq, gbs, method in cases:
@@ -995,9 +1002,10 @@ def main() -> int:
         print()
         print(
             _table(
-                ["model", "GPUs", "plan", "wall s (med/max)", "CPU s (med/max)", "candidates"],
+                ["model", "GPUs", "seq", "plan", "wall s (med/max)", "CPU s (med/max)",
+                 "candidates"],
                 [
-                    [x["model"], x["gpus"], x["plan"],
+                    [x["model"], x["gpus"], x["seq"], x["plan"],
                      f"{x['seconds_median']:.3f}/{x['seconds_max']:.3f}",
                      f"{x['cpu_seconds_median']:.3f}/{x['cpu_seconds_max']:.3f}",
                      x["candidates_evaluated"]]
