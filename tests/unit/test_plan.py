@@ -107,6 +107,24 @@ def test_pins_that_exclude_every_layout_get_a_message_not_a_crash() -> None:
         plan_job(parse(job).spec)
 
 
+def test_context_parallelism_pinned_with_a_pipeline_gets_a_message_not_a_crash() -> None:
+    job = load_yaml(ROOT / "examples" / "llama3-8b-cnn-dailymail.yaml")
+    job = apply(
+        job,
+        {
+            "spec.dataset.maxSeqLength": 32768,
+            "spec.parallelism": {"contextParallel": 2, "pipelineParallel": 2},
+        },
+    )
+    with pytest.raises(PlanInfeasible, match="context parallelism needs GPUs, no pipeline"):
+        plan_job(parse(job).spec)
+    job = apply(job, {"spec.parallelism": {"contextParallel": 2}})
+    planned = plan_job(parse(job).spec)
+    assert planned is not None
+    assert planned.plan.context_parallel == 2
+    assert planned.to_status()["contextParallel"] == 2
+
+
 def test_each_distinct_job_shape_is_planned_once_with_the_same_answer() -> None:
     """The operator plans a job on every reconcile: the second time is the first's answer (the
     same object), a changed spec is planned anew, and an infeasible one says the same again."""

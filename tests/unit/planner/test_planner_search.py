@@ -433,6 +433,12 @@ def test_a_context_parallel_plan_is_validated_and_reaches_status_and_the_trainer
     ):
         with pytest.raises(ValueError, match=words):
             Plan(**{**plan.model_dump(), **bad})
+    # pins the trainer cannot run are refused with what they need, never planned or crashed on
+    both = Constraints(context_parallel=2, pipeline_parallel=2)
+    with pytest.raises(PlanInfeasible, match="context parallelism needs GPUs, no pipeline"):
+        plan_parallelism(model, gpus, LONG, both)
+    with pytest.raises(PlanInfeasible, match="context parallelism needs GPUs"):
+        plan_parallelism(model, Cluster.of("CPU", nodes=2), LONG, Constraints(context_parallel=2))
     with pytest.raises(PlanInfeasible, match="contextParallel"):
         plan_parallelism(
             model, Cluster.of("CPU", nodes=2), LONG, Constraints(context_parallel=2), mode="manual"

@@ -58,7 +58,9 @@ def _infeasible(
             f"no valid parallel layout for {what}: the global batch must split evenly over the "
             f"data-parallel ranks (dp*fsdp = world/(tp*pp*cp)), TP must divide the heads "
             f"({model.num_heads}/{model.num_kv_heads} kv) and fit a node, PP stages cannot "
-            f"outnumber the {model.num_layers} layers (CPU offload excludes pipeline parallelism)"
+            f"outnumber the {model.num_layers} layers (CPU offload excludes pipeline parallelism;"
+            f" context parallelism needs GPUs, no pipeline and a sequence that splits into"
+            f" 2 x contextParallel equal chunks)"
         )
     else:
         assert closest is not None

@@ -89,6 +89,8 @@ def _cp_options(
     sequences of CP_MIN_SEQ_LEN tokens or more (unless pinned)."""
     if con.context_parallel is not None:
         cp = con.context_parallel
+        if cp > 1 and (pp > 1 or cluster.gpu.architecture == "cpu"):
+            return ()
         return (cp,) if rest % cp == 0 and workload.seq_len % (2 * cp) == 0 else ()
     if pp > 1 or cluster.gpu.architecture == "cpu" or workload.seq_len < CP_MIN_SEQ_LEN:
         return (1,)
