@@ -3,9 +3,9 @@
 torch's ring attention (``context_parallel``) dispatches CUDA attention kernels only, so the
 split itself runs on GPUs alone (the trainer refuses it on CPU, tested below). What the trainer
 adds around it runs anywhere and is tested here for real: the targets shifted before the split,
-the padding to 2 x cp equal chunks, the mask-free causal attention the model switches to, the
-loss on pre-shifted targets, the mesh (FSDP over fsdp x cp; cp ranks read the same rows) and
-packing turned off.
+the padding to 2 x cp equal chunks, torch's split of those buffers into each rank's balanced
+chunks, the mask-free causal attention the model switches to, the loss on pre-shifted targets,
+the mesh (FSDP over fsdp x cp; cp ranks read the same rows) and packing turned off.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ from transformers import AutoModelForCausalLM, MistralConfig  # noqa: E402
 
 from conftest import SMALL_MISTRAL, trainer_config  # noqa: E402
 from finetune_trainer.config import PlanConfig, TrainerConfig  # noqa: E402
-from finetune_trainer.context import split_ready, use_ring_attention  # noqa: E402
+from finetune_trainer.context import (  # noqa: E402
+    sequence_split,
+    split_ready,
+    use_ring_attention,
+)
 from finetune_trainer.data import IGNORE  # noqa: E402
 from finetune_trainer.errors import ConfigError  # noqa: E402
 from finetune_trainer.lm import CausalLMLoss  # noqa: E402
@@ -72,6 +76,34 @@ def test_targets_are_shifted_before_the_sequence_is_padded_to_equal_chunks() -> 
     assert torch.equal(part["position_ids"][0], torch.arange(8))  # positions count on
     # already a multiple: nothing padded
     assert split_ready(_batch([8], width=8), 2, 0)["input_ids"].shape == (1, 8)
+
+
+def test_each_rank_trains_its_balanced_chunks_with_their_own_targets() -> None:
+    """torch's split as the loop applies it (fake process group of 2; the split of the buffers
+    needs no collective): rank r holds chunks r and 2cp-1-r of the padded sequence, each
+    position with its own position id and its next token as target; together the ranks cover
+    every position once."""
+    ids = torch.arange(10, 17).view(1, 7)  # 7 tokens: padded to 8 = 2 x 2 x cp
+    batch = {"input_ids": ids, "position_ids": torch.arange(7).view(1, 7), "labels": ids.clone()}
+    seen: dict[int, tuple[int, int]] = {}
+    for rank in (0, 1):
+        dist.init_process_group("fake", rank=rank, world_size=2, store=FakeStore())
+        try:
+            mesh = build_mesh(torch.device("cpu"), _plan(context_parallel=2), 2)
+            part = split_ready(batch, context_parallel=2, pad_id=0)
+            with sequence_split(mesh["cp"], part):
+                local = [t[0].tolist() for t in (part["position_ids"], part["input_ids"])]
+                targets = part["targets"][0].tolist()
+        finally:
+            dist.destroy_process_group()
+        assert local[0] == ([0, 1, 6, 7] if rank == 0 else [2, 3, 4, 5])
+        for pos, tok, target in zip(*local, targets, strict=True):
+            seen[pos] = (tok, target)
+    assert sorted(seen) == list(range(8))
+    for pos in range(6):
+        assert seen[pos] == (10 + pos, 11 + pos)  # the next token, wherever it lives
+    assert seen[6][1] == IGNORE  # the last token has no next one
+    assert seen[7] == (0, IGNORE)  # the pad
 
 
 def _model(**overrides: Any) -> Any:
