@@ -562,10 +562,13 @@ def refresh(
         verdict = failure is not None and failure.reason in recovery.VERDICTS
         if job.status.phase == "Failed" and (verdict or kind_of(kube, job).reruns_failed):
             stop_child(kube, job)  # again, should the operator have stopped before it did
-        if seen is None:
-            return []
+        # the pod of an event, or (the sweep's visit) the pods as the watch has them: a pod
+        # event that raced the child's end leaves the reason to the next visit, at no request
+        pods = [seen] if seen is not None else list(sight.pods) if sight is not None else []
         final = job.status
-        return _written(_write(kube, job, lambda j: refine_failure(j.status or final, [seen])))
+        if not pods or refine_failure(final, pods) is final:
+            return []
+        return _written(_write(kube, job, lambda j: refine_failure(j.status or final, pods)))
     if waits_for_gpu_type(job) or _before_children(job) or needs_child(job):
         return []  # no children yet: reconcile says why, and moves it on
     if sight is None:

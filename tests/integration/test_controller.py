@@ -407,6 +407,38 @@ def test_refresh_learns_why_a_failed_job_failed_from_a_pod_that_is_gone(
     assert failed_condition.reason == "OOMKilled"
 
 
+def test_the_sweep_learns_why_a_failed_job_failed_when_the_pod_event_came_too_early(
+    crd: Any, kube: Kube, namespace: str
+) -> None:
+    """The pod's own end can reach the operator before its child fails (that event's refresh
+    sees a job still running); the child's failure then says only "backoff limit". The progress
+    sweep's visit, with the pods as the watch has them, tells the pod's reason, and a visit with
+    nothing more to tell writes nothing."""
+    job = _running(crd, kube, namespace, "early-pod")
+    pod = make_pod(crd, job, f"{job.name}-master-0", "master", OOM_RESTARTING)
+    backoff = "PyTorchJob early-pod has failed because it has reached the specified backoff limit"
+    child_conditions(crd, job, "Created", "Failed", message=backoff)
+    child = controller.look(kube, job).child
+    assert child is not None
+    # the child's event, the pod's state not in the watch yet
+    controller.refresh(kube, job, sight=controller.Sight(child, ()))
+    job = read(kube, namespace, job.name)
+    assert job.status is not None
+    assert job.status.failure is not None
+    assert job.status.failure.reason == "BackoffLimitExceeded"
+    version = job.metadata.resource_version
+    assert controller.refresh(kube, job, sight=controller.Sight(child, ())) == []
+    assert read(kube, namespace, job.name).metadata.resource_version == version  # no write
+
+    visited = controller.refresh(kube, job, sight=controller.Sight(child, (pod,)))
+
+    stored = read(kube, namespace, job.name)
+    assert visited[0].changed
+    assert stored.status is not None
+    assert stored.status.failure is not None
+    assert (stored.status.failure.reason, stored.status.failure.exit_code) == ("OOMKilled", 137)
+
+
 # --------------------------------------------------------------------------- progress
 
 
