@@ -759,6 +759,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "pydantic": pydantic.VERSION,
         "cpu_count": os.cpu_count(),
+        "gpu": "none used: the planner is pure Python on one CPU core",
     }
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()

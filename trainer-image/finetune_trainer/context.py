@@ -79,18 +79,14 @@ def ring_attention(
     scaling: float | None = None,
     **_kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal scaled-dot-product attention without a mask, in transformers' attention-function
-    form ((batch, heads, seq, dim) in, (batch, seq, heads, dim) out); inside
-    ``context_parallel`` torch runs it as ring attention."""
-    if attention_mask is not None:
-        raise ConfigError(
-            "context parallelism runs causal attention without a mask: the batch carries one "
-            "(padding on the left, or packed documents)"
-        )
+    """Causal scaled-dot-product attention, in transformers' attention-function form
+    ((batch, heads, seq, dim) in, (batch, seq, heads, dim) out); inside ``context_parallel``
+    torch runs it as ring attention. ``attention_mask`` is always None (the mask builder is
+    switched off with it; packed rows are refused by :func:`split_ready`)."""
+    from transformers.integrations.sdpa_attention import repeat_kv  # noqa: PLC0415
+
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out = functional.scaled_dot_product_attention(
         query,
         key,

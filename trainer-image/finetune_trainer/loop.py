@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,21 @@ class Loop:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
+    @contextlib.contextmanager
+    def _forward(self, b: Batch) -> Iterator[tuple[Any, Any]]:
+        """(loss summed over targets, targets) of micro-batch ``b``; a backward belongs inside
+        the block (under context parallelism the sequence stays split until it has run)."""
+        if self.cp_mesh is None:
+            with self._ctx():
+                out = self.module(b["input_ids"], b["position_ids"], b["labels"])
+            yield out
+            return
+        part = split_ready(b, self.cp, self.pad_id)
+        with self._ctx(), sequence_split(self.cp_mesh, part):
+            yield self.module(
+                part["input_ids"], part["position_ids"], part["targets"], shifted=True
+            )
+
     # -- training ---------------------------------------------------------------------------
     def step(self, step: int) -> StepResult:
         start = time.perf_counter()
@@ -183,16 +199,7 @@ class Loop:
                     sync(not self.defer_sync or i == last)
                 if reshard is not None and self.keep_gathered:
                     reshard(i == last)
-                if self.cp_mesh is not None:
-                    part = split_ready(b, self.cp, self.pad_id)
-                    with self._ctx(), sequence_split(self.cp_mesh, part):
-                        loss_sum, _n = self.module(
-                            part["input_ids"], part["position_ids"], part["targets"], shifted=True
-                        )
-                        (loss_sum * scale).backward()
-                else:
-                    with self._ctx():
-                        loss_sum, _n = self.module(b["input_ids"], b["position_ids"], b["labels"])
+                with self._forward(b) as (loss_sum, _n):
                     (loss_sum * scale).backward()
                 total += loss_sum.detach().float()
         norm = self._clip()
@@ -286,16 +293,8 @@ class Loop:
             b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
             if not idx:
                 b["labels"].fill_(IGNORE)
-            if self.cp_mesh is not None:
-                part = split_ready(b, self.cp, self.pad_id)
-                with self._ctx(), sequence_split(self.cp_mesh, part):
-                    loss_sum, n = self.module(
-                        part["input_ids"], part["position_ids"], part["targets"], shifted=True
-                    )
-            else:
-                with self._ctx():
-                    loss_sum, n = self.module(b["input_ids"], b["position_ids"], b["labels"])
-            total += torch.stack([loss_sum.float(), n.float()])
+            with self._forward(b) as (loss_sum, n):
+                total += torch.stack([loss_sum.float(), n.float()])
         total = _all_reduce(total)
         return float(total[0] / total[1].clamp(min=1))
 
